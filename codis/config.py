@@ -30,7 +30,7 @@ def _positive(obj: Any, prefix: str, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
         _check(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
-               f"{prefix}.{name}", f"must be a positive number, got {value!r}")
+               f"{prefix}.{name}" if prefix else name, f"must be a positive number, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(self.mode in MODES, "mode", f"must be one of {', '.join(MODES)}; got {self.mode!r}")
-        _positive(self, "model", "embed_dim", "queue_size", "temperature")
+        _positive(self, "", "embed_dim", "queue_size", "temperature")
         _check(0.0 <= self.momentum < 1.0, "momentum", f"must be in [0, 1), got {self.momentum}")
         _check(0.0 <= self.alpha <= 1.0, "alpha", f"must be in [0, 1], got {self.alpha}")
         _check(0.0 < self.temperature_min <= self.temperature <= self.temperature_max,

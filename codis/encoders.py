@@ -1,0 +1,150 @@
+"""The image encoder (timm ViT) and the text + fusion encoders (transformers BERT).
+
+ALBEF splits one BERT into lower layers that read text only and upper layers that add
+cross-attention to the image tokens; both share BERT's embeddings and its MLM head.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+from transformers import BertConfig, BertForMaskedLM, BertModel
+from transformers.models.bert.modeling_bert import BertLayer, BertOnlyMLMHead
+
+from codis import _compat  # noqa: F401  - before timm builds anything with torchvision
+from codis.config import ConfigError, TextConfig, VisionConfig
+from codis.text import resolve_pretrained
+
+_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
+
+
+def build_image_encoder(config: VisionConfig) -> nn.Module:
+    """A timm ViT without classifier; ``forward_features`` gives (B, 1 + patches, width) tokens.
+
+    ``config.pretrained`` may be a timm hub tag (its architecture is used, position embeddings
+    resampled to ``image_size`` by timm) or a local weights file for ``config.timm_model``.
+    """
+    size_args = dict(img_size=config.image_size, patch_size=config.patch_size,
+                     embed_dim=config.width, depth=config.depth, num_heads=config.heads,
+                     mlp_ratio=config.mlp_ratio, num_classes=0)
+    pretrained = config.pretrained
+    if pretrained is None:
+        return timm.create_model(config.timm_model, pretrained=False, **size_args)
+    if pretrained.endswith(_WEIGHT_SUFFIXES) or Path(pretrained).exists():
+        if not Path(pretrained).is_file():
+            raise FileNotFoundError(f"vision.pretrained: no weights file at {pretrained}")
+        return timm.create_model(config.timm_model, pretrained=True,
+                                 pretrained_cfg_overlay={"file": str(pretrained)}, **size_args)
+    return timm.create_model(pretrained, pretrained=True, img_size=config.image_size, num_classes=0)
+
+
+def _extended_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, L) 0/1 mask -> additive (B, 1, 1, L) mask accepted by every BERT attention backend."""
+    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+class TextFusionEncoder(nn.Module):
+    """BERT embeddings + ``text_layers`` text-only layers, then ``fusion_layers`` layers that also
+    cross-attend to image tokens, and the MLM head tied to the word embeddings."""
+
+    def __init__(self, bert_config: BertConfig, text_layers: int, fusion_layers: int) -> None:
+        super().__init__()
+        text_config = copy.deepcopy(bert_config)
+        text_config.num_hidden_layers = text_layers
+        text_config.is_decoder = False
+        text_config.add_cross_attention = False
+        self.bert = BertModel(text_config, add_pooling_layer=False)
+        # Copied from the built model so that the attention backend it chose (SDPA) carries over.
+        fusion_config = copy.deepcopy(self.bert.config)
+        fusion_config.num_hidden_layers = fusion_layers
+        # transformers builds cross-attention only in decoder layers; their self-attention is made
+        # bidirectional again below, as in ALBEF's fusion encoder.
+        fusion_config.is_decoder = True
+        fusion_config.add_cross_attention = True
+        self.fusion = nn.ModuleList(BertLayer(fusion_config, layer_idx=i) for i in range(fusion_layers))
+        for layer in self.fusion:
+            layer.attention.self.is_causal = False
+        self.mlm_head = BertOnlyMLMHead(bert_config)
+        self.mlm_head.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+        self.hidden_size = bert_config.hidden_size
+        self.vocab_size = bert_config.vocab_size
+
+    @classmethod
+    def from_config(cls, config: TextConfig, vocab_size: int) -> "TextFusionEncoder":
+        """Randomly initialised (``config.pretrained`` is None) or loaded from a hub name / folder."""
+        layers = config.text_layers + config.fusion_layers
+        if config.pretrained is None:
+            bert_config = BertConfig(vocab_size=vocab_size, hidden_size=config.hidden_size,
+                                     num_hidden_layers=layers, num_attention_heads=config.heads,
+                                     intermediate_size=config.intermediate_size,
+                                     max_position_embeddings=max(64, config.max_length))
+            encoder = cls(bert_config, config.text_layers, config.fusion_layers)
+            encoder.apply(BertModel(bert_config, add_pooling_layer=False)._init_weights)
+            encoder.mlm_head.predictions.decoder.weight = encoder.bert.embeddings.word_embeddings.weight
+            return encoder
+        source = resolve_pretrained(config.pretrained)
+        bert_config = BertConfig.from_pretrained(source)
+        if bert_config.vocab_size != vocab_size:
+            raise ConfigError(f"text.tokenizer: its vocabulary has {vocab_size} entries but "
+                              f"{config.pretrained} was trained with {bert_config.vocab_size}")
+        available = bert_config.num_hidden_layers
+        bert_config.num_hidden_layers = layers
+        encoder = cls(bert_config, config.text_layers, config.fusion_layers)
+        pretrained = BertForMaskedLM.from_pretrained(source)
+        encoder.load_bert_state(pretrained.state_dict(), config.text_layers)
+        if available < layers:
+            # Layers beyond the checkpoint's keep their random init; say so rather than hide it.
+            import warnings
+            warnings.warn(f"{config.pretrained} has {available} layers; {layers - available} "
+                          f"fusion layers start from random weights", stacklevel=2)
+        return encoder
+
+    def load_bert_state(self, state: dict[str, torch.Tensor], text_layers: int) -> list[str]:
+        """Load a ``BertForMaskedLM`` state dict: layers below ``text_layers`` into the text encoder,
+        the rest into the fusion layers (their cross-attention stays freshly initialised).
+        Returns the keys of ours that the checkpoint did not provide."""
+        mapped = {}
+        for key, value in state.items():
+            if key.startswith("bert.encoder.layer."):
+                index, rest = key[len("bert.encoder.layer."):].split(".", 1)
+                index = int(index)
+                if index < text_layers:
+                    mapped[f"bert.encoder.layer.{index}.{rest}"] = value
+                elif index - text_layers < len(self.fusion):
+                    mapped[f"fusion.{index - text_layers}.{rest}"] = value
+            elif key.startswith("bert.embeddings."):
+                mapped[key] = value
+            elif key.startswith("cls.predictions."):
+                mapped["mlm_head.predictions." + key[len("cls.predictions."):]] = value
+        result = self.load_state_dict(mapped, strict=False)
+        self.mlm_head.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+        return list(result.missing_keys)
+
+    def architecture(self) -> dict:
+        """The BERT config of the whole text + fusion stack, enough to rebuild it without weights."""
+        config = copy.deepcopy(self.bert.config)
+        config.num_hidden_layers = len(self.bert.encoder.layer) + len(self.fusion)
+        config.is_decoder = False
+        config.add_cross_attention = False
+        return config.to_dict()
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Text-only hidden states (B, L, H)."""
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def fuse(self, text_hidden: torch.Tensor, attention_mask: torch.Tensor,
+             image_hidden: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Fusion layers: text self-attention + cross-attention to image tokens -> (B, L, H)."""
+        self_mask = _extended_mask(attention_mask, text_hidden.dtype)
+        cross_mask = None if image_mask is None else _extended_mask(image_mask, text_hidden.dtype)
+        hidden = text_hidden
+        for layer in self.fusion:
+            hidden = layer(hidden, self_mask, image_hidden, encoder_attention_mask=cross_mask)
+        return hidden
+
+    def mlm_logits(self, fused_hidden: torch.Tensor) -> torch.Tensor:
+        return self.mlm_head(fused_hidden)

@@ -1,0 +1,289 @@
+"""The pretraining model: CODIS and, as modes of the same system, ALBEF and the paper's ablations.
+
+Student: ViT image encoder, BERT text encoder, BERT fusion encoder (cross-attention to image
+tokens), 256-d projections, ITM head, MLM head and (CODIS) a codebook of K codewords.
+Teachers: an exponential moving average of every encoder and projection, never trained by
+gradient. Queues hold the teachers' features of earlier batches.
+
+Loss = L_ica + L_itm + L_mlm (+ L_code), see :mod:`codis.losses`; ``config.mode`` chooses which
+L_ica terms and whether / from which features L_code is computed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from codis import losses
+from codis.config import ConfigError, ModelConfig
+from transformers import BertConfig
+
+from codis.encoders import TextFusionEncoder, build_image_encoder
+from codis.ot import transport_plan
+from codis.queue import FeatureQueue
+from codis.text import load_tokenizer, mask_tokens
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclasses.dataclass
+class PretrainOutput:
+    """Total loss and its named parts (detached), as returned by :meth:`CodisModel.forward`."""
+
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor]
+
+
+class CodisModel(nn.Module):
+    """``text_architecture`` (a BERT config dict, as saved in checkpoints) builds the encoders with
+    that shape and without fetching any pretrained weights: a checkpoint's weights replace them."""
+
+    def __init__(self, config: ModelConfig, text_architecture: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.tokenizer = load_tokenizer(config.text.tokenizer or config.text.pretrained)
+        if text_architecture is None:
+            self.visual_encoder = build_image_encoder(config.vision)
+            self.text_encoder = TextFusionEncoder.from_config(config.text, len(self.tokenizer))
+        else:
+            self.visual_encoder = build_image_encoder(dataclasses.replace(config.vision, pretrained=None))
+            self.text_encoder = TextFusionEncoder(BertConfig.from_dict(text_architecture),
+                                                  config.text.text_layers, config.text.fusion_layers)
+        vision_width = self.visual_encoder.embed_dim
+        text_width = self.text_encoder.hidden_size
+        if vision_width != text_width:
+            raise ConfigError(f"vision.width: the fusion layers cross-attend to image tokens of width "
+                              f"{vision_width}, but the text encoder is {text_width} wide")
+        self.vision_proj = nn.Linear(vision_width, config.embed_dim)
+        self.text_proj = nn.Linear(text_width, config.embed_dim)
+        self.itm_head = nn.Linear(text_width, 2)
+        self.temp = nn.Parameter(torch.tensor(config.temperature))
+        self.codebook = None
+        if config.codebook_features != "off":
+            self.codebook = nn.Parameter(
+                F.normalize(torch.randn(config.codebook.size, config.embed_dim), dim=-1))
+        # Teachers start as exact copies and then only follow the students by EMA.
+        self.visual_encoder_m = copy.deepcopy(self.visual_encoder)
+        self.vision_proj_m = copy.deepcopy(self.vision_proj)
+        self.text_encoder_m = copy.deepcopy(self.text_encoder)
+        self.text_proj_m = copy.deepcopy(self.text_proj)
+        for teacher in self._teachers():
+            teacher.requires_grad_(False)
+        self.queue = FeatureQueue(config.queue_size, config.embed_dim)
+
+    # ---- teachers -------------------------------------------------------------------------------
+    def _students(self) -> list[nn.Module]:
+        return [self.visual_encoder, self.vision_proj, self.text_encoder, self.text_proj]
+
+    def _teachers(self) -> list[nn.Module]:
+        return [self.visual_encoder_m, self.vision_proj_m, self.text_encoder_m, self.text_proj_m]
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """teacher <- m * teacher + (1 - m) * student, for every encoder and projection."""
+        student = [p for module in self._students() for p in module.parameters()]
+        teacher = [p for module in self._teachers() for p in module.parameters()]
+        torch._foreach_lerp_(teacher, student, 1.0 - self.config.momentum)
+
+    # ---- inference API --------------------------------------------------------------------------
+    def image_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        """ViT tokens (B, 1 + patches, width); token 0 is [CLS]."""
+        return self.visual_encoder.forward_features(image)
+
+    def text_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder.encode_text(input_ids, attention_mask)
+
+    def image_embedding(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """Normalised joint-space image features (B, embed_dim)."""
+        return F.normalize(self.vision_proj(image_tokens[:, 0]), dim=-1)
+
+    def text_embedding(self, text_tokens: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_proj(text_tokens[:, 0]), dim=-1)
+
+    @torch.no_grad()
+    def encode_image(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised features, tokens) of a batch of images."""
+        tokens = self.image_tokens(image)
+        return self.image_embedding(tokens), tokens
+
+    @torch.no_grad()
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.text_tokens(input_ids, attention_mask)
+        return self.text_embedding(tokens), tokens
+
+    def itm_logits(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor,
+                   attention_mask: torch.Tensor) -> torch.Tensor:
+        """ITM head on the fused [CLS] of each (image, text) pair -> (B, 2) logits."""
+        fused = self.text_encoder.fuse(text_tokens, attention_mask, image_tokens)
+        return self.itm_head(fused[:, 0])
+
+    @torch.no_grad()
+    def itm_score(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor,
+                  attention_mask: torch.Tensor) -> torch.Tensor:
+        """Probability that each (image, text) pair matches, (B,)."""
+        return self.itm_logits(image_tokens, text_tokens, attention_mask).softmax(-1)[:, 1]
+
+    @torch.no_grad()
+    def codeword_assignments(self, features: torch.Tensor) -> torch.Tensor:
+        """Each feature's distribution over the K codewords, softmax(Z C / gamma), (N, K)."""
+        if self.codebook is None:
+            raise ValueError(f"mode {self.config.mode!r} has no codebook")
+        logits = features @ F.normalize(self.codebook, dim=-1).T / self.config.codebook.temperature
+        return logits.softmax(-1)
+
+    # ---- pretraining ----------------------------------------------------------------------------
+    def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                alpha: float | None = None, sample_ids: torch.Tensor | None = None) -> PretrainOutput:
+        """One pretraining step's losses on a batch of matched (image, text) pairs.
+
+        ``alpha`` is the distillation weight (the training loop ramps it up during the first
+        epoch, as ALBEF does); ``sample_ids`` marks captions of the same image (finetuning).
+        """
+        config = self.config
+        alpha = config.alpha if alpha is None else alpha
+        with torch.no_grad():
+            self.temp.clamp_(config.temperature_min, config.temperature_max)
+
+        image_tokens = self.image_tokens(image)
+        image_feat = self.image_embedding(image_tokens)
+        text_tokens = self.text_tokens(input_ids, attention_mask)
+        text_feat = self.text_embedding(text_tokens)
+
+        with torch.no_grad():
+            self.momentum_update()
+            image_tokens_m = self.visual_encoder_m.forward_features(image)
+            image_feat_m = F.normalize(self.vision_proj_m(image_tokens_m[:, 0]), dim=-1)
+            text_feat_m = F.normalize(
+                self.text_proj_m(self.text_encoder_m.encode_text(input_ids, attention_mask)[:, 0]),
+                dim=-1)
+            image_queue, text_queue, id_queue = self.queue.contents()
+
+        loss_ica, parts = losses.ica_loss(
+            image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue,
+            temperature=self.temp, alpha=alpha, intra_modal=config.intra_modal,
+            sample_ids=sample_ids, id_queue=id_queue if sample_ids is not None else None)
+        parts = {f"ica_{name}": value for name, value in parts.items()}
+        total = loss_ica
+        parts["ica"] = loss_ica
+
+        loss_itm = self._itm_loss(image_tokens, image_feat, text_tokens, text_feat, attention_mask,
+                                  image_feat_m, text_feat_m, sample_ids)
+        parts["itm"] = loss_itm
+        total = total + loss_itm
+
+        loss_mlm, mlm_parts = self._mlm_loss(input_ids, attention_mask, image_tokens,
+                                             image_tokens_m, alpha)
+        parts.update({f"mlm_{name}": value for name, value in mlm_parts.items()})
+        parts["mlm"] = loss_mlm
+        total = total + loss_mlm
+
+        if self.codebook is not None:
+            loss_code, code_parts = self._code_loss(image_feat, text_feat, image_feat_m, text_feat_m)
+            parts.update({f"code_{name}": value for name, value in code_parts.items()})
+            parts["code"] = loss_code
+            total = total + loss_code
+
+        self.queue.enqueue(image_feat_m, text_feat_m, sample_ids)
+        parts = {name: value.detach() for name, value in parts.items()}
+        return PretrainOutput(loss=total, parts=parts)
+
+    def _itm_loss(self, image_tokens, image_feat, text_tokens, text_feat, attention_mask,
+                  image_feat_m, text_feat_m, sample_ids) -> torch.Tensor:
+        batch = image_tokens.shape[0]
+        with torch.no_grad():
+            sim_i2t = image_feat @ text_feat_m.T / self.temp
+            sim_t2i = text_feat @ image_feat_m.T / self.temp
+        negative_image, negative_text = losses.hard_negative_indices(sim_i2t, sim_t2i, sample_ids)
+        images = torch.cat([image_tokens, image_tokens[negative_image], image_tokens], dim=0)
+        texts = torch.cat([text_tokens, text_tokens, text_tokens[negative_text]], dim=0)
+        masks = torch.cat([attention_mask, attention_mask, attention_mask[negative_text]], dim=0)
+        logits = self.itm_logits(images, texts, masks)
+        labels = torch.cat([torch.ones(batch, dtype=torch.long),
+                            torch.zeros(2 * batch, dtype=torch.long)]).to(logits.device)
+        return losses.itm_loss(logits, labels)
+
+    def _mlm_loss(self, input_ids, attention_mask, image_tokens, image_tokens_m, alpha):
+        masked_ids, labels = mask_tokens(input_ids, self.tokenizer, self.config.mlm_probability)
+        student = self.text_encoder
+        fused = student.fuse(student.encode_text(masked_ids, attention_mask), attention_mask,
+                             image_tokens)
+        logits = student.mlm_logits(fused)
+        with torch.no_grad():
+            teacher = self.text_encoder_m
+            fused_m = teacher.fuse(teacher.encode_text(masked_ids, attention_mask), attention_mask,
+                                   image_tokens_m)
+            logits_m = teacher.mlm_logits(fused_m)
+        return losses.mlm_loss(logits, labels, logits_m, alpha)
+
+    def _code_loss(self, image_feat, text_feat, image_feat_m, text_feat_m):
+        if self.config.codebook_features == "teacher":
+            image_target, text_target = image_feat_m, text_feat_m
+        else:
+            image_target, text_target = image_feat.detach(), text_feat.detach()
+        with torch.no_grad():
+            image_plan = transport_plan(losses.codeword_distance(image_target, self.codebook),
+                                        self.config.codebook.ot)
+            text_plan = transport_plan(losses.codeword_distance(text_target, self.codebook),
+                                       self.config.codebook.ot)
+        return losses.code_loss(image_feat, text_feat, image_target, text_target, self.codebook,
+                                image_plan, text_plan, temperature=self.config.codebook.temperature)
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+def save_model(model: CodisModel, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write config + weights (students, teachers, queues, codebook) atomically to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": CHECKPOINT_FORMAT, "config": model.config.to_dict(),
+               "text_architecture": model.text_encoder.architecture(),
+               "state_dict": model.state_dict(), "extra": extra or {}}
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        torch.save(payload, temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return path
+
+
+def load_model(path: str | Path, config: ModelConfig | None = None,
+               map_location: str | torch.device = "cpu") -> CodisModel:
+    """Rebuild a model from :func:`save_model`'s file. With ``config``, the checkpoint must have
+    been written by a model of that architecture; a mismatch names the differing fields."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    payload = torch.load(path, map_location=map_location, weights_only=False)
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: unknown checkpoint format {payload.get('format')!r}")
+    saved = ModelConfig.from_dict(payload["config"])
+    if config is not None:
+        differences = _config_differences(saved.to_dict(), config.to_dict())
+        if differences:
+            raise ConfigError(f"{path} was saved with a different configuration: "
+                              + "; ".join(differences))
+    model = CodisModel(saved, text_architecture=payload["text_architecture"])
+    model.load_state_dict(payload["state_dict"])
+    return model
+
+
+def _config_differences(saved: dict, wanted: dict, prefix: str = "") -> list[str]:
+    differences = []
+    for key in sorted(set(saved) | set(wanted)):
+        a, b = saved.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            differences += _config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            differences.append(f"{prefix}{key}: checkpoint {a!r}, requested {b!r}")
+    return differences

@@ -1,0 +1,56 @@
+"""Memory queues of teacher (momentum) features, as in MoCo / ALBEF, safe under torch.distributed."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def gather_from_all_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from every rank in rank order (no gradient); itself when not distributed."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    return torch.cat(gathered, dim=0)
+
+
+class FeatureQueue(nn.Module):
+    """Ring buffers of normalised image and text teacher features and their sample ids.
+
+    Unlike ALBEF, the size need not be a multiple of the global batch: writes wrap around the end.
+    Until the first ``size`` samples have arrived only the filled part is returned, so that no
+    random placeholder vectors act as negatives early in training.
+    """
+
+    def __init__(self, size: int, dim: int) -> None:
+        super().__init__()
+        self.size = size
+        self.register_buffer("image", torch.zeros(size, dim))
+        self.register_buffer("text", torch.zeros(size, dim))
+        self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+
+    def contents(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image, text, ids) of the filled entries, detached copies."""
+        count = int(self.filled)
+        return (self.image[:count].clone(), self.text[:count].clone(), self.ids[:count].clone())
+
+    @torch.no_grad()
+    def enqueue(self, image: torch.Tensor, text: torch.Tensor, ids: torch.Tensor | None = None) -> None:
+        """Append this step's features from every rank, overwriting the oldest entries."""
+        if ids is None:
+            ids = torch.full((image.shape[0],), -1, dtype=torch.long, device=image.device)
+        image, text, ids = (gather_from_all_ranks(t) for t in (image, text, ids.long()))
+        count = image.shape[0]
+        if count > self.size:  # only the newest entries fit
+            image, text, ids = image[-self.size:], text[-self.size:], ids[-self.size:]
+            count = self.size
+        slots = (self.pointer + torch.arange(count, device=self.image.device)) % self.size
+        self.image[slots] = image.to(self.image.dtype)
+        self.text[slots] = text.to(self.text.dtype)
+        self.ids[slots] = ids
+        self.pointer.copy_((self.pointer + count) % self.size)
+        self.filled.copy_(torch.clamp(self.filled + count, max=self.size))

