@@ -7,6 +7,7 @@ a bad value fails before any weights are built or data is read.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -132,6 +133,23 @@ class CodebookConfig:
 
 
 @dataclass(frozen=True)
+class LossWeights:
+    """Weights of the four objectives in the total loss (all 1 in the paper; its "0.5x / 2.0x
+    codebook" ablation rows scale ``code``)."""
+
+    ica: float = 1.0
+    itm: float = 1.0
+    mlm: float = 1.0
+    code: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("ica", "itm", "mlm", "code"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and value >= 0, f"loss_weights.{name}",
+                   f"must be a number >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The whole pretraining model. ``mode`` picks the paper's objective row (see :data:`MODES`)."""
 
@@ -147,6 +165,7 @@ class ModelConfig:
     temperature_min: float = 0.001
     temperature_max: float = 0.5
     mlm_probability: float = 0.15
+    loss_weights: LossWeights = field(default_factory=LossWeights)
 
     def __post_init__(self) -> None:
         _check(self.mode in MODES, "mode", f"must be one of {', '.join(MODES)}; got {self.mode!r}")
@@ -179,25 +198,32 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
         """Build from a nested dict (a checkpoint's or a recipe's); unknown keys name themselves."""
-        return _from_dict(cls, data, prefix="")
+        return from_dict(cls, data)
 
 
-_NESTED = {"vision": VisionConfig, "text": TextConfig, "codebook": CodebookConfig, "ot": OTConfig}
-
-
-def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested mapping (a checkpoint's, a YAML file's), recursing into
+    dataclass-typed fields; an unknown key or a wrong shape raises ConfigError naming the field."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: expected a mapping, "
+                          f"got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{prefix}{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
     kwargs = {}
     for key, value in data.items():
-        if key in _NESTED and isinstance(value, dict):
-            value = _from_dict(_NESTED[key], value, prefix=f"{prefix}{key}.")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            value = from_dict(hint, value, prefix=f"{prefix}{key}.")
+        elif typing.get_origin(hint) is tuple and isinstance(value, list):
+            value = tuple(value)
         kwargs[key] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except TypeError as error:  # e.g. a scalar where a mapping was expected
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {error}") from error
 
 
 def tiny() -> ModelConfig:

@@ -69,7 +69,7 @@ class TextFusionEncoder(nn.Module):
         for layer in self.fusion:
             layer.attention.self.is_causal = False
         self.mlm_head = BertOnlyMLMHead(bert_config)
-        self.mlm_head.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+        self.tie_mlm_head()
         self.hidden_size = bert_config.hidden_size
         self.vocab_size = bert_config.vocab_size
 
@@ -84,7 +84,7 @@ class TextFusionEncoder(nn.Module):
                                      max_position_embeddings=max(64, config.max_length))
             encoder = cls(bert_config, config.text_layers, config.fusion_layers)
             encoder.apply(BertModel(bert_config, add_pooling_layer=False)._init_weights)
-            encoder.mlm_head.predictions.decoder.weight = encoder.bert.embeddings.word_embeddings.weight
+            encoder.tie_mlm_head()
             return encoder
         source = resolve_pretrained(config.pretrained)
         bert_config = BertConfig.from_pretrained(source)
@@ -121,8 +121,14 @@ class TextFusionEncoder(nn.Module):
             elif key.startswith("cls.predictions."):
                 mapped["mlm_head.predictions." + key[len("cls.predictions."):]] = value
         result = self.load_state_dict(mapped, strict=False)
-        self.mlm_head.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+        self.tie_mlm_head()
         return list(result.missing_keys)
+
+    def tie_mlm_head(self) -> None:
+        """As in BERT: the MLM decoder reuses the word embeddings and the head's output bias."""
+        predictions = self.mlm_head.predictions
+        predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+        predictions.decoder.bias = predictions.bias
 
     def architecture(self) -> dict:
         """The BERT config of the whole text + fusion stack, enough to rebuild it without weights."""

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -28,7 +29,7 @@ from transformers import BertConfig
 
 from codis.encoders import TextFusionEncoder, build_image_encoder
 from codis.ot import transport_plan
-from codis.queue import FeatureQueue
+from codis.queue import FeatureQueue, gather_from_all_ranks
 from codis.text import load_tokenizer, mask_tokens
 
 CHECKPOINT_FORMAT = 1
@@ -165,32 +166,31 @@ class CodisModel(nn.Module):
             text_feat_m = F.normalize(
                 self.text_proj_m(self.text_encoder_m.encode_text(input_ids, attention_mask)[:, 0]),
                 dim=-1)
+            # Other ranks' teacher features of this step join the negatives (and the OT problem),
+            # so that N processes with B/N samples each compute what one process with B would.
+            image_others, text_others, ids_others = _other_ranks(image_feat_m, text_feat_m, sample_ids)
             image_queue, text_queue, id_queue = self.queue.contents()
 
-        loss_ica, parts = losses.ica_loss(
-            image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue,
+        loss_ica, ica_parts = losses.ica_loss(
+            image_feat, text_feat, image_feat_m, text_feat_m,
+            torch.cat([image_others, image_queue]), torch.cat([text_others, text_queue]),
             temperature=self.temp, alpha=alpha, intra_modal=config.intra_modal,
-            sample_ids=sample_ids, id_queue=id_queue if sample_ids is not None else None)
-        parts = {f"ica_{name}": value for name, value in parts.items()}
-        total = loss_ica
-        parts["ica"] = loss_ica
-
+            sample_ids=sample_ids,
+            id_queue=None if sample_ids is None else torch.cat([ids_others, id_queue]))
         loss_itm = self._itm_loss(image_tokens, image_feat, text_tokens, text_feat, attention_mask,
                                   image_feat_m, text_feat_m, sample_ids)
-        parts["itm"] = loss_itm
-        total = total + loss_itm
-
         loss_mlm, mlm_parts = self._mlm_loss(input_ids, attention_mask, image_tokens,
                                              image_tokens_m, alpha)
+        weights = config.loss_weights
+        total = weights.ica * loss_ica + weights.itm * loss_itm + weights.mlm * loss_mlm
+        parts = {"ica": loss_ica, "itm": loss_itm, "mlm": loss_mlm}
+        parts.update({f"ica_{name}": value for name, value in ica_parts.items()})
         parts.update({f"mlm_{name}": value for name, value in mlm_parts.items()})
-        parts["mlm"] = loss_mlm
-        total = total + loss_mlm
-
         if self.codebook is not None:
             loss_code, code_parts = self._code_loss(image_feat, text_feat, image_feat_m, text_feat_m)
-            parts.update({f"code_{name}": value for name, value in code_parts.items()})
+            total = total + weights.code * loss_code
             parts["code"] = loss_code
-            total = total + loss_code
+            parts.update({f"code_{name}": value for name, value in code_parts.items()})
 
         self.queue.enqueue(image_feat_m, text_feat_m, sample_ids)
         parts = {name: value.detach() for name, value in parts.items()}
@@ -230,12 +230,43 @@ class CodisModel(nn.Module):
         else:
             image_target, text_target = image_feat.detach(), text_feat.detach()
         with torch.no_grad():
-            image_plan = transport_plan(losses.codeword_distance(image_target, self.codebook),
-                                        self.config.codebook.ot)
-            text_plan = transport_plan(losses.codeword_distance(text_target, self.codebook),
-                                       self.config.codebook.ot)
+            image_plan = self._local_plan(image_target)
+            text_plan = self._local_plan(text_target)
         return losses.code_loss(image_feat, text_feat, image_target, text_target, self.codebook,
                                 image_plan, text_plan, temperature=self.config.codebook.temperature)
+
+    def _local_plan(self, features: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of the OT plan of the whole global batch to the codewords.
+
+        The rows are scaled by the world size so that each rank's plan carries unit mass: the
+        ranks' L_ot terms, averaged by DDP, then add up to the single-process <T, D>.
+        """
+        world, rank = _world()
+        everyone = gather_from_all_ranks(features)
+        plan = transport_plan(losses.codeword_distance(everyone, self.codebook),
+                              self.config.codebook.ot)
+        batch = features.shape[0]
+        return plan[rank * batch:(rank + 1) * batch] * world
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _other_ranks(image_feat_m: torch.Tensor, text_feat_m: torch.Tensor,
+                 sample_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The current step's teacher features (and ids) of every other rank; empty when alone."""
+    world, rank = _world()
+    batch = image_feat_m.shape[0]
+    ids = (sample_ids if sample_ids is not None
+           else torch.full((batch,), -1, dtype=torch.long, device=image_feat_m.device))
+    if world == 1:
+        return image_feat_m[:0], text_feat_m[:0], ids[:0]
+    keep = torch.ones(world * batch, dtype=torch.bool, device=image_feat_m.device)
+    keep[rank * batch:(rank + 1) * batch] = False
+    return tuple(gather_from_all_ranks(t)[keep] for t in (image_feat_m, text_feat_m, ids.long()))
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------

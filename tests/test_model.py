@@ -186,3 +186,40 @@ def test_vision_and_text_widths_must_match_for_cross_attention():
     config = preset("tiny")
     with pytest.raises(ConfigError, match="vision.width"):
         CodisModel(config.replace(vision=dataclasses.replace(config.vision, width=32)))
+
+
+def test_small_preset_text_encoder_starts_from_the_offline_minilm_weights():
+    from safetensors.torch import load_file
+
+    from codis.text import minilm_folder
+
+    config = preset("small").text
+    encoder = TextFusionEncoder.from_config(config, vocab_size=len(load_tokenizer("minilm")))
+    source = load_file(str(minilm_folder() / "model.safetensors"))
+    key = next(k for k in source if k.endswith("encoder.layer.4.attention.self.query.weight"))
+    torch.testing.assert_close(encoder.fusion[1].attention.self.query.weight, source[key])
+    key = next(k for k in source if k.endswith("encoder.layer.2.output.dense.weight"))
+    torch.testing.assert_close(encoder.bert.encoder.layer[2].output.dense.weight, source[key])
+    assert len(encoder.bert.encoder.layer) == 3 and len(encoder.fusion) == 3
+
+
+@pytest.mark.parametrize("mode", ["albef", "codis"])
+def test_every_trainable_parameter_gets_a_gradient(mode):
+    # DDP requires it (no unused parameters), and it catches heads that are built but never used.
+    model = tiny_model(mode)
+    model(*make_batch(model.config)).loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+
+
+def test_loss_weights_scale_the_total():
+    from codis.config import LossWeights
+
+    batch = make_batch(preset("tiny"))
+    torch.manual_seed(9)
+    plain = tiny_model("codis")(*batch)
+    torch.manual_seed(9)
+    weighted = tiny_model("codis", loss_weights=LossWeights(code=2.0, itm=0.5))(*batch)
+    parts = plain.parts
+    expected = parts["ica"] + 0.5 * parts["itm"] + parts["mlm"] + 2.0 * parts["code"]
+    torch.testing.assert_close(weighted.loss.detach(), expected)

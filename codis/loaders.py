@@ -1,0 +1,353 @@
+"""Webdataset loaders: the pretraining stream and one loader per downstream task.
+
+Every loader is the same webdataset pipeline, built by :func:`_build`:
+
+    shard list -> [resample | seeded shard shuffle -> split_by_node] -> split_by_worker
+    -> tar members -> [sample shuffle buffer] -> PIL decode -> per-task sample mapping -> batches
+
+Only the per-task sample mapping differs (a small function per kind) and, in the batch, which
+text field is tokenised. Training streams skip broken data (undecodable images, truncated tars)
+and count it in a :class:`SkipCounter`; evaluation loaders raise instead, since a silently
+dropped test sample would change the metric.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import webdataset as wds
+from transformers import PreTrainedTokenizerBase
+from webdataset.shardlists import expand_urls
+from webdataset.utils import make_seed
+
+from codis.shards import MANIFEST, PROGRESS
+from codis.text import clean_caption, tokenize
+from codis.transforms import eval_transform, pretrain_transform, train_transform
+
+_LOG = logging.getLogger(__name__)
+
+IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
+"""Image member names tried in order (write_shards and img2dataset write ``jpg``)."""
+VE_LABELS = {"entailment": 2, "neutral": 1, "contradiction": 0}
+"""ALBEF's SNLI-VE label ids (ve_dataset.py)."""
+
+
+class SkipCounter:
+    """A webdataset error handler that logs the error, counts it, and lets the stream go on.
+
+    The count sits in shared memory, so errors handled inside DataLoader worker processes show up
+    in the parent's :attr:`count`. One count is one handled error: a sample whose image does not
+    decode or whose fields are missing, or the unread rest of a truncated shard (a truncation can
+    cost one error for the broken member and one for the tar stream). webdataset's own
+    ``warn_and_continue`` is not used because it sleeps half a second per error.
+    """
+
+    def __init__(self) -> None:
+        self._count = multiprocessing.Value("q", 0)
+
+    def __call__(self, exn: BaseException) -> bool:
+        with self._count.get_lock():
+            self._count.value += 1
+        _LOG.warning("skipping broken data: %s", describe_error(exn))
+        return True
+
+    @property
+    def count(self) -> int:
+        return int(self._count.value)
+
+
+def describe_error(exn: BaseException) -> str:
+    """One line naming what broke: webdataset's DecodingError carries the shard, key and member
+    as attributes and the real error as its cause."""
+    if isinstance(exn, wds.DecodingError):
+        return (f"cannot decode member {exn.k!r} of sample {exn.key!r} in {exn.url}: "
+                f"{exn.__cause__!r}")[:500]
+    return repr(exn)[:500]
+
+
+class ShardLoader:
+    """Iterable over batches (dicts) of a webdataset pipeline, in ``num_workers`` processes when
+    that is above 0; ``skips`` counts the data the pipeline skipped (0 for evaluation loaders)."""
+
+    def __init__(self, pipeline: wds.DataPipeline, num_workers: int, skips: SkipCounter) -> None:
+        self.pipeline = pipeline
+        self.num_workers = num_workers
+        self.skips = skips
+        # batch_size=None: batches are built inside the pipeline, the DataLoader only moves them.
+        self._loader = (pipeline if num_workers == 0 else
+                        wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self._loader)
+
+
+def shard_urls(shards: str | Path | list[str], kinds: tuple[str, ...] | None = None) -> list[str]:
+    """Expand a shard spec: a list of paths, a brace pattern (``data/shard-{000000..000009}.tar``),
+    a folder written by :func:`codis.shards.write_shards` (its manifest's shards, whose kind must be
+    in ``kinds``), or any other folder of ``*.tar`` files (e.g. img2dataset's output)."""
+    if isinstance(shards, (list, tuple)):
+        urls = [str(s) for s in shards]
+    elif Path(shards).is_dir():
+        folder = Path(shards)
+        manifest = folder / MANIFEST
+        if manifest.is_file():
+            data = json.loads(manifest.read_text(encoding="utf-8"))
+            if kinds is not None and data.get("kind") not in kinds:
+                raise ValueError(f"{manifest}: holds {data.get('kind')!r} shards; this loader reads "
+                                 f"{' or '.join(kinds)}")
+            urls = [str(folder / entry["name"]) for entry in data["shards"]]
+        elif (folder / PROGRESS).is_file():
+            raise ValueError(f"{folder}: sharding was interrupted (no {MANIFEST}); re-run write_shards")
+        else:
+            urls = sorted(str(p) for p in folder.glob("*.tar"))
+    else:
+        urls = expand_urls(str(shards))
+    if not urls:
+        raise ValueError(f"shards: no shards found in {shards!r}")
+    return urls
+
+
+# ---- per-task sample mappings: decoded webdataset sample -> fields of one example ----------------
+
+def _image(sample: dict) -> Any:
+    for name in IMAGE_MEMBERS:
+        if name in sample:
+            return sample[name]
+    raise KeyError(f"sample {sample.get('__key__')} in {sample.get('__url__')}: no image member "
+                   f"(one of {', '.join(IMAGE_MEMBERS)})")
+
+
+def _caption_sample(sample: dict, transform: Callable, max_words: int) -> dict:
+    return {"image": transform(_image(sample)), "caption": clean_caption(sample["txt"], max_words),
+            "key": sample["__key__"]}
+
+
+def _retrieval_train_sample(sample: dict, transform: Callable, max_words: int) -> dict:
+    return {**_caption_sample(sample, transform, max_words), "image_id": sample["json"]["image_id"]}
+
+
+def _retrieval_eval_sample(sample: dict, transform: Callable, max_words: int) -> dict:
+    # image_index is the record position (the key), which the captions' text_image_index points to
+    return {"image": transform(_image(sample)), "image_index": int(sample["__key__"]),
+            "caption": [clean_caption(c, max_words) for c in sample["json"]["caption"]],
+            "key": sample["__key__"]}
+
+
+def answer_weights(answer: list[str] | str | None) -> tuple[list[str], list[float]]:
+    """ALBEF's VQA targets: each distinct annotator answer weighted by its share of the answers; a
+    single (Visual Genome) answer string gets weight 0.5; test questions have none."""
+    if answer is None:
+        return [], []
+    if isinstance(answer, str):
+        return [answer], [0.5]
+    weights: dict[str, float] = {}
+    for item in answer:
+        weights[item] = weights.get(item, 0.0) + 1.0 / len(answer)
+    return list(weights), list(weights.values())
+
+
+def _vqa_sample(sample: dict, transform: Callable, max_words: int) -> dict:
+    meta = sample["json"]
+    answers, weights = answer_weights(meta.get("answer"))
+    return {"image": transform(_image(sample)), "question": clean_caption(sample["txt"], max_words),
+            "question_id": meta["question_id"], "answers": answers, "answer_weights": weights,
+            "key": sample["__key__"]}
+
+
+def _nlvr_sample(sample: dict, transform: Callable, max_words: int) -> dict:
+    return {"image0": transform(sample["0.jpg"]), "image1": transform(sample["1.jpg"]),
+            "sentence": clean_caption(sample["txt"], max_words),
+            "label": int(sample["json"]["label"] == "True"), "key": sample["__key__"]}
+
+
+def _ve_sample(sample: dict, transform: Callable, max_words: int) -> dict:
+    return {"image": transform(_image(sample)), "sentence": clean_caption(sample["txt"], max_words),
+            "label": VE_LABELS[sample["json"]["label"]], "key": sample["__key__"]}
+
+
+def _sample_seed(seed: int, epoch: int, sample: dict) -> int:
+    """A seed of its own for each (run seed, epoch, shard, key), stable across processes."""
+    name = f"{seed}/{epoch}/{Path(str(sample.get('__url__', ''))).name}/{sample['__key__']}"
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
+
+
+def _with_sample_seed(sample: dict, to_sample: Callable, seed: int, epoch: int,
+                      transform: Callable, max_words: int) -> dict:
+    """Draw a training sample's augmentation from its own seed, not from the process's RNG.
+
+    So the augmentations do not depend on the number of workers, on which worker reads which
+    shard, or on how far the pipeline has read ahead, and a resumed run sees exactly the images
+    an uninterrupted one would.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_sample_seed(seed, epoch, sample))
+        return to_sample(sample, transform, max_words)
+
+
+@dataclass(frozen=True)
+class _Task:
+    kinds: tuple[str, ...]  # shard kinds (manifest "kind") the task reads
+    to_sample: Callable[[dict, Callable, int], dict]
+    text_field: str  # the field tokenised into input_ids / attention_mask
+
+
+_TASKS = {
+    "pretrain": _Task(("pretrain", "retrieval_train"), _caption_sample, "caption"),
+    "retrieval_train": _Task(("retrieval_train",), _retrieval_train_sample, "caption"),
+    "retrieval_eval": _Task(("retrieval_eval",), _retrieval_eval_sample, "caption"),
+    "vqa": _Task(("vqa",), _vqa_sample, "question"),
+    "nlvr": _Task(("nlvr",), _nlvr_sample, "sentence"),
+    "ve": _Task(("ve",), _ve_sample, "sentence"),
+}
+
+
+def _collate(samples: list[dict], tokenizer: PreTrainedTokenizerBase | None, max_length: int,
+             text_field: str) -> dict[str, Any]:
+    """Stack tensors, turn integer fields into a tensor, keep the rest as lists; tokenise text."""
+    batch: dict[str, Any] = {}
+    for name in samples[0]:
+        if name.startswith("__"):
+            continue
+        values = [s[name] for s in samples]
+        if isinstance(values[0], torch.Tensor):
+            batch[name] = torch.stack(values)
+        elif all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            batch[name] = torch.tensor(values, dtype=torch.long)
+        else:
+            batch[name] = values
+    if tokenizer is not None:
+        texts = batch[text_field]
+        if texts and isinstance(texts[0], list):  # retrieval eval: several captions per image
+            batch["text_image_index"] = torch.tensor(
+                [int(i) for i, group in zip(batch["image_index"], texts) for _ in group])
+            texts = [text for group in texts for text in group]
+        batch["input_ids"], batch["attention_mask"] = tokenize(tokenizer, texts, max_length)
+    return batch
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+
+
+def _build(urls: list[str], task: _Task, transform: Callable, *, batch_size: int,
+           tokenizer: PreTrainedTokenizerBase | None, max_words: int, max_length: int,
+           num_workers: int, train: bool, resample: bool, seed: int, epoch: int,
+           shuffle_buffer: int, drop_last: bool, skips: SkipCounter) -> ShardLoader:
+    _check_positive(batch_size=batch_size, max_words=max_words, max_length=max_length)
+    if not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers: must be an integer >= 0, got {num_workers!r}")
+    if not isinstance(shuffle_buffer, int) or shuffle_buffer < 0:
+        raise ValueError(f"shuffle_buffer: must be an integer >= 0, got {shuffle_buffer!r}")
+    handler = skips if train else wds.reraise_exception
+    if resample:
+        # Each rank and worker draws its own shards (ResampledShards seeds by rank and worker id),
+        # so there is nothing to split.
+        stages: list = [wds.ResampledShards(urls, seed=make_seed(seed, epoch), deterministic=True)]
+    elif train:
+        # The same seed on every rank and worker: all see the same permutation, so the two
+        # splits below partition it and each sample is read once per epoch.
+        stages = [wds.SimpleShardList(urls, seed=make_seed(seed, epoch)), wds.split_by_node,
+                  wds.split_by_worker]
+    else:
+        # Evaluation: every rank reads everything, in shard order.
+        stages = [wds.SimpleShardList(urls), wds.split_by_worker]
+    stages.append(wds.tarfile_to_samples(handler=handler))
+    if train and shuffle_buffer > 0:
+        # Shuffle the raw bytes (cheap to hold) before decoding.
+        stages.append(wds.shuffle(shuffle_buffer, seed=make_seed(seed, epoch, 1)))
+    stages += [
+        wds.decode("pil", handler=handler),
+        wds.map(partial(_with_sample_seed, to_sample=task.to_sample, seed=seed, epoch=epoch,
+                        transform=transform, max_words=max_words) if train else
+                partial(task.to_sample, transform=transform, max_words=max_words), handler=handler),
+        wds.batched(batch_size, partial=not drop_last,
+                    collation_fn=partial(_collate, tokenizer=tokenizer, max_length=max_length,
+                                         text_field=task.text_field)),
+    ]
+    return ShardLoader(wds.DataPipeline(*stages), num_workers, skips)
+
+
+def pretrain_loader(shards: str | list[str], *, tokenizer: PreTrainedTokenizerBase, image_size: int,
+                    batch_size: int, max_words: int = 30, num_workers: int = 0,
+                    resample: bool = False, seed: int = 0, shuffle_buffer: int = 1000,
+                    hflip: bool = True, epoch: int = 0, max_length: int = 30,
+                    drop_last: bool = True, skips: SkipCounter | None = None) -> ShardLoader:
+    """The pretraining stream over caption shards (write_shards' pretrain/retrieval_train kinds or
+    img2dataset's webdataset output).
+
+    Batches: ``image`` (B, 3, S, S) float, ``input_ids`` / ``attention_mask`` (B, L) long (L <=
+    ``max_length``, pass ``TextConfig.max_length``), ``caption`` (cleaned, at most ``max_words``
+    words) and ``key`` lists. Shard and sample order are seeded by ``(seed, epoch)``: build one
+    loader per epoch. With ``resample`` shards are drawn with replacement and the stream never ends
+    (take the steps you need). ``drop_last`` (ALBEF's default) keeps batch sizes fixed, which the
+    momentum queues need. Broken data is skipped and counted in ``loader.skips`` (pass ``skips`` to
+    share a counter across loaders).
+    """
+    task = _TASKS["pretrain"]
+    return _build(shard_urls(shards, task.kinds), task, pretrain_transform(image_size, hflip=hflip),
+                  batch_size=batch_size, tokenizer=tokenizer, max_words=max_words,
+                  max_length=max_length, num_workers=num_workers, train=True, resample=resample,
+                  seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer, drop_last=drop_last,
+                  skips=skips or SkipCounter())
+
+
+def task_loader(shards: str | list[str], kind: str, *, image_size: int, batch_size: int,
+                train: bool = False, tokenizer: PreTrainedTokenizerBase | None = None,
+                max_words: int = 30, max_length: int = 30, num_workers: int = 0, seed: int = 0,
+                epoch: int = 0, shuffle_buffer: int = 1000, hflip: bool = True,
+                drop_last: bool | None = None, skips: SkipCounter | None = None) -> ShardLoader:
+    """A downstream-task loader over shards written by write_shards with ``kind``.
+
+    ``train=False`` (evaluation): eval transform, shard and record order, every batch kept, errors
+    raised. ``train=True``: finetuning transform (``hflip`` as in :mod:`codis.transforms`), shard
+    and sample shuffles seeded by ``(seed, epoch)``, shards split across ranks and workers, full
+    batches only (unless ``drop_last=False``), broken data skipped and counted in ``skips``.
+    With a tokenizer, the task's text (caption / question / sentence) becomes ``input_ids`` and
+    ``attention_mask``; for retrieval_eval all captions of the batch are flattened and
+    ``text_image_index`` gives each text row's ``image_index``.
+    """
+    if kind not in _TASKS or kind == "pretrain":
+        raise ValueError(f"kind: must be one of {', '.join(k for k in _TASKS if k != 'pretrain')}; "
+                         f"got {kind!r}")
+    task = _TASKS[kind]
+    transform = train_transform(image_size, hflip=hflip) if train else eval_transform(image_size)
+    return _build(shard_urls(shards, task.kinds), task, transform, batch_size=batch_size,
+                  tokenizer=tokenizer, max_words=max_words, max_length=max_length,
+                  num_workers=num_workers, train=train, resample=False, seed=seed, epoch=epoch,
+                  shuffle_buffer=shuffle_buffer, drop_last=train if drop_last is None else drop_last,
+                  skips=skips or SkipCounter())
+
+
+def retrieval_train_loader(shards: str | list[str], **kwargs: Any) -> ShardLoader:
+    """Retrieval finetuning (train transform, seeded shuffle): image, caption, image_id, key."""
+    return task_loader(shards, "retrieval_train", train=True, **kwargs)
+
+
+def retrieval_eval_loader(shards: str | list[str], **kwargs: Any) -> ShardLoader:
+    """Retrieval evaluation, one sample per image: image, image_index, caption (list), key."""
+    return task_loader(shards, "retrieval_eval", **kwargs)
+
+
+def vqa_loader(shards: str | list[str], **kwargs: Any) -> ShardLoader:
+    """VQA: image, question, question_id, answers and ALBEF answer_weights (empty on test), key."""
+    return task_loader(shards, "vqa", **kwargs)
+
+
+def nlvr_loader(shards: str | list[str], **kwargs: Any) -> ShardLoader:
+    """NLVR2: image0, image1, sentence, label (1 for "True"), key."""
+    return task_loader(shards, "nlvr", **kwargs)
+
+
+def ve_loader(shards: str | list[str], **kwargs: Any) -> ShardLoader:
+    """SNLI-VE: image, sentence, label (:data:`VE_LABELS`), key."""
+    return task_loader(shards, "ve", **kwargs)

@@ -1,0 +1,53 @@
+"""ALBEF's image transforms: pretraining, finetuning (train) and evaluation.
+
+All three end in ``ToTensor`` + ``Normalize`` with the CLIP statistics that ALBEF uses. ALBEF's own
+``RandomAugment(2, 7, isPIL=True, augs=[...])`` picks two of a fixed list of ops at magnitude 7;
+torchvision's ``RandAugment(num_ops=2, magnitude=7)`` is the maintained equivalent (its op list also
+holds no flips, so flipping stays the separate, switchable step below).
+
+Horizontal flips: ALBEF flips in pretraining and finetuning even though captions such as "the dog
+on the left of the car" (and NLVR2 sentences about the left/right image) then describe the mirror
+image. On real web captions such relations are rare enough to ignore; on data where they carry the
+signal (the demo world's captions are built from left/right relations) a flip turns correct pairs
+into wrong ones, so a recipe passes ``hflip=False`` there.
+"""
+
+from __future__ import annotations
+
+from torchvision import transforms as T
+
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+_BICUBIC = T.InterpolationMode.BICUBIC
+
+
+def _check_size(size: int) -> None:
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise ValueError(f"image_size: must be a positive integer, got {size!r}")
+
+
+def _augmenting(size: int, min_scale: float, hflip: bool) -> T.Compose:
+    _check_size(size)
+    steps: list = [T.RandomResizedCrop(size, scale=(min_scale, 1.0), interpolation=_BICUBIC)]
+    if hflip:
+        steps.append(T.RandomHorizontalFlip())
+    steps += [T.RandAugment(num_ops=2, magnitude=7), T.ToTensor(), T.Normalize(MEAN, STD)]
+    return T.Compose(steps)
+
+
+def pretrain_transform(size: int, hflip: bool = True) -> T.Compose:
+    """Pretraining: random resized crop (scale 0.2-1, bicubic), flip, RandAugment(2, 7), normalise."""
+    return _augmenting(size, 0.2, hflip)
+
+
+def train_transform(size: int, hflip: bool = True) -> T.Compose:
+    """Finetuning: random resized crop (scale 0.5-1, bicubic), flip, RandAugment(2, 7), normalise."""
+    return _augmenting(size, 0.5, hflip)
+
+
+def eval_transform(size: int) -> T.Compose:
+    """Evaluation: bicubic resize to ``size`` x ``size`` (no crop, aspect not kept, as ALBEF), normalise."""
+    _check_size(size)
+    return T.Compose([T.Resize((size, size), interpolation=_BICUBIC), T.ToTensor(),
+                      T.Normalize(MEAN, STD)])

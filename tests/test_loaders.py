@@ -1,0 +1,301 @@
+"""Loaders over write_shards output: batch layout, skipping broken data, splits, determinism."""
+
+from __future__ import annotations
+
+import itertools
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import codis  # noqa: F401
+from codis.loaders import (VE_LABELS, SkipCounter, nlvr_loader, pretrain_loader,
+                           retrieval_eval_loader, retrieval_train_loader, ve_loader, vqa_loader)
+from codis.shards import write_shards
+from codis.text import clean_caption, load_tokenizer
+
+N_IMAGES = 8
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("builtin")
+
+
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(N_IMAGES):
+        pixels = rng.integers(0, 256, size=(30 + 2 * i, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"{i}.jpg", quality=90)
+    (root / "garbage.jpg").write_bytes(b"this is not a jpeg" * 20)
+    return root
+
+
+def caption_records(n: int) -> list[dict]:
+    return [{"image": f"{i % N_IMAGES}.jpg", "caption": f"The Dog, on the LEFT of item #{i}!"}
+            for i in range(n)]
+
+
+def all_batches(loader) -> list[dict]:
+    return list(loader)
+
+
+def keys_of(batches: list[dict]) -> list[str]:
+    return [key for batch in batches for key in batch["key"]]
+
+
+def test_pretrain_batches(image_root: Path, tmp_path: Path, tokenizer) -> None:
+    records = caption_records(10)
+    write_shards(records, image_root, tmp_path / "s", kind="pretrain", samples_per_shard=4,
+                 progress=False)
+    loader = pretrain_loader(str(tmp_path / "s"), tokenizer=tokenizer, image_size=32, batch_size=4,
+                             max_words=5, max_length=8, drop_last=True)
+    batches = all_batches(loader)
+    assert len(batches) == 2  # 10 samples, full batches of 4 only
+    for batch in batches:
+        assert batch["image"].shape == (4, 3, 32, 32) and batch["image"].dtype == torch.float32
+        assert batch["input_ids"].dtype == torch.long and batch["input_ids"].shape[0] == 4
+        assert batch["input_ids"].shape[1] <= 8
+        assert batch["attention_mask"].shape == batch["input_ids"].shape
+        assert len(batch["caption"]) == len(batch["key"]) == 4
+        for key, caption in zip(batch["key"], batch["caption"]):
+            assert caption == clean_caption(records[int(key)]["caption"], 5)
+            assert len(caption.split()) == 5
+        # normalised, not raw [0, 1] pixels
+        assert batch["image"].min() < 0
+    assert loader.skips.count == 0
+
+
+def test_shuffle_is_seeded(image_root: Path, tmp_path: Path, tokenizer) -> None:
+    write_shards(caption_records(24), image_root, tmp_path / "s", kind="pretrain",
+                 samples_per_shard=4, progress=False)
+
+    def order(seed: int, epoch: int) -> list[str]:
+        return keys_of(pretrain_loader(str(tmp_path / "s"), tokenizer=tokenizer, image_size=16,
+                                       batch_size=8, seed=seed, epoch=epoch, shuffle_buffer=10))
+
+    assert order(0, 0) == order(0, 0)
+    assert order(0, 0) != order(0, 1)
+    assert sorted(order(0, 1)) == sorted(order(0, 0))
+
+
+def test_resampled_stream_does_not_end(image_root: Path, tmp_path: Path, tokenizer) -> None:
+    write_shards(caption_records(6), image_root, tmp_path / "s", kind="pretrain",
+                 samples_per_shard=2, progress=False)
+    loader = pretrain_loader(str(tmp_path / "s"), tokenizer=tokenizer, image_size=16, batch_size=4,
+                             resample=True, shuffle_buffer=4)
+    batches = list(itertools.islice(loader, 5))  # 20 samples drawn from 6
+    assert len(batches) == 5 and all(len(b["key"]) == 4 for b in batches)
+    assert set(keys_of(batches)) <= {f"{i:09d}" for i in range(6)}
+
+
+def _truncate_inside_second_sample(shard: Path) -> None:
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    second_image = next(m for m in members if m.name.endswith(".jpg") and m.name != members[0].name)
+    data = shard.read_bytes()
+    shard.chmod(0o644)
+    shard.write_bytes(data[:second_image.offset_data + 50])
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_corrupted_image_member_is_skipped_and_counted(image_root: Path, tmp_path: Path, tokenizer,
+                                                       num_workers: int) -> None:
+    records = caption_records(12)
+    records[5]["image"] = "garbage.jpg"
+    write_shards(records, image_root, tmp_path / "s", kind="pretrain", samples_per_shard=3,
+                 progress=False)
+    loader = pretrain_loader(str(tmp_path / "s"), tokenizer=tokenizer, image_size=16, batch_size=2,
+                             num_workers=num_workers, drop_last=False)
+    keys = keys_of(all_batches(loader))
+    assert sorted(keys) == [f"{i:09d}" for i in range(12) if i != 5]
+    assert loader.skips.count == 1
+
+
+def test_truncated_tar_is_skipped_and_counted(image_root: Path, tmp_path: Path, tokenizer) -> None:
+    manifest = write_shards(caption_records(12), image_root, tmp_path / "s", kind="pretrain",
+                            samples_per_shard=3, progress=False)
+    _truncate_inside_second_sample(tmp_path / "s" / manifest["shards"][2]["name"])  # samples 6-8
+    skips = SkipCounter()
+    loader = pretrain_loader(str(tmp_path / "s"), tokenizer=tokenizer, image_size=16, batch_size=2,
+                             drop_last=False, skips=skips)
+    keys = keys_of(all_batches(loader))
+    assert loader.skips is skips and skips.count >= 1
+    assert len(keys) == len(set(keys))
+    intact = {f"{i:09d}" for i in (0, 1, 2, 3, 4, 5, 9, 10, 11)}
+    assert intact <= set(keys)
+    assert set(keys) - intact <= {f"{6:09d}"}  # only the sample before the cut may survive
+
+
+def test_splits_see_every_sample_once(image_root: Path, tmp_path: Path, tokenizer,
+                                      monkeypatch) -> None:
+    write_shards(caption_records(15), image_root, tmp_path / "s", kind="pretrain",
+                 samples_per_shard=2, progress=False)  # 8 shards
+    expected = [f"{i:09d}" for i in range(15)]
+
+    def keys_seen(epoch: int) -> list[str]:
+        loader = pretrain_loader(str(tmp_path / "s"), tokenizer=tokenizer, image_size=16,
+                                 batch_size=2, num_workers=2, drop_last=False, epoch=epoch)
+        return keys_of(all_batches(loader))
+
+    assert sorted(keys_seen(0)) == expected
+    assert sorted(keys_seen(1)) == expected
+
+    per_rank = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        per_rank.append(keys_seen(0))
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert sorted(per_rank[0] + per_rank[1]) == expected
+    assert per_rank[0] and per_rank[1]
+
+
+def _assert_same_batches(first: list[dict], second: list[dict]) -> None:
+    assert len(first) == len(second)
+    for a, b in zip(first, second):
+        assert a.keys() == b.keys()
+        for name in a:
+            if isinstance(a[name], torch.Tensor):
+                assert torch.equal(a[name], b[name])
+            else:
+                assert a[name] == b[name]
+
+
+def test_retrieval_eval_loader(image_root: Path, tmp_path: Path, tokenizer) -> None:
+    records = [{"image": f"{i}.jpg", "caption": [f"Caption {i}-{j}." for j in range(5)]}
+               for i in range(7)]
+    write_shards(records, image_root, tmp_path / "s", kind="retrieval_eval", samples_per_shard=3,
+                 progress=False)
+    make = lambda: retrieval_eval_loader(str(tmp_path / "s"), image_size=24, batch_size=2,  # noqa: E731
+                                         tokenizer=tokenizer)
+    first, second = all_batches(make()), all_batches(make())
+    _assert_same_batches(first, second)
+    assert keys_of(first) == [f"{i:09d}" for i in range(7)]  # record order, last batch kept
+    batch = first[1]
+    assert set(batch) == {"image", "image_index", "caption", "key", "text_image_index",
+                          "input_ids", "attention_mask"}
+    assert batch["image"].shape == (2, 3, 24, 24)
+    assert batch["image_index"].tolist() == [2, 3]
+    assert batch["caption"][0] == [clean_caption(c) for c in records[2]["caption"]]
+    assert batch["text_image_index"].tolist() == [2] * 5 + [3] * 5
+    assert batch["input_ids"].shape[0] == 10
+    # eval transform: the same image gives the same tensor on every pass and no augmentation
+    assert torch.equal(first[0]["image"], second[0]["image"])
+
+
+def test_vqa_loader(image_root: Path, tmp_path: Path, tokenizer) -> None:
+    records = [{"question_id": 7, "question": "What colour is it?", "image": "0.jpg",
+                "answer": ["red", "red", "blue", "red"], "dataset": "vqa"},
+               {"question_id": 8, "question": "Is it big?", "image": "1.jpg", "answer": "yes",
+                "dataset": "vg"},
+               {"question_id": 9, "question": "Where?", "image": "2.jpg", "dataset": "vqa"}]
+    write_shards(records, image_root, tmp_path / "s", kind="vqa", samples_per_shard=2, progress=False)
+    make = lambda: vqa_loader(str(tmp_path / "s"), image_size=16, batch_size=3,  # noqa: E731
+                              tokenizer=tokenizer)
+    first = all_batches(make())
+    _assert_same_batches(first, all_batches(make()))
+    (batch,) = first
+    assert batch["question_id"].tolist() == [7, 8, 9]
+    assert batch["question"] == ["what colour is it", "is it big", "where"]
+    assert batch["answers"] == [["red", "blue"], ["yes"], []]
+    assert batch["answer_weights"] == [[0.75, 0.25], [0.5], []]
+    assert batch["image"].shape == (3, 3, 16, 16)
+    assert batch["input_ids"].shape[0] == 3
+
+
+def test_nlvr_and_ve_loaders(image_root: Path, tmp_path: Path, tokenizer) -> None:
+    nlvr = [{"images": [f"{i}.jpg", f"{i + 1}.jpg"], "sentence": f"The left one, {i}.",
+             "label": "True" if i % 2 else "False"} for i in range(5)]
+    write_shards(nlvr, image_root, tmp_path / "nlvr", kind="nlvr", samples_per_shard=2,
+                 progress=False)
+    make = lambda: nlvr_loader(str(tmp_path / "nlvr"), image_size=16, batch_size=4,  # noqa: E731
+                               tokenizer=tokenizer)
+    first = all_batches(make())
+    _assert_same_batches(first, all_batches(make()))
+    assert set(first[0]) == {"image0", "image1", "sentence", "label", "key", "input_ids",
+                             "attention_mask"}
+    assert torch.cat([b["label"] for b in first]).tolist() == [0, 1, 0, 1, 0]
+    assert first[0]["image0"].shape == first[0]["image1"].shape == (4, 3, 16, 16)
+    # the right image of pair i is the left image of pair i + 1
+    assert torch.equal(first[0]["image1"][0], first[0]["image0"][1])
+
+    labels = ["contradiction", "entailment", "neutral", "entailment"]
+    ve = [{"image": f"{i}.jpg", "sentence": f"Hypothesis {i}.", "label": label}
+          for i, label in enumerate(labels)]
+    write_shards(ve, image_root, tmp_path / "ve", kind="ve", samples_per_shard=3, progress=False)
+    make = lambda: ve_loader(str(tmp_path / "ve"), image_size=16, batch_size=3)  # noqa: E731
+    first = all_batches(make())
+    _assert_same_batches(first, all_batches(make()))
+    assert set(first[0]) == {"image", "sentence", "label", "key"}  # no tokenizer, no ids
+    assert torch.cat([b["label"] for b in first]).tolist() == [VE_LABELS[x] for x in labels]
+    assert first[0]["sentence"][0] == "hypothesis 0"
+
+
+def test_retrieval_train_loader_is_seeded(image_root: Path, tmp_path: Path, tokenizer) -> None:
+    records = [{"image": f"{i % N_IMAGES}.jpg", "caption": f"caption {i}", "image_id": i // 2}
+               for i in range(16)]
+    write_shards(records, image_root, tmp_path / "s", kind="retrieval_train", samples_per_shard=4,
+                 progress=False)
+
+    def run(seed: int) -> list[dict]:
+        return all_batches(retrieval_train_loader(str(tmp_path / "s"), image_size=16, batch_size=4,
+                                                  tokenizer=tokenizer, seed=seed, shuffle_buffer=8))
+
+    first = run(3)
+    assert keys_of(first) == keys_of(run(3))
+    assert sorted(keys_of(first)) == [f"{i:09d}" for i in range(16)]
+    assert keys_of(first) != [f"{i:09d}" for i in range(16)]
+    for batch in first:
+        assert batch["image_id"].tolist() == [int(k) // 2 for k in batch["key"]]
+        assert batch["input_ids"].shape[0] == 4
+
+
+def test_eval_loader_raises_on_broken_image(image_root: Path, tmp_path: Path) -> None:
+    records = [{"image": "0.jpg", "sentence": "s", "label": "neutral"},
+               {"image": "garbage.jpg", "sentence": "s", "label": "neutral"}]
+    write_shards(records, image_root, tmp_path / "s", kind="ve", progress=False)
+    with pytest.raises(Exception):
+        all_batches(ve_loader(str(tmp_path / "s"), image_size=16, batch_size=2))
+
+
+def test_kind_mismatch_and_bad_arguments(image_root: Path, tmp_path: Path, tokenizer) -> None:
+    write_shards(caption_records(3), image_root, tmp_path / "s", kind="pretrain", progress=False)
+    with pytest.raises(ValueError, match="holds 'pretrain' shards"):
+        vqa_loader(str(tmp_path / "s"), image_size=16, batch_size=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        pretrain_loader(str(tmp_path / "s"), tokenizer=tokenizer, image_size=16, batch_size=0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no shards"):
+        pretrain_loader(str(tmp_path / "empty"), tokenizer=tokenizer, image_size=16, batch_size=2)
+
+
+def test_training_augmentations_do_not_depend_on_workers_or_the_global_rng(tmp_path):
+    # Each sample's augmentation comes from its own seed: a resumed run and a run with another
+    # number of workers see the same pixels for the same (seed, epoch, sample).
+    records = []
+    for index in range(12):
+        Image.new("RGB", (48, 40), (index * 20, 100, 200 - index * 10)).save(tmp_path / f"{index}.jpg")
+        records.append({"image": f"{index}.jpg", "caption": f"picture {index}"})
+    write_shards(records, tmp_path, tmp_path / "shards", kind="pretrain", samples_per_shard=3,
+                 progress=False)
+
+    def images(workers: int, global_seed: int, epoch: int = 0) -> dict[str, torch.Tensor]:
+        torch.manual_seed(global_seed)
+        loader = pretrain_loader(str(tmp_path / "shards"), tokenizer=load_tokenizer("builtin"),
+                                 image_size=32, batch_size=2, num_workers=workers, seed=7,
+                                 epoch=epoch, shuffle_buffer=4)
+        return {key: image for batch in loader for key, image in zip(batch["key"], batch["image"])}
+
+    first = images(0, global_seed=1)
+    assert len(first) == 12
+    for other in (images(0, global_seed=2), images(2, global_seed=3)):
+        assert other.keys() == first.keys()
+        assert all(torch.equal(first[k], other[k]) for k in first)
+    next_epoch = images(0, global_seed=1, epoch=1)
+    assert any(not torch.equal(first[k], next_epoch[k]) for k in first)
