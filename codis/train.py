@@ -11,7 +11,6 @@ optimiser, RNG states and the data position. Callers observe progress through ``
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import random
@@ -245,8 +244,8 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def save_train_state(path: Path, model: CodisModel, optimizer: torch.optim.Optimizer, step: int,
-                     position: dict[str, int], config: PretrainConfig, runtime: Runtime) -> None:
+def save_train_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                     position: dict[str, int], run_config: dict[str, Any], runtime: Runtime) -> None:
     """Everything needed to continue: weights (students, teachers, queues, codebook), optimiser,
     step, data position, and every rank's RNG states (gathered to rank 0)."""
     rng = _rng_state()
@@ -259,7 +258,7 @@ def save_train_state(path: Path, model: CodisModel, optimizer: torch.optim.Optim
     if not runtime.is_main:
         return
     payload = {"format": TRAIN_STATE_FORMAT, "step": step, "position": position,
-               "config": config.to_dict(), "model": model.state_dict(),
+               "config": run_config, "model": model.state_dict(),
                "optimizer": optimizer.state_dict(), "rng": rng}
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -280,29 +279,20 @@ def _prune_checkpoints(directory: Path, keep: int) -> None:
 
 
 # ---- the loop ------------------------------------------------------------------------------------
-class _Batches:
-    """Endless batches over epochs of the pretraining shards, remembering (epoch, batch) so that
-    a resumed run continues with exactly the next batch. Under DDP every rank moves to the next
-    epoch as soon as any rank runs out, so no rank waits for a gradient that never comes."""
+class EpochBatches:
+    """Endless batches over epochs, remembering (epoch, batch) so that a resumed run continues
+    with exactly the next batch. ``open_epoch(epoch)`` builds the loader of one epoch (seeded by
+    the epoch). Under DDP every rank moves to the next epoch as soon as any rank runs out, so no
+    rank waits for a gradient that never comes."""
 
-    def __init__(self, config: PretrainConfig, tokenizer, runtime: Runtime, epoch: int = 0,
+    def __init__(self, open_epoch: Callable[[int], Any], runtime: Runtime, epoch: int = 0,
                  batch: int = 0) -> None:
-        self.config, self.tokenizer, self.runtime = config, tokenizer, runtime
-        self.urls = shard_urls(list(config.data.shards) if len(config.data.shards) > 1
-                               else config.data.shards[0], ("pretrain", "retrieval_train"))
-        self.skips = SkipCounter()
+        self.open_epoch, self.runtime = open_epoch, runtime
         self.epoch, self.batch = epoch, batch
         self._iterator = self._open(skip=batch)
 
     def _open(self, skip: int) -> Iterator[dict]:
-        data, model = self.config.data, self.config.model
-        loader = pretrain_loader(
-            self.urls, tokenizer=self.tokenizer, image_size=model.vision.image_size,
-            batch_size=self.config.train.batch_size, max_length=model.text.max_length,
-            num_workers=data.num_workers, resample=data.resample, seed=self.config.train.seed,
-            shuffle_buffer=data.shuffle_buffer, hflip=data.hflip, epoch=self.epoch,
-            skips=self.skips)
-        iterator = iter(loader)
+        iterator = iter(self.open_epoch(self.epoch))
         for _ in range(skip):
             next(iterator)
         return iterator
@@ -322,46 +312,41 @@ class _Batches:
                 return batch
             self.epoch, self.batch = self.epoch + 1, 0
             self._iterator = self._open(skip=0)
-        raise RuntimeError(f"data.shards: an epoch yielded no full batch of "
-                           f"{self.config.train.batch_size} on some rank; use fewer processes, a "
-                           f"smaller batch or more data")
+        raise RuntimeError("an epoch yielded no full batch on some rank: use fewer processes, "
+                           "a smaller batch or more data")
 
     @property
     def position(self) -> dict[str, int]:
         return {"epoch": self.epoch, "batch": self.batch}
 
 
-def pretrain(config: PretrainConfig, *, resume: bool = True, callback: MetricsCallback | None = None,
-             progress: bool = True, stop_after: int | None = None) -> Path:
-    """Run (or continue) pretraining; returns the final model checkpoint (``model.pt``).
+StepLoss = Callable[[torch.nn.Module, dict, int], "PretrainOutput"]
 
-    With ``resume`` the latest ``checkpoints/step-*.pt`` under ``output_dir`` is continued and
-    the result equals an uninterrupted run. ``stop_after`` ends the run early after that many
-    steps of this call (the flows' "run a slice" option and the tests use it)."""
-    runtime = init_runtime()
-    run_dir = Path(config.output_dir)
-    checkpoints = run_dir / "checkpoints"
-    if runtime.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config.save(run_dir / "run.yaml")
-    train = config.train
 
-    torch.manual_seed(train.seed + runtime.rank)
-    random.seed(train.seed + runtime.rank)
-    np.random.seed(train.seed + runtime.rank)
-    model = CodisModel(config.model).to(runtime.device)
-    optimizer = create_optimizer_v2(model, "adamw", lr=config.optim.lr,
-                                    weight_decay=config.optim.weight_decay)
+def fit(model: torch.nn.Module, step_loss: StepLoss, open_epoch: Callable[[int], Any], *,
+        run_config: dict[str, Any], train: TrainConfig, optim: OptimConfig, output_dir: str | Path,
+        runtime: Runtime, callback: MetricsCallback | None = None, progress: bool = True,
+        resume: bool = True, stop_after: int | None = None, desc: str = "train",
+        skipped: Callable[[], int] = lambda: 0) -> int:
+    """The optimisation loop shared by pretraining and every finetuning task.
+
+    ``step_loss(model, batch, step)`` returns an object with ``loss`` and ``parts`` (the model is
+    the DDP / compiled wrapper when there is one). Resumes from the latest
+    ``output_dir/checkpoints/step-*.pt`` (written by a run of the same ``run_config``), saves
+    every ``train.checkpoint_every`` steps and at the end. Returns the number of steps done.
+    """
+    checkpoints = Path(output_dir) / "checkpoints"
+    optimizer = create_optimizer_v2(model, "adamw", lr=optim.lr, weight_decay=optim.weight_decay)
     step, position, rng = 0, {"epoch": 0, "batch": 0}, None
     state_path = latest_checkpoint(checkpoints) if resume else None
     if state_path is not None:
         state = torch.load(state_path, map_location=runtime.device, weights_only=False)
-        _check_resumable(state, config, state_path)
+        _check_resumable(state, run_config, state_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, position, rng = state["step"], state["position"], state["rng"]
-    # Data first (skipping consumed batches draws from the RNG), then the saved RNG states.
-    batches = _Batches(config, model.tokenizer, runtime, **position)
+    # Data first (skipping consumed batches may draw from the RNG), then the saved RNG states.
+    batches = EpochBatches(open_epoch, runtime, **position)
     if rng is not None:
         _set_rng_state(rng[runtime.rank] if len(rng) == runtime.world_size else rng[0])
 
@@ -376,72 +361,123 @@ def pretrain(config: PretrainConfig, *, resume: bool = True, callback: MetricsCa
     parameters = [p for p in model.parameters() if p.requires_grad]
 
     bar = tqdm(total=train.steps, initial=step, disable=not (progress and runtime.is_main),
-               desc="pretrain", unit="step", dynamic_ncols=True)
-    started, samples, last_parts = time.perf_counter(), 0, {}
+               desc=desc, unit="step", dynamic_ncols=True)
+    started, samples = time.perf_counter(), 0
     end = train.steps if stop_after is None else min(train.steps, step + stop_after)
     model.train()
     while step < end:
-        lr = learning_rate(step, train.steps, config.optim)
+        lr = learning_rate(step, train.steps, optim)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        alpha = distillation_alpha(step, config.model.alpha, train.alpha_warmup_steps)
         optimizer.zero_grad(set_to_none=True)
-        parts_sum: dict[str, float] = {}
+        metrics: dict[str, float] = {}
         for micro in range(train.grad_accumulation):
-            batch = batches.next()
-            images = batch["image"].to(runtime.device, non_blocking=True)
-            ids = batch["input_ids"].to(runtime.device)
-            mask = batch["attention_mask"].to(runtime.device)
-            sync = (micro == train.grad_accumulation - 1 or runtime.world_size == 1)
+            batch = _to_device(batches.next(), runtime.device)
+            sync = micro == train.grad_accumulation - 1 or runtime.world_size == 1
             with (nullcontext() if sync else trained.no_sync()), autocast:
-                output = trained(images, ids, mask, alpha=alpha)
+                output = step_loss(trained, batch, step)
                 (output.loss / train.grad_accumulation).backward()
             for name, value in [("loss", output.loss.detach()), *output.parts.items()]:
-                parts_sum[name] = parts_sum.get(name, 0.0) + float(value) / train.grad_accumulation
-            samples += images.shape[0] * runtime.world_size
+                metrics[name] = metrics.get(name, 0.0) + float(value) / train.grad_accumulation
+            samples += _batch_size(batch) * runtime.world_size
         if train.clip_grad_norm > 0:
-            parts_sum["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(parameters,
-                                                                          train.clip_grad_norm))
+            metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(parameters,
+                                                                        train.clip_grad_norm))
         optimizer.step()
         step += 1
-        last_parts = {**parts_sum, "lr": lr, "alpha": alpha, "temperature": float(model.temp.detach()),
-                      "skipped_samples": float(batches.skips.count)}
+        metrics.update(lr=lr, skipped_samples=float(skipped()))
         if step % train.log_every == 0 or step == end:
-            elapsed = time.perf_counter() - started
-            last_parts["samples_per_s"] = samples / max(elapsed, 1e-9)
+            metrics["samples_per_s"] = samples / max(time.perf_counter() - started, 1e-9)
             if callback is not None and runtime.is_main:
-                callback(step, dict(last_parts))
-            bar.set_postfix({k: f"{last_parts[k]:.3g}" for k in ("loss", "ica", "itm", "mlm", "code")
-                             if k in last_parts} | {"samples/s": f"{last_parts['samples_per_s']:.0f}"})
+                callback(step, dict(metrics))
+            bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "ica", "itm", "mlm", "code")
+                             if k in metrics} | {"samples/s": f"{metrics['samples_per_s']:.0f}"})
         bar.update(1)
         if step % train.checkpoint_every == 0 or step == end:
             save_train_state(checkpoints / f"step-{step:08d}.pt", model, optimizer, step,
-                             batches.position, config, runtime)
+                             batches.position, run_config, runtime)
             if runtime.is_main:
                 _prune_checkpoints(checkpoints, train.keep_checkpoints)
     bar.close()
+    return step
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
+
+
+def _batch_size(batch: dict) -> int:
+    return next(len(v) for v in batch.values() if isinstance(v, (torch.Tensor, list)))
+
+
+def pretrain(config: PretrainConfig, *, resume: bool = True, callback: MetricsCallback | None = None,
+             progress: bool = True, stop_after: int | None = None) -> Path:
+    """Run (or continue) pretraining; returns the final model checkpoint (``model.pt``).
+
+    With ``resume`` the latest ``checkpoints/step-*.pt`` under ``output_dir`` is continued and
+    the result equals an uninterrupted run. ``stop_after`` ends this call after that many steps
+    (a resumable slice; the tests use it)."""
+    runtime = init_runtime()
+    run_dir = Path(config.output_dir)
+    if runtime.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(run_dir / "run.yaml")
+    seed_everything(config.train.seed + runtime.rank)
+    model = CodisModel(config.model).to(runtime.device)
+    urls = shard_urls(list(config.data.shards) if len(config.data.shards) > 1
+                      else config.data.shards[0], ("pretrain", "retrieval_train"))
+    skips = SkipCounter()
+
+    def open_epoch(epoch: int):
+        data, model_config = config.data, config.model
+        return pretrain_loader(
+            urls, tokenizer=model.tokenizer, image_size=model_config.vision.image_size,
+            batch_size=config.train.batch_size, max_length=model_config.text.max_length,
+            num_workers=data.num_workers, resample=data.resample, seed=config.train.seed,
+            shuffle_buffer=data.shuffle_buffer, hflip=data.hflip, epoch=epoch, skips=skips)
+
+    def step_loss(trained: torch.nn.Module, batch: dict, step: int):
+        alpha = distillation_alpha(step, config.model.alpha, config.train.alpha_warmup_steps)
+        output = trained(batch["image"], batch["input_ids"], batch["attention_mask"], alpha=alpha)
+        output.parts.update(alpha=torch.tensor(alpha), temperature=model.temp.detach())
+        return output
+
+    step = fit(model, step_loss, open_epoch, run_config=config.to_dict(), train=config.train,
+               optim=config.optim, output_dir=run_dir, runtime=runtime, callback=callback,
+               progress=progress, resume=resume, stop_after=stop_after, desc="pretrain",
+               skipped=lambda: skips.count)
     final = run_dir / "model.pt"
-    if runtime.is_main and step >= train.steps:
-        save_model(model, final, extra={"step": step, "metrics": last_parts})
-        _atomic_write_text(run_dir / "metrics.json", json.dumps({"step": step, **last_parts}, indent=2))
+    if runtime.is_main and step >= config.train.steps:
+        save_model(model, final, extra={"step": step, "run": config.to_dict()})
     if runtime.world_size > 1:
         dist.barrier()
     return final
 
 
-def _check_resumable(state: dict, config: PretrainConfig, path: Path) -> None:
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+_RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_checkpoints", "log_every"}
+
+
+def _check_resumable(state: dict, run_config: dict[str, Any], path: Path) -> None:
+    """A checkpoint may only be continued by the run that wrote it (the total steps and the
+    checkpoint / logging cadence may change)."""
     if state.get("format") != TRAIN_STATE_FORMAT:
         raise ValueError(f"{path}: unknown training-state format {state.get('format')!r}")
-    saved = PretrainConfig.from_dict(state["config"])
-    for name in ("model", "data", "optim"):
-        if getattr(saved, name) != getattr(config, name):
-            raise ConfigError(f"{path}: written by a run with a different `{name}` section; "
+    saved = state["config"]
+    for section in sorted(set(saved) | set(run_config)):
+        a, b = saved.get(section), run_config.get(section)
+        if section == "train" and isinstance(a, dict) and isinstance(b, dict):
+            a = {k: v for k, v in a.items() if k not in _RESUMABLE_CHANGES}
+            b = {k: v for k, v in b.items() if k not in _RESUMABLE_CHANGES}
+        if a != b:
+            raise ConfigError(f"{path}: written by a run with a different `{section}` section; "
                               f"resume with the same run config or start a new output_dir")
-    changed = [f.name for f in dataclasses.fields(TrainConfig)
-               if f.name not in ("steps", "checkpoint_every", "keep_checkpoints", "log_every")
-               and getattr(saved.train, f.name) != getattr(config.train, f.name)]
-    if changed:
-        raise ConfigError(f"{path}: train.{changed[0]} differs from the interrupted run's")
 
 
 def _autocast(precision: str, device: torch.device):
