@@ -36,6 +36,19 @@ CHECKPOINT_FORMAT = 1
 
 
 @dataclasses.dataclass
+class PairFeatures:
+    """Student and teacher encodings of a batch of (image, text) pairs."""
+
+    image_tokens: torch.Tensor  # (B, 1 + patches, width), student ViT
+    image_feat: torch.Tensor  # (B, embed_dim), normalised
+    text_tokens: torch.Tensor  # (B, L, width), student text encoder
+    text_feat: torch.Tensor
+    image_tokens_m: torch.Tensor  # teacher (momentum) versions, no gradient
+    image_feat_m: torch.Tensor
+    text_feat_m: torch.Tensor
+
+
+@dataclasses.dataclass
 class PretrainOutput:
     """Total loss and its named parts (detached), as returned by :meth:`CodisModel.forward`."""
 
@@ -154,11 +167,32 @@ class CodisModel(nn.Module):
         with torch.no_grad():
             self.temp.clamp_(config.temperature_min, config.temperature_max)
 
-        image_tokens = self.image_tokens(image)
-        image_feat = self.image_embedding(image_tokens)
-        text_tokens = self.text_tokens(input_ids, attention_mask)
-        text_feat = self.text_embedding(text_tokens)
+        f = self.pair_features(image, input_ids, attention_mask)
+        loss_ica, ica_parts = self.contrastive_loss(f, alpha, sample_ids)
+        loss_itm = self.itm_loss(f, attention_mask, sample_ids)
+        loss_mlm, mlm_parts = self._mlm_loss(input_ids, attention_mask, f.image_tokens,
+                                             f.image_tokens_m, alpha)
+        weights = config.loss_weights
+        total = weights.ica * loss_ica + weights.itm * loss_itm + weights.mlm * loss_mlm
+        parts = {"ica": loss_ica, "itm": loss_itm, "mlm": loss_mlm}
+        parts.update({f"ica_{name}": value for name, value in ica_parts.items()})
+        parts.update({f"mlm_{name}": value for name, value in mlm_parts.items()})
+        if self.codebook is not None:
+            loss_code, code_parts = self._code_loss(f.image_feat, f.text_feat, f.image_feat_m,
+                                                    f.text_feat_m)
+            total = total + weights.code * loss_code
+            parts["code"] = loss_code
+            parts.update({f"code_{name}": value for name, value in code_parts.items()})
 
+        self.queue.enqueue(f.image_feat_m, f.text_feat_m, sample_ids)
+        parts = {name: value.detach() for name, value in parts.items()}
+        return PretrainOutput(loss=total, parts=parts)
+
+    def pair_features(self, image: torch.Tensor, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor) -> PairFeatures:
+        """Student encodings, then one EMA step of the teachers and their encodings."""
+        image_tokens = self.image_tokens(image)
+        text_tokens = self.text_tokens(input_ids, attention_mask)
         with torch.no_grad():
             self.momentum_update()
             image_tokens_m = self.visual_encoder_m.forward_features(image)
@@ -166,45 +200,39 @@ class CodisModel(nn.Module):
             text_feat_m = F.normalize(
                 self.text_proj_m(self.text_encoder_m.encode_text(input_ids, attention_mask)[:, 0]),
                 dim=-1)
+        return PairFeatures(image_tokens, self.image_embedding(image_tokens), text_tokens,
+                            self.text_embedding(text_tokens), image_tokens_m, image_feat_m,
+                            text_feat_m)
+
+    def contrastive_loss(self, f: PairFeatures, alpha: float, sample_ids: torch.Tensor | None = None,
+                         intra_modal: bool | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """L_ica against this step's teacher features of every rank and the queues (which it does
+        not update: call ``queue.enqueue`` once the step's losses are computed)."""
+        with torch.no_grad():
             # Other ranks' teacher features of this step join the negatives (and the OT problem),
             # so that N processes with B/N samples each compute what one process with B would.
-            image_others, text_others, ids_others = _other_ranks(image_feat_m, text_feat_m, sample_ids)
+            image_others, text_others, ids_others = _other_ranks(f.image_feat_m, f.text_feat_m,
+                                                                 sample_ids)
             image_queue, text_queue, id_queue = self.queue.contents()
-
-        loss_ica, ica_parts = losses.ica_loss(
-            image_feat, text_feat, image_feat_m, text_feat_m,
+        return losses.ica_loss(
+            f.image_feat, f.text_feat, f.image_feat_m, f.text_feat_m,
             torch.cat([image_others, image_queue]), torch.cat([text_others, text_queue]),
-            temperature=self.temp, alpha=alpha, intra_modal=config.intra_modal,
+            temperature=self.temp, alpha=alpha,
+            intra_modal=self.config.intra_modal if intra_modal is None else intra_modal,
             sample_ids=sample_ids,
             id_queue=None if sample_ids is None else torch.cat([ids_others, id_queue]))
-        loss_itm = self._itm_loss(image_tokens, image_feat, text_tokens, text_feat, attention_mask,
-                                  image_feat_m, text_feat_m, sample_ids)
-        loss_mlm, mlm_parts = self._mlm_loss(input_ids, attention_mask, image_tokens,
-                                             image_tokens_m, alpha)
-        weights = config.loss_weights
-        total = weights.ica * loss_ica + weights.itm * loss_itm + weights.mlm * loss_mlm
-        parts = {"ica": loss_ica, "itm": loss_itm, "mlm": loss_mlm}
-        parts.update({f"ica_{name}": value for name, value in ica_parts.items()})
-        parts.update({f"mlm_{name}": value for name, value in mlm_parts.items()})
-        if self.codebook is not None:
-            loss_code, code_parts = self._code_loss(image_feat, text_feat, image_feat_m, text_feat_m)
-            total = total + weights.code * loss_code
-            parts["code"] = loss_code
-            parts.update({f"code_{name}": value for name, value in code_parts.items()})
 
-        self.queue.enqueue(image_feat_m, text_feat_m, sample_ids)
-        parts = {name: value.detach() for name, value in parts.items()}
-        return PretrainOutput(loss=total, parts=parts)
-
-    def _itm_loss(self, image_tokens, image_feat, text_tokens, text_feat, attention_mask,
-                  image_feat_m, text_feat_m, sample_ids) -> torch.Tensor:
-        batch = image_tokens.shape[0]
+    def itm_loss(self, f: PairFeatures, attention_mask: torch.Tensor,
+                 sample_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """L_itm on the batch's positive pairs and one hard negative per image and per text, drawn
+        from the contrastive similarities (never a pair of the same sample id)."""
+        batch = f.image_tokens.shape[0]
         with torch.no_grad():
-            sim_i2t = image_feat @ text_feat_m.T / self.temp
-            sim_t2i = text_feat @ image_feat_m.T / self.temp
+            sim_i2t = f.image_feat @ f.text_feat_m.T / self.temp
+            sim_t2i = f.text_feat @ f.image_feat_m.T / self.temp
         negative_image, negative_text = losses.hard_negative_indices(sim_i2t, sim_t2i, sample_ids)
-        images = torch.cat([image_tokens, image_tokens[negative_image], image_tokens], dim=0)
-        texts = torch.cat([text_tokens, text_tokens, text_tokens[negative_text]], dim=0)
+        images = torch.cat([f.image_tokens, f.image_tokens[negative_image], f.image_tokens], dim=0)
+        texts = torch.cat([f.text_tokens, f.text_tokens, f.text_tokens[negative_text]], dim=0)
         masks = torch.cat([attention_mask, attention_mask, attention_mask[negative_text]], dim=0)
         logits = self.itm_logits(images, texts, masks)
         labels = torch.cat([torch.ones(batch, dtype=torch.long),
