@@ -29,11 +29,9 @@ debugging; the ALBEF-format files do not need them.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import math
-import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -47,6 +45,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from codis.config import ConfigError
+from codis.files import atomic_write_bytes, sha256_bytes
 
 __all__ = [
     "COLORS", "GENERATOR_VERSION", "NLVR_LABELS", "RELATIONS", "SHAPES", "SIZES", "VE_LABELS",
@@ -652,18 +651,6 @@ def _ve_sentence(rng: random.Random, claim: tuple, polarity: str, modifier: str 
 # ------------------------------------------------------------------------------------ generator
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temporary name and rename, so a crash never leaves a truncated file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
-
-
 def _json_bytes(rows: Any) -> bytes:
     return json.dumps(rows, ensure_ascii=True).encode("ascii")
 
@@ -765,7 +752,7 @@ class _World:
         """Render, write atomically, and remember the scene (so no later image repeats it)."""
         buffer = io.BytesIO()
         self.render(scene).save(buffer, format="JPEG", quality=self.config.jpeg_quality, subsampling=0)
-        _atomic_write(self.root / relative, buffer.getvalue())
+        atomic_write_bytes(self.root / relative, buffer.getvalue())
         self.seen.add(scene.key())
         self.scenes[relative] = {"background": {"preset": scene.background,
                                                 "kind": self.backgrounds[scene.background].kind},
@@ -796,7 +783,7 @@ class _World:
         bad = [{"url": f"images/pretrain/missing_{i:06d}.jpg",
                 "caption": _caption(rng, self.sample(rng))} for i in range(self.config.dead_urls)]
         if self.config.non_image_urls:
-            _atomic_write(self.root / "images/pretrain/not_an_image.jpg", _NON_IMAGE_TEXT)
+            atomic_write_bytes(self.root / "images/pretrain/not_an_image.jpg", _NON_IMAGE_TEXT)
             bad += [{"url": "images/pretrain/not_an_image.jpg", "caption": _caption(rng, self.sample(rng))}
                     for _ in range(self.config.non_image_urls)]
         # Spread the failures through the list so they land in different download shards.
@@ -999,8 +986,8 @@ def generate_demo_world(root: str | Path, config: DemoWorldConfig = DemoWorldCon
 
     def write(relative: str, rows: Any) -> None:
         data = _json_bytes(rows)
-        _atomic_write(root / relative, data)
-        files[relative] = {"rows": len(rows), "sha256": _sha256(data)}
+        atomic_write_bytes(root / relative, data)
+        files[relative] = {"rows": len(rows), "sha256": sha256_bytes(data)}
 
     with tqdm(total=total_images, desc="demo world", unit="img", disable=not progress) as bar:
         world = _World(root, config, bar)
@@ -1023,8 +1010,8 @@ def generate_demo_world(root: str | Path, config: DemoWorldConfig = DemoWorldCon
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     parquet = sink.getvalue().to_pybytes()
-    _atomic_write(root / "pretrain/urls.parquet", parquet)
-    files["pretrain/urls.parquet"] = {"rows": len(url_rows), "sha256": _sha256(parquet)}
+    atomic_write_bytes(root / "pretrain/urls.parquet", parquet)
+    files["pretrain/urls.parquet"] = {"rows": len(url_rows), "sha256": sha256_bytes(parquet)}
     for split in ("train", "val", "test"):
         write(f"retrieval/{split}.json", retrieval[split])
         write(f"vqa/{split}.json", vqa[split])
@@ -1055,5 +1042,5 @@ def generate_demo_world(root: str | Path, config: DemoWorldConfig = DemoWorldCon
             "ve": {s: _majority_label(ve[s]) for s in ("dev", "test")},
         },
     }
-    _atomic_write(root / "manifest.json", json.dumps(manifest, indent=2).encode("ascii"))
+    atomic_write_bytes(root / "manifest.json", json.dumps(manifest, indent=2).encode("ascii"))
     return manifest

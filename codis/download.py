@@ -31,7 +31,6 @@ plus ``download.log`` (img2dataset's output, appended per run), ``_work/`` and `
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import http.server
 import json
 import logging
@@ -56,6 +55,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from codis.config import ConfigError
+from codis.files import atomic_path, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -198,20 +198,6 @@ def validate_url_list(path: str | Path, config: DownloadConfig) -> int:
     return rows
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")  # not *.json: img2dataset must never see it
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def _shard_name(shard_id: int) -> str:
     return f"{shard_id:0{_SHARD_DIGITS}d}"
 
@@ -234,9 +220,8 @@ def _rewrite_with_base_url(path: Path, fmt: str, config: DownloadConfig, base_ur
     urls = pa.array([absolute(u) for u in table.column(config.url_col).to_pylist()], pa.string())
     table = table.set_column(table.schema.get_field_index(config.url_col), config.url_col, urls)
     out = work_dir / "urls.parquet"
-    tmp = work_dir / "urls.parquet.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        pq.write_table(table, tmp)
     return out
 
 
@@ -294,7 +279,7 @@ def _check_request(output_dir: Path, work_dir: Path, request: dict[str, Any],
             detail = "; ".join(f"{k}: {previous.get(k)!r} -> {request[k]!r}" for k in changed)
             raise ValueError(f"{output_dir}: cannot resume, its shards were made with other "
                              f"settings ({detail}); use a new output folder")
-    _write_json_atomic(record, request)
+    atomic_write_json(record, request)
 
 
 def _run_img2dataset(args: list[str], log_path: Path, work_dir: Path, output_dir: Path,
@@ -357,7 +342,7 @@ def download(url_list: str | Path, output_dir: str | Path, config: DownloadConfi
     fmt = infer_input_format(url_list, config)
     output_dir = Path(output_dir).resolve()
     work_dir = output_dir / WORK_DIR
-    source_sha = _sha256(url_list)
+    source_sha = sha256_file(url_list)
     n_shards = math.ceil(rows / config.samples_per_shard)
 
     complete, incomplete = _scan_shards(output_dir) if output_dir.is_dir() else ([], [])
@@ -407,7 +392,7 @@ def download(url_list: str | Path, output_dir: str | Path, config: DownloadConfi
                 f"{_tail(output_dir / LOG_FILE, log_start)}")
 
     manifest = _manifest(output_dir, sorted(expected), config, url_list, source_sha, rows, base_url)
-    _write_json_atomic(output_dir / MANIFEST, manifest)
+    atomic_write_json(output_dir / MANIFEST, manifest)
     return manifest
 
 
@@ -426,7 +411,7 @@ def _manifest(output_dir: Path, shard_ids: list[int], config: DownloadConfig, ur
         tar = stem.with_suffix(".tar")
         shards.append({"name": tar.name, "parquet": stem.with_suffix(".parquet").name,
                        "count": int(stats["count"]), "samples": int(stats["successes"]),
-                       "bytes": tar.stat().st_size, "sha256": _sha256(tar)})
+                       "bytes": tar.stat().st_size, "sha256": sha256_file(tar)})
     if totals["count"] != rows:
         raise RuntimeError(f"{output_dir}: shards hold {totals['count']} rows but {url_list} has "
                            f"{rows}; the folder is inconsistent, use a new output folder")

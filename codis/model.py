@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from codis import losses
 from codis.config import ConfigError, ModelConfig
 from transformers import BertConfig
 
+from codis.files import atomic_torch_save
 from codis.encoders import TextFusionEncoder, build_image_encoder
 from codis.ot import transport_plan
 from codis.queue import FeatureQueue, gather_from_all_ranks
@@ -300,20 +299,10 @@ def _other_ranks(image_feat_m: torch.Tensor, text_feat_m: torch.Tensor,
 # ---- checkpoints ---------------------------------------------------------------------------------
 def save_model(model: CodisModel, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write config + weights (students, teachers, queues, codebook) atomically to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": CHECKPOINT_FORMAT, "config": model.config.to_dict(),
                "text_architecture": model.text_encoder.architecture(),
                "state_dict": model.state_dict(), "extra": extra or {}}
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save(payload, temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-    return path
+    return atomic_torch_save(payload, path)
 
 
 def load_model(path: str | Path, config: ModelConfig | None = None,

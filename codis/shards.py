@@ -26,6 +26,8 @@ from typing import Any, Iterable
 import webdataset as wds
 from tqdm import tqdm
 
+from codis.files import atomic_path, atomic_write_json, sha256_file
+
 FORMAT = "codis-shards/1"
 MANIFEST = "manifest.json"
 PROGRESS = "manifest.partial.json"
@@ -113,34 +115,14 @@ def _fingerprint(kind: str, start: int, records: list[dict], paths: list[list[Pa
     return digest.hexdigest()
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _write_shard(target: Path, samples: Iterable[dict[str, Any]]) -> None:
     """Write one tar under a hidden temporary name, fsync, then rename it into place."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            with wds.TarWriter(f, encoder=False, mtime=_TAR_MTIME) as writer:
-                for sample in samples:
-                    writer.write(sample)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(target) as tmp, open(tmp, "wb") as f:
+        with wds.TarWriter(f, encoder=False, mtime=_TAR_MTIME) as writer:
+            for sample in samples:
+                writer.write(sample)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _previous_entries(out: Path, kind: str) -> dict[str, dict]:
@@ -180,7 +162,7 @@ def write_shards(records: list[dict], image_root: str | Path, output_dir: str | 
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for stray in out.glob(".shard-*.tar.tmp"):  # left by a killed run
+    for stray in out.glob(".shard-*.tar.*tmp"):  # left by a killed run
         stray.unlink()
     known = _previous_entries(out, kind)
     # From here on the directory may change: it is complete again only when the manifest returns.
@@ -203,7 +185,7 @@ def write_shards(records: list[dict], image_root: str | Path, output_dir: str | 
                 known[name] = {"name": name, "count": stop - start, "sha256": sha256_file(target),
                                "size": target.stat().st_size, "first_key": KEY_PATTERN % start,
                                "last_key": KEY_PATTERN % (stop - 1), "inputs": inputs}
-                _write_json_atomic(out / PROGRESS, {"format": FORMAT, "kind": kind,
+                atomic_write_json(out / PROGRESS, {"format": FORMAT, "kind": kind,
                                                     "shards": list(known.values())})
             entries.append(known[name])
             bar.update(stop - start)
@@ -221,6 +203,6 @@ def write_shards(records: list[dict], image_root: str | Path, output_dir: str | 
         "num_shards": num_shards,
         "shards": entries,
     }
-    _write_json_atomic(out / MANIFEST, manifest)
+    atomic_write_json(out / MANIFEST, manifest)
     (out / PROGRESS).unlink(missing_ok=True)
     return manifest

@@ -15,7 +15,6 @@ import math
 import os
 import random
 import re
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -31,8 +30,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from codis.config import ConfigError, ModelConfig, from_dict, preset
+from codis.files import atomic_torch_save, atomic_write_text
 from codis.loaders import SkipCounter, pretrain_loader, shard_urls
-from codis.model import CodisModel, save_model
+from codis.model import CodisModel, PretrainOutput, save_model
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
 TRAIN_STATE_FORMAT = 1
@@ -139,7 +139,7 @@ class PretrainConfig:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        _atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
         return path
 
     @classmethod
@@ -209,14 +209,6 @@ def init_runtime() -> Runtime:
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w", encoding="utf-8") as stream:
-        stream.write(text)
-    os.replace(temporary, path)
-
-
 def _rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": np.random.get_state()}
@@ -260,15 +252,7 @@ def save_train_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.
     payload = {"format": TRAIN_STATE_FORMAT, "step": step, "position": position,
                "config": run_config, "model": model.state_dict(),
                "optimizer": optimizer.state_dict(), "rng": rng}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save(payload, temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+    atomic_torch_save(payload, path)
 
 
 def _prune_checkpoints(directory: Path, keep: int) -> None:
@@ -320,7 +304,7 @@ class EpochBatches:
         return {"epoch": self.epoch, "batch": self.batch}
 
 
-StepLoss = Callable[[torch.nn.Module, dict, int], "PretrainOutput"]
+StepLoss = Callable[[torch.nn.Module, dict, int], PretrainOutput]
 
 
 def fit(model: torch.nn.Module, step_loss: StepLoss, open_epoch: Callable[[int], Any], *,
