@@ -1,0 +1,773 @@
+"""Visual question answering as ALBEF does it (``model_vqa.py``): answers are generated, not classified.
+
+The pretrained image, text and fusion encoders read (image, question) and give the fused question
+states (B, L, H). An answer decoder - a BERT stack whose self-attention is causal and whose
+cross-attention reads the question states - scores answer token sequences "[CLS] answer [SEP]".
+As in ALBEF it starts as a copy of the pretrained fusion layers (their cross-attention to image
+tokens becomes cross-attention to question states, of the same width), the word / position
+embeddings and the MLM head (now the LM head).
+
+Training (ALBEF's ``forward(train=True)``): each question's fused states are repeated once per
+distinct annotator answer, the decoder's negative log-likelihood of each answer (summed over its
+tokens) is weighted by the answer's share of the annotators (``answer_weights``), summed per
+question and averaged over the batch. With ``distill`` a momentum teacher (EMA copies of every
+encoder and the decoder, ``torch._foreach_lerp_``) gives soft next-token targets mixed in with
+weight alpha (ramped up over the first epoch).
+
+Inference (ALBEF's ``rank_answer``): the decoder scores the first token of every answer of the
+answer list, keeps the ``k_test`` answers whose first token is most likely, computes the full
+log-likelihood of those k answers and returns the best. (ALBEF adds the first-token log-probability
+once more to that sum; here the score is the plain sequence log-likelihood.)
+
+Metric: VQA accuracy min(#annotators who gave the answer / 3, 1) after the VQA evaluation's answer
+normalisation, averaged over questions (percent). ``official=True`` uses the evaluation server's
+average over the 10 leave-one-annotator-out subsets instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import webdataset as wds
+from timm.layers import resample_abs_pos_embed
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import BertConfig
+from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer, BertOnlyMLMHead
+
+from codis.config import ConfigError, ModelConfig, from_dict
+from codis.encoders import TextFusionEncoder, build_image_encoder
+from codis.files import atomic_torch_save, atomic_write_json
+from codis.loaders import SkipCounter, shard_urls, vqa_loader
+from codis.model import CodisModel, PretrainOutput, load_model
+from codis.shards import MANIFEST
+from codis.text import load_tokenizer, tokenize
+from codis.train import (OptimConfig, TrainConfig, distillation_alpha, fit, init_runtime,
+                         seed_everything)
+
+TASK = "vqa"
+CHECKPOINT_FORMAT = 1
+
+# ---- answer normalisation and the metric ---------------------------------------------------------
+
+_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<",
+                "@", "`", ",", "?", "!")
+_DIGIT_COMMA = re.compile(r"\d,\d")
+_PERIOD = re.compile(r"\.(?!\d)")  # a period not followed by a digit (so "2.5" keeps its own)
+_NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
+                 "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_ARTICLES = frozenset({"a", "an", "the"})
+_CONTRACTED = (
+    "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't "
+    "haven't he'd he'd've he'll he's how'd how'll how's i'd i'd've i'll i'm i've isn't it'd it'd've "
+    "it'll it's let's ma'am mightn't mightn't've might've mustn't must've needn't not've o'clock "
+    "oughtn't shan't she'd she'd've she'll she's should've shouldn't shouldn't've somebody'd "
+    "somebody'd've somebody'll somebody's someone'd someone'd've someone'll someone's something'd "
+    "something'd've something'll something's that's there'd there'd've there're there's they'd "
+    "they'd've they'll they're they've wasn't we'd we'd've we'll we're we've weren't what'll what're "
+    "what's what've when's where'd where's where've who'd who'd've who'll who're who's who've why'll "
+    "why're why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've "
+    "you'll you're you've").split()
+# Dropping the apostrophes of these gives ordinary words, which must stay as they are.
+_PLAIN_WORDS = frozenset({"its", "well", "were", "wed", "hell", "shell", "ill", "id", "shed", "lets",
+                          "whore", "wholl"})
+
+
+def _contractions() -> dict[str, str]:
+    """Every spelling of each contraction with some of its apostrophes left out -> the contraction
+    ("dont", "couldnt've", "couldn'tve" -> "couldn't've"), as the VQA evaluation maps them."""
+    table: dict[str, str] = {}
+    for word in _CONTRACTED:
+        marks = [i for i, char in enumerate(word) if char == "'"]
+        for count in range(1, len(marks) + 1):
+            for dropped in combinations(marks, count):
+                variant = "".join(c for i, c in enumerate(word) if i not in dropped)
+                if variant not in _PLAIN_WORDS:
+                    table.setdefault(variant, word)
+    return table
+
+
+_CONTRACTIONS = _contractions()
+
+
+def normalize_answer(text: str) -> str:
+    """The VQA evaluation's answer normalisation: lower-case; punctuation removed where it touches a
+    space or in numbers like "1,000", else turned into a space ("t-shirt" -> "t shirt"); periods
+    dropped unless a digit follows; number words -> digits ("two" -> "2", "none" -> "0"); articles
+    removed; contractions written without apostrophes get them back ("dont" -> "don't").
+
+    Unlike the official script (which normalises only when the annotators disagree) every answer is
+    normalised, so "Two" and "2" always match."""
+    if not isinstance(text, str):
+        raise TypeError(f"answer: expected a string, got {type(text).__name__}")
+    original = " ".join(text.lower().split())
+    remove_all = _DIGIT_COMMA.search(original) is not None
+    cleaned = original
+    for mark in _PUNCTUATION:
+        touches_space = f"{mark} " in original or f" {mark}" in original
+        cleaned = cleaned.replace(mark, "" if touches_space or remove_all else " ")
+    cleaned = _PERIOD.sub("", cleaned)
+    words = [_NUMBER_WORDS.get(word, word) for word in cleaned.split()]
+    words = [_CONTRACTIONS.get(word, word) for word in words if word not in _ARTICLES]
+    return " ".join(words)
+
+
+def vqa_accuracy(predicted: str, annotator_answers: Sequence[str], *, official: bool = False) -> float:
+    """VQA accuracy of one answer in [0, 1]: min(#annotators who gave it / 3, 1) after
+    :func:`normalize_answer`. ``official``: the evaluation server's variant, the mean over the n
+    subsets of n - 1 annotators of min(#matches in the subset / 3, 1)."""
+    if isinstance(annotator_answers, str) or not annotator_answers:
+        raise ValueError("annotator_answers: expected a non-empty list of answers")
+    guess = normalize_answer(predicted)
+    matches = sum(normalize_answer(answer) == guess for answer in annotator_answers)
+    if not official:
+        return min(matches / 3.0, 1.0)
+    total = len(annotator_answers)
+    # Leaving out one of the `matches` annotators who agree leaves matches - 1, any other leaves all.
+    return (matches * min((matches - 1) / 3.0, 1.0)
+            + (total - matches) * min(matches / 3.0, 1.0)) / total
+
+
+# ---- configuration -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class VQAConfig:
+    """VQA finetuning and evaluation settings; defaults are ALBEF's VQA.yaml.
+
+    ``image_size`` None keeps the pretrained model's resolution; otherwise the ViT's position
+    embeddings are resampled (ALBEF pretrains at 256 and finetunes VQA at 384). ``k_test`` answers
+    are re-ranked by full likelihood after the first-token shortlist. ``max_answer_length`` counts
+    [CLS] and [SEP]. The recipe fields (``batch_size`` per process, ``epochs``, ``lr`` ...) turn into
+    a :class:`TrainConfig` / :class:`OptimConfig` with :meth:`train_config` / :meth:`optim_config`
+    (ALBEF: cosine from 2e-5 to 1e-6 over 8 epochs after a warm-up from 1e-5 over 4 x 100 steps).
+    ``hflip``: ALBEF flips training images; data whose questions say left / right should not.
+    """
+
+    image_size: int | None = 384
+    k_test: int = 128
+    max_answer_length: int = 10
+    max_question_words: int = 30
+    distill: bool = True
+    alpha: float = 0.4
+    momentum: float = 0.995
+    hflip: bool = True
+    batch_size: int = 32
+    epochs: int = 8
+    lr: float = 2e-5
+    weight_decay: float = 0.02
+    warmup_lr: float = 1e-5
+    warmup_steps: int = 400
+    min_lr: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.image_size is not None:
+            _integer(self, "image_size", 1)
+        _integer(self, "k_test", 1)
+        _integer(self, "max_answer_length", 3)
+        _integer(self, "max_question_words", 1)
+        _integer(self, "batch_size", 1)
+        _integer(self, "epochs", 1)
+        _integer(self, "warmup_steps", 0)
+        for name in ("distill", "hflip"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"vqa.{name}: must be true or false, got {getattr(self, name)!r}")
+        _number(self, "alpha", 0.0, 1.0, high_open=False)
+        _number(self, "momentum", 0.0, 1.0, high_open=True)
+        for name in ("lr", "warmup_lr", "min_lr"):
+            value = getattr(self, name)
+            if not _is_number(value) or value <= 0:
+                raise ConfigError(f"vqa.{name}: must be a positive number, got {value!r}")
+        if not _is_number(self.weight_decay) or self.weight_decay < 0:
+            raise ConfigError(f"vqa.weight_decay: must be a number >= 0, got {self.weight_decay!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "VQAConfig":
+        return from_dict(cls, dict(data), prefix="vqa.")
+
+    def replace(self, **changes: Any) -> "VQAConfig":
+        return dataclasses.replace(self, **changes)
+
+    def steps_per_epoch(self, num_questions: int, world_size: int = 1) -> int:
+        """Full batches per epoch (the training loader drops the last partial one)."""
+        if not isinstance(num_questions, int) or num_questions < 1:
+            raise ValueError(f"num_questions: must be a positive integer, got {num_questions!r}")
+        return max(1, num_questions // (self.batch_size * world_size))
+
+    def train_config(self, num_questions: int, world_size: int = 1, **changes: Any) -> TrainConfig:
+        """``epochs`` over ``num_questions`` as a step count, alpha ramped over the first epoch."""
+        per_epoch = self.steps_per_epoch(num_questions, world_size)
+        settings: dict[str, Any] = dict(steps=self.epochs * per_epoch, batch_size=self.batch_size,
+                                        alpha_warmup_steps=per_epoch,
+                                        checkpoint_every=per_epoch)
+        settings.update(changes)
+        return TrainConfig(**settings)
+
+    def optim_config(self, **changes: Any) -> OptimConfig:
+        settings: dict[str, Any] = dict(lr=self.lr, weight_decay=self.weight_decay,
+                                        warmup_lr=min(self.warmup_lr, self.lr),
+                                        warmup_steps=self.warmup_steps, min_lr=min(self.min_lr, self.lr))
+        settings.update(changes)
+        return OptimConfig(**settings)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(config: VQAConfig, name: str, low: int) -> None:
+    value = getattr(config, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ConfigError(f"vqa.{name}: must be an integer >= {low}, got {value!r}")
+
+
+def _number(config: VQAConfig, name: str, low: float, high: float, high_open: bool) -> None:
+    value = getattr(config, name)
+    inside = _is_number(value) and low <= value and (value < high if high_open else value <= high)
+    if not inside:
+        interval = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
+        raise ConfigError(f"vqa.{name}: must be a number in {interval}, got {value!r}")
+
+
+def _vqa_preset() -> VQAConfig:
+    """ALBEF's VQA.yaml: 384 px, batch 32 per GPU (8 GPUs), lr 2e-5, 8 epochs, k_test 128, alpha 0.4."""
+    return VQAConfig()
+
+
+def _demo_preset() -> VQAConfig:
+    """The CPU demo: the pretrained (tiny) model's image size, the demo world's short answer list,
+    no flips (its questions ask about left and right), a learning rate for a short run from small
+    weights, and no distillation: over a few hundred steps an EMA teacher (momentum 0.995, a lag of
+    ~200 steps) is still close to the untrained decoder, and mixing it in slows learning."""
+    return VQAConfig(image_size=None, k_test=16, max_answer_length=6, distill=False, hflip=False,
+                     batch_size=16, epochs=8, lr=1e-3, warmup_lr=1e-4, warmup_steps=20, min_lr=1e-5)
+
+
+VQA_PRESETS: dict[str, Callable[[], VQAConfig]] = {"vqa": _vqa_preset, "demo": _demo_preset}
+
+
+def vqa_config(name: str = "vqa", **changes: Any) -> VQAConfig:
+    """A preset ("vqa": ALBEF's VQA.yaml, "demo": the CPU demo) with fields replaced."""
+    if name not in VQA_PRESETS:
+        raise ConfigError(f"vqa.preset: unknown preset {name!r} (known: {', '.join(VQA_PRESETS)})")
+    config = VQA_PRESETS[name]()
+    return config.replace(**changes) if changes else config
+
+
+# ---- the model -----------------------------------------------------------------------------------
+
+def causal_mask(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, L) 0/1 padding mask -> additive (B, 1, L, L) mask: position i sees positions j <= i that
+    are not padding. Passed explicitly because transformers' attention ignores ``is_causal``
+    whenever a mask is given."""
+    length = attention_mask.shape[1]
+    lower = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()
+    allowed = lower[None, None] & attention_mask[:, None, None, :].bool()
+    return (~allowed).to(dtype) * torch.finfo(dtype).min
+
+
+def _padding_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+class AnswerDecoder(nn.Module):
+    """BERT embeddings, layers with causal self-attention and cross-attention to the question
+    states, and an LM head tied to the word embeddings. Shaped like ``encoder``'s fusion stack;
+    :meth:`load_from_fusion` copies the pretrained weights in."""
+
+    def __init__(self, encoder: TextFusionEncoder) -> None:
+        super().__init__()
+        # The fusion layers' config: cross-attention, and the attention backend transformers chose.
+        config = copy.deepcopy(encoder.fusion[0].attention.self.config)
+        config.is_decoder = True
+        config.add_cross_attention = True
+        self.embeddings = BertEmbeddings(config)
+        self.layers = nn.ModuleList(BertLayer(config, layer_idx=i) for i in range(len(encoder.fusion)))
+        for layer in self.layers:
+            layer.attention.self.is_causal = True
+        self.lm_head = BertOnlyMLMHead(config)
+        self.tie_lm_head()
+
+    def tie_lm_head(self) -> None:
+        predictions = self.lm_head.predictions
+        predictions.decoder.weight = self.embeddings.word_embeddings.weight
+        predictions.decoder.bias = predictions.bias
+
+    @torch.no_grad()
+    def load_from_fusion(self, encoder: TextFusionEncoder) -> None:
+        """ALBEF's initialisation: the decoder's layers from the fusion layers, its embeddings from
+        the text embeddings and its LM head from the MLM head."""
+        self.embeddings.load_state_dict(encoder.bert.embeddings.state_dict())
+        for mine, theirs in zip(self.layers, encoder.fusion, strict=True):
+            mine.load_state_dict(theirs.state_dict())
+        self.lm_head.load_state_dict(encoder.mlm_head.state_dict())
+        self.tie_lm_head()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, question_states: Tensor,
+                question_mask: Tensor) -> Tensor:
+        """Next-token logits (N, L, V) of answer token sequences given question states (N, Lq, H)."""
+        hidden = self.embeddings(input_ids=input_ids)
+        self_mask = causal_mask(attention_mask, hidden.dtype)
+        cross_mask = _padding_mask(question_mask, hidden.dtype)
+        for layer in self.layers:
+            hidden = layer(hidden, self_mask, question_states, encoder_attention_mask=cross_mask)
+        return self.lm_head(hidden)
+
+
+Decoder = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+def sequence_log_likelihood(logits: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """log p(tokens 1.. | token 0, question) of each sequence, (N,): position t predicts token t+1;
+    padding is not scored."""
+    log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    token = log_probs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return (token * attention_mask[:, 1:].to(token.dtype)).sum(1)
+
+
+@torch.no_grad()
+def rank_answers(decoder: Decoder, question_states: Tensor, question_mask: Tensor,
+                 answer_ids: Tensor, answer_mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """ALBEF's ``rank_answer`` for a batch of Q questions and an answer list of N token sequences
+    (all starting with the same start token): shortlist the ``k`` answers whose first token is most
+    likely, score them by full log-likelihood. Returns the shortlisted answer indices (Q, k) and
+    their log-likelihoods (Q, k), best first (ties: earlier in the answer list first)."""
+    questions, candidates = question_states.shape[0], answer_ids.shape[0]
+    if answer_ids.shape[1] < 2:
+        raise ValueError("answer_ids: answers need a start token and at least one more token")
+    if bool((answer_ids[:, 0] != answer_ids[0, 0]).any()):
+        raise ValueError("answer_ids: every answer must begin with the same start token ([CLS])")
+    k = min(k, candidates)
+    start = answer_ids[:1, :1].expand(questions, 1)
+    first_logits = decoder(start, torch.ones_like(start), question_states, question_mask)[:, 0]
+    first = F.log_softmax(first_logits.float(), dim=-1)[:, answer_ids[:, 1]]  # (Q, N)
+    shortlist = first.argsort(dim=1, descending=True, stable=True)[:, :k]  # (Q, k)
+    ids = answer_ids[shortlist].flatten(0, 1)
+    mask = answer_mask[shortlist].flatten(0, 1)
+    logits = decoder(ids, mask, question_states.repeat_interleave(k, dim=0),
+                     question_mask.repeat_interleave(k, dim=0))
+    scores = sequence_log_likelihood(logits, ids, mask).view(questions, k)
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    return shortlist.gather(1, order), scores.gather(1, order)
+
+
+def answer_loss(logits: Tensor, answer_ids: Tensor, answer_mask: Tensor, weights: Tensor,
+                batch_size: int, teacher_logits: Tensor | None = None, alpha: float = 0.0,
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+    """ALBEF's VQA loss: sum_q sum_a w_qa [(1 - alpha) NLL(a | q) + alpha H(teacher, p)(a | q)] / B,
+    each term summed over the answer's tokens (its [CLS] is the given prefix, not a target)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if teacher_logits is None and alpha > 0:
+        raise ValueError(f"alpha={alpha} needs teacher_logits; pass alpha=0 when not distilling")
+    if weights.shape != answer_ids.shape[:1]:
+        raise ValueError(f"weights must have shape ({answer_ids.shape[0]},) (one per answer), "
+                         f"got {tuple(weights.shape)}")
+    scored = answer_mask[:, 1:].to(torch.float32)
+    log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -(log_probs.gather(-1, answer_ids[:, 1:, None]).squeeze(-1) * scored).sum(1)
+    weights = weights.to(nll.dtype)
+    parts = {"answer_nll": (weights * nll).sum() / batch_size}
+    per_answer = nll
+    if teacher_logits is not None and alpha > 0:
+        soft = F.softmax(teacher_logits[:, :-1].detach().float(), dim=-1)
+        distill = (-(soft * log_probs).sum(-1) * scored).sum(1)
+        per_answer = (1.0 - alpha) * nll + alpha * distill
+        parts["answer_distill"] = (weights * distill).sum() / batch_size
+    return (weights * per_answer).sum() / batch_size, parts
+
+
+class VQAModel(nn.Module):
+    """Image encoder + text / fusion encoder (question) + answer decoder, and with ``teachers`` their
+    EMA copies for ALBEF's distillation. ``model_config`` describes the encoders (its image size is
+    the one the model runs at) and ``text_architecture`` their BERT shape, as in checkpoints."""
+
+    def __init__(self, model_config: ModelConfig, text_architecture: dict[str, Any],
+                 config: VQAConfig, teachers: bool | None = None) -> None:
+        super().__init__()
+        self.model_config = model_config
+        self.config = config
+        self.tokenizer = load_tokenizer(model_config.text.tokenizer or model_config.text.pretrained)
+        self.visual_encoder = build_image_encoder(dataclasses.replace(model_config.vision,
+                                                                      pretrained=None))
+        self.text_encoder = TextFusionEncoder(BertConfig.from_dict(text_architecture),
+                                              model_config.text.text_layers,
+                                              model_config.text.fusion_layers)
+        # The question encoder's own MLM head is never used; a trainable parameter without a
+        # gradient would stall DDP. (Its decoder weight is the word embedding, which stays trainable.)
+        head = self.text_encoder.mlm_head.predictions
+        head.transform.requires_grad_(False)
+        head.bias.requires_grad_(False)
+        self.decoder = AnswerDecoder(self.text_encoder)
+        self.decoder.load_from_fusion(self.text_encoder)
+        self.has_teachers = config.distill if teachers is None else teachers
+        if self.has_teachers:
+            self.visual_encoder_m = copy.deepcopy(self.visual_encoder)
+            self.text_encoder_m = copy.deepcopy(self.text_encoder)
+            self.decoder_m = copy.deepcopy(self.decoder)
+            for teacher in self._teachers():
+                teacher.requires_grad_(False)
+
+    @property
+    def image_size(self) -> int:
+        return self.model_config.vision.image_size
+
+    def _students(self) -> list[nn.Module]:
+        return [self.visual_encoder, self.text_encoder, self.decoder]
+
+    def _teachers(self) -> list[nn.Module]:
+        return [self.visual_encoder_m, self.text_encoder_m, self.decoder_m]
+
+    @classmethod
+    def from_pretrained(cls, pretrained: CodisModel, config: VQAConfig) -> "VQAModel":
+        """Encoders (and teachers) from a pretrained model, the decoders from its fusion layers; the
+        ViT's position embeddings resampled to ``config.image_size``."""
+        vision = pretrained.config.vision
+        size = vision.image_size if config.image_size is None else config.image_size
+        if size % vision.patch_size:
+            raise ConfigError(f"vqa.image_size: {size} is not a multiple of the pretrained ViT's patch "
+                              f"size {vision.patch_size}")
+        model_config = pretrained.config.replace(
+            vision=dataclasses.replace(vision, image_size=size, pretrained=None))
+        model = cls(model_config, pretrained.text_encoder.architecture(), config)
+        pairs = [(model.visual_encoder, model.text_encoder, model.decoder,
+                  pretrained.visual_encoder, pretrained.text_encoder)]
+        if model.has_teachers:
+            pairs.append((model.visual_encoder_m, model.text_encoder_m, model.decoder_m,
+                          pretrained.visual_encoder_m, pretrained.text_encoder_m))
+        for visual, text, decoder, source_visual, source_text in pairs:
+            visual.load_state_dict(_resampled_vit_state(source_visual, visual))
+            text.load_state_dict(source_text.state_dict())
+            decoder.load_from_fusion(source_text)
+        return model
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """teacher <- m * teacher + (1 - m) * student (ALBEF's ``_momentum_update``)."""
+        student = [p for module in self._students() for p in module.parameters()]
+        teacher = [p for module in self._teachers() for p in module.parameters()]
+        torch._foreach_lerp_(teacher, student, 1.0 - self.config.momentum)
+
+    def encode_question(self, image: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Fused question states (B, L, H): the question's text encoding cross-attending to the image."""
+        image_tokens = self.visual_encoder.forward_features(image)
+        text = self.text_encoder.encode_text(input_ids, attention_mask)
+        return self.text_encoder.fuse(text, attention_mask, image_tokens)
+
+    def forward(self, image: Tensor, input_ids: Tensor, attention_mask: Tensor, answer_ids: Tensor,
+                answer_mask: Tensor, answer_counts: Tensor, answer_weights: Tensor,
+                alpha: float = 0.0) -> PretrainOutput:
+        """The training loss of a batch: B questions, their answers flattened ("[CLS] answer [SEP]"
+        rows of ``answer_ids``), ``answer_counts[b]`` answers for question b, one weight each."""
+        if int(answer_counts.sum()) != answer_ids.shape[0]:
+            raise ValueError(f"answer_counts sum to {int(answer_counts.sum())} but there are "
+                             f"{answer_ids.shape[0]} answers")
+        states = self.encode_question(image, input_ids, attention_mask)
+        states = states.repeat_interleave(answer_counts, dim=0)
+        question_mask = attention_mask.repeat_interleave(answer_counts, dim=0)
+        logits = self.decoder(answer_ids, answer_mask, states, question_mask)
+        teacher_logits = None
+        if self.has_teachers:
+            with torch.no_grad():
+                self.momentum_update()
+                if alpha > 0:
+                    image_m = self.visual_encoder_m.forward_features(image)
+                    text_m = self.text_encoder_m.encode_text(input_ids, attention_mask)
+                    states_m = self.text_encoder_m.fuse(text_m, attention_mask, image_m)
+                    teacher_logits = self.decoder_m(
+                        answer_ids, answer_mask, states_m.repeat_interleave(answer_counts, dim=0),
+                        question_mask)
+        loss, parts = answer_loss(logits, answer_ids, answer_mask, answer_weights, image.shape[0],
+                                  teacher_logits, alpha if teacher_logits is not None else 0.0)
+        return PretrainOutput(loss=loss, parts={k: v.detach() for k, v in parts.items()})
+
+    @torch.no_grad()
+    def answer(self, image: Tensor, input_ids: Tensor, attention_mask: Tensor, answer_ids: Tensor,
+               answer_mask: Tensor, k: int | None = None) -> tuple[Tensor, Tensor]:
+        """Ranked answer-list indices (B, k) and their log-likelihoods for a batch of questions."""
+        states = self.encode_question(image, input_ids, attention_mask)
+        return rank_answers(self.decoder, states, attention_mask, answer_ids, answer_mask,
+                            self.config.k_test if k is None else k)
+
+
+def _resampled_vit_state(source: nn.Module, target: nn.Module) -> dict[str, Tensor]:
+    """``source``'s weights with its absolute position embeddings resampled (bicubic, timm) to the
+    patch grid of ``target``, so a ViT pretrained at one resolution runs at another."""
+    state = dict(source.state_dict())
+    old, new = tuple(source.patch_embed.grid_size), tuple(target.patch_embed.grid_size)
+    if old != new:
+        state["pos_embed"] = resample_abs_pos_embed(
+            state["pos_embed"], new_size=list(new), old_size=list(old),
+            num_prefix_tokens=0 if getattr(source, "no_embed_class", False) else source.num_prefix_tokens)
+    return state
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+
+def save_vqa_model(model: VQAModel, path: str | Path) -> Path:
+    """The task checkpoint (students only: the teachers serve training alone), written atomically."""
+    state = {k: v for k, v in model.state_dict().items()
+             if not k.startswith(("visual_encoder_m.", "text_encoder_m.", "decoder_m."))}
+    payload = {"format": CHECKPOINT_FORMAT, "task": TASK, "task_config": model.config.to_dict(),
+               "model_config": model.model_config.to_dict(),
+               "text_architecture": model.text_encoder.architecture(), "state_dict": state}
+    return atomic_torch_save(payload, path)
+
+
+def load_vqa_model(path: str | Path, map_location: str | torch.device = "cpu") -> VQAModel:
+    """A finetuned VQA model (eval mode) from :func:`finetune`'s ``model.pt``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no VQA checkpoint at {path}")
+    payload = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: unknown checkpoint format "
+                         f"{payload.get('format') if isinstance(payload, dict) else None!r}")
+    if payload.get("task") != TASK:
+        raise ValueError(f"{path}: a {payload.get('task') or 'pretraining'!r} checkpoint, not a "
+                         f"{TASK!r} one")
+    model = VQAModel(ModelConfig.from_dict(payload["model_config"]), payload["text_architecture"],
+                     VQAConfig.from_dict(payload["task_config"]), teachers=False)
+    model.load_state_dict(payload["state_dict"])
+    return model.eval()
+
+
+# ---- finetuning ----------------------------------------------------------------------------------
+
+def _num_samples(shards: str | Path | list[str]) -> int | None:
+    """The sample count of a write_shards folder (None for other shard specs)."""
+    if isinstance(shards, (str, Path)) and (Path(shards) / MANIFEST).is_file():
+        return int(json.loads((Path(shards) / MANIFEST).read_text(encoding="utf-8"))["num_samples"])
+    return None
+
+
+def _answer_batch(batch: dict, tokenizer, max_length: int, device: torch.device,
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Flatten a loader batch's answers: token ids / mask (N, L), answers per question (B,), weights (N,)."""
+    answers = [a for group in batch["answers"] for a in group]
+    if not answers:
+        raise ValueError("train_shards: a training batch holds no answers (test questions have none; "
+                         "finetune on a split with annotator answers)")
+    ids, mask = tokenize(tokenizer, answers, max_length)
+    counts = torch.tensor([len(group) for group in batch["answers"]], dtype=torch.long)
+    weights = torch.tensor([w for group in batch["answer_weights"] for w in group], dtype=torch.float32)
+    return ids.to(device), mask.to(device), counts.to(device), weights.to(device)
+
+
+def finetune(pretrained: str | Path, train_shards: str | Path | list[str], output_dir: str | Path,
+             config: VQAConfig, *, train: TrainConfig | None = None, optim: OptimConfig | None = None,
+             callback: Callable[[int, dict[str, float]], None] | None = None, progress: bool = True,
+             resume: bool = True, stop_after: int | None = None, num_workers: int = 2,
+             shuffle_buffer: int = 1000) -> Path:
+    """Finetune a pretrained checkpoint for VQA on ``train_shards`` (write_shards kind "vqa");
+    returns ``output_dir/model.pt``. ``train`` / ``optim`` default to ``config``'s recipe
+    (:meth:`VQAConfig.train_config` over the shards' question count, :meth:`VQAConfig.optim_config`).
+    The loop, resume, DDP and checkpoints are :func:`codis.train.fit`'s."""
+    if not isinstance(config, VQAConfig):
+        raise ConfigError(f"vqa.config: expected a VQAConfig, got {type(config).__name__}")
+    pretrained = Path(pretrained)
+    if not pretrained.is_file():
+        raise FileNotFoundError(f"pretrained: no checkpoint at {pretrained}")
+    urls = shard_urls(train_shards, ("vqa",))
+    if train is None:
+        count = _num_samples(train_shards)
+        if count is None:
+            raise ConfigError("train: pass a TrainConfig (the question count, and so the epoch length, "
+                              f"is only known for write_shards folders, not {train_shards!r})")
+        train = config.train_config(count, int(os.environ.get("WORLD_SIZE", "1")))
+    optim = config.optim_config() if optim is None else optim
+
+    runtime = init_runtime()
+    output_dir = Path(output_dir)
+    seed_everything(train.seed + runtime.rank)
+    model = VQAModel.from_pretrained(load_model(pretrained), config).to(runtime.device)
+    skips = SkipCounter()
+
+    def open_epoch(epoch: int):
+        return vqa_loader(urls, train=True, image_size=model.image_size, batch_size=train.batch_size,
+                          tokenizer=model.tokenizer, max_words=config.max_question_words,
+                          max_length=model.model_config.text.max_length, num_workers=num_workers,
+                          seed=train.seed, epoch=epoch, shuffle_buffer=shuffle_buffer,
+                          hflip=config.hflip, skips=skips)
+
+    def step_loss(trained: nn.Module, batch: dict, step: int) -> PretrainOutput:
+        alpha = distillation_alpha(step, config.alpha, train.alpha_warmup_steps) if config.distill else 0.0
+        answers = _answer_batch(batch, model.tokenizer, config.max_answer_length, runtime.device)
+        output = trained(batch["image"], batch["input_ids"], batch["attention_mask"], *answers,
+                         alpha=alpha)
+        output.parts["alpha"] = torch.tensor(alpha)
+        return output
+
+    run_config = {"task": TASK, "task_config": config.to_dict(), "train": dataclasses.asdict(train),
+                  "optim": dataclasses.asdict(optim), "pretrained": str(pretrained),
+                  "shards": list(urls)}
+    step = fit(model, step_loss, open_epoch, run_config=run_config, train=train, optim=optim,
+               output_dir=output_dir, runtime=runtime, callback=callback, progress=progress,
+               resume=resume, stop_after=stop_after, desc="vqa", skipped=lambda: skips.count)
+    final = output_dir / "model.pt"
+    if runtime.is_main and step >= train.steps:
+        save_vqa_model(model, final)
+    if runtime.world_size > 1:
+        dist.barrier()
+    return final
+
+
+# ---- evaluation and prediction -------------------------------------------------------------------
+
+def load_answer_list(shards: str | Path | list[str] | None = None,
+                     answer_list: str | Path | Sequence[str] | None = None) -> list[str]:
+    """The candidate answers: ``answer_list`` (a JSON list file, as ALBEF's answer_list.json, or the
+    list itself), else the file named by ``source["answer_list"]`` in the shards' manifest (a path
+    relative to the shards folder or absolute; pass ``source={"answer_list": ...}`` to write_shards)."""
+    origin = "answer_list"
+    if answer_list is None:
+        manifest = Path(shards) / MANIFEST if isinstance(shards, (str, Path)) else None
+        if manifest is None or not manifest.is_file():
+            raise ValueError("answer_list: not given, and the shards are not a write_shards folder whose "
+                             "manifest could name one")
+        source = json.loads(manifest.read_text(encoding="utf-8")).get("source", {})
+        if not source.get("answer_list"):
+            raise ValueError(f"answer_list: not given, and {manifest} names none (source.answer_list)")
+        answer_list = Path(shards) / source["answer_list"]  # an absolute path replaces the folder
+        origin = f"{manifest}: source.answer_list"
+    if isinstance(answer_list, (str, Path)):
+        path = Path(answer_list)
+        if not path.is_file():
+            raise FileNotFoundError(f"{origin}: no answer list at {path}")
+        answers = json.loads(path.read_text(encoding="utf-8"))
+        origin = str(path)
+    else:
+        answers = list(answer_list)
+    if not isinstance(answers, list) or not answers or not all(
+            isinstance(a, str) and a.strip() for a in answers):
+        raise ValueError(f"{origin}: expected a non-empty list of non-empty answer strings")
+    return answers
+
+
+def read_annotator_answers(shards: str | Path | list[str]) -> dict[Any, list[str] | None]:
+    """question_id -> the raw annotator answers stored in VQA shards (None for test questions).
+
+    The loader's batches carry only distinct answers and their shares, which cannot give back the
+    annotator counts the metric needs, so the records are read once more (no image is decoded)."""
+    urls = shard_urls(shards, ("vqa",))
+    pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(),
+                                wds.map(lambda sample: json.loads(sample["json"])))
+    found: dict[Any, list[str] | None] = {}
+    for record in pipeline:
+        answer = record.get("answer")
+        found[record["question_id"]] = [answer] if isinstance(answer, str) else answer
+    return found
+
+
+def _resolve_config(model: VQAModel, config: VQAConfig | None) -> VQAConfig:
+    if config is None:
+        return model.config
+    if not isinstance(config, VQAConfig):
+        raise ConfigError(f"vqa.config: expected a VQAConfig, got {type(config).__name__}")
+    if config.image_size is not None and config.image_size != model.image_size:
+        raise ConfigError(f"vqa.image_size: the checkpoint was finetuned at {model.image_size} px, "
+                          f"not {config.image_size} (pass image_size=None or {model.image_size})")
+    return config
+
+
+@torch.no_grad()
+def _predict(model: VQAModel, shards: str | Path | list[str], config: VQAConfig, answers: list[str],
+             batch_size: int, progress: bool, num_workers: int) -> dict[Any, str]:
+    device = next(model.parameters()).device
+    model.eval()
+    answer_ids, answer_mask = tokenize(model.tokenizer, answers, config.max_answer_length)
+    answer_ids, answer_mask = answer_ids.to(device), answer_mask.to(device)
+    loader = vqa_loader(shard_urls(shards, ("vqa",)), image_size=model.image_size,
+                        batch_size=batch_size, tokenizer=model.tokenizer,
+                        max_words=config.max_question_words,
+                        max_length=model.model_config.text.max_length, num_workers=num_workers)
+    predictions: dict[Any, str] = {}
+    for batch in tqdm(loader, desc="vqa eval", unit="batch", disable=not progress):
+        ranked, _ = model.answer(batch["image"].to(device), batch["input_ids"].to(device),
+                                 batch["attention_mask"].to(device), answer_ids, answer_mask,
+                                 config.k_test)
+        ids = batch["question_id"]
+        ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
+        for question_id, best in zip(ids, ranked[:, 0].tolist()):
+            predictions[question_id] = answers[best]
+    return predictions
+
+
+def _default_device(device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def predict(checkpoint: str | Path, shards: str | Path | list[str], config: VQAConfig | None = None,
+            *, answer_list: str | Path | Sequence[str] | None = None, output: str | Path | None = None,
+            batch_size: int = 16, progress: bool = True, num_workers: int = 0,
+            device: str | torch.device | None = None) -> dict[Any, str]:
+    """{question_id: answer} for every question in ``shards``; with ``output`` also written as the
+    VQA result file ``[{"question_id": ..., "answer": ...}, ...]`` (for the test-dev server)."""
+    answers = load_answer_list(shards, answer_list)
+    model = load_vqa_model(checkpoint).to(_default_device(device))
+    config = _resolve_config(model, config)
+    predictions = _predict(model, shards, config, answers, batch_size, progress, num_workers)
+    if output is not None:
+        atomic_write_json(output, [{"question_id": q, "answer": a} for q, a in predictions.items()])
+    return predictions
+
+
+def evaluate(checkpoint: str | Path, shards: str | Path | list[str], config: VQAConfig | None = None,
+             *, answer_list: str | Path | Sequence[str] | None = None,
+             question_types: str | Path | Mapping[str, str] | None = None, official: bool = False,
+             batch_size: int = 16, progress: bool = True, num_workers: int = 0,
+             device: str | torch.device | None = None) -> dict[str, float]:
+    """VQA accuracy (percent) of a finetuned checkpoint on annotated VQA shards: ``accuracy`` and,
+    with ``question_types`` (question_id -> type, e.g. the demo world's
+    meta/vqa_question_types.json), ``accuracy_<type>`` per type. ``config`` None uses the
+    checkpoint's (k_test, answer length). Deterministic: eval mode, shard order, no augmentation."""
+    answers = load_answer_list(shards, answer_list)
+    annotated = read_annotator_answers(shards)
+    missing = [q for q, given in annotated.items() if not given]
+    if missing:
+        raise ValueError(f"shards: {len(missing)} question(s) have no annotator answers (first: "
+                         f"{missing[0]!r}); a test split can only be predicted, see predict()")
+    types = _question_types(question_types, annotated)
+    model = load_vqa_model(checkpoint).to(_default_device(device))
+    config = _resolve_config(model, config)
+    predictions = _predict(model, shards, config, answers, batch_size, progress, num_workers)
+    scores = {q: vqa_accuracy(predictions[q], annotated[q], official=official) for q in predictions}
+    metrics = {"accuracy": 100.0 * sum(scores.values()) / len(scores)}
+    if types is not None:
+        for name in sorted(set(types.values())):
+            chosen = [scores[q] for q in scores if types[str(q)] == name]
+            if chosen:
+                metrics[f"accuracy_{name}"] = 100.0 * sum(chosen) / len(chosen)
+    return metrics
+
+
+def _question_types(question_types: str | Path | Mapping[str, str] | None,
+                    annotated: Mapping[Any, Any]) -> dict[str, str] | None:
+    if question_types is None:
+        return None
+    if isinstance(question_types, (str, Path)):
+        path = Path(question_types)
+        if not path.is_file():
+            raise FileNotFoundError(f"question_types: no file at {path}")
+        question_types = json.loads(path.read_text(encoding="utf-8"))
+    types = {str(q): t for q, t in dict(question_types).items()}
+    unknown = [q for q in annotated if str(q) not in types]
+    if unknown:
+        raise ValueError(f"question_types: no type for {len(unknown)} question(s), first {unknown[0]!r}")
+    return types
