@@ -1,0 +1,631 @@
+"""Image-text retrieval: ALBEF's finetuning and ITC-then-ITM evaluation (the paper's Tables 1-2).
+
+Finetuning (ALBEF's ``Retrieval.py``): the pretrained :class:`codis.model.CodisModel` keeps its
+encoders, teachers and queue and is trained on L_ica + L_itm, where captions of the same image are
+all positives of that image (``sample_ids``) and the ITM hard negatives are never a caption of the
+same image. The model's mode is kept: CODIS modes keep their intra-modal i2i / t2t terms. MLM and
+the codebook objective are pretraining-only. The finetuned model is the CodisModel itself, saved
+as a task checkpoint (task ``"retrieval"``).
+
+Evaluation (ALBEF's ``evaluation()`` and ``itm_eval``): every image and every caption is encoded
+once; the ITC similarity matrix picks, for each image, its ``k_test`` most similar captions and,
+for each caption, its ``k_test`` most similar images; only these candidates are scored by the ITM
+head (the match logit, as ALBEF), every other pair gets -100. Recall@1/5/10 follow from the two
+score matrices. The re-ranking is batched: the candidate pairs of many queries share one pass
+through the fusion encoder, which computes what pairs share (an image's cross-attention keys and
+values, a text's first self-attention) once per pass and the last layer on [CLS] alone
+(:func:`shared_match_logits`). :func:`rerank_per_query` is the one-query-per-pass loop of ALBEF,
+kept as the reference that the batched version must rank like.
+
+Ties in the metrics count against the query (see :func:`retrieval_metrics`); ALBEF's argsort
+leaves them to the sort algorithm. Evaluation runs in one process: under ``torchrun`` call it on
+rank 0 only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from codis.config import ConfigError, ModelConfig, from_dict
+from codis.encoders import _extended_mask
+from codis.files import atomic_torch_save
+from codis.loaders import SkipCounter, retrieval_eval_loader, retrieval_train_loader, shard_urls
+from codis.model import CHECKPOINT_FORMAT, CodisModel, PretrainOutput
+from codis.queue import FeatureQueue
+from codis.text import tokenize
+from codis.train import (MetricsCallback, OptimConfig, TrainConfig, distillation_alpha, fit,
+                         init_runtime, seed_everything)
+
+TASK = "retrieval"
+TASK_CHECKPOINT_FORMAT = 1
+NOT_A_CANDIDATE = -100.0
+"""Score of a pair outside both top-k candidate lists (ALBEF's fill value)."""
+RECALL_AT = (1, 5, 10)
+
+
+# ---- configuration -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """Retrieval finetuning and evaluation settings (ALBEF's Retrieval_coco / _flickr.yaml).
+
+    ``k_test``: candidates re-scored by ITM per query. ``queue_size``: the ITC queue used while
+    finetuning; ``None`` keeps the pretrained model's (a queue of the same size keeps its
+    contents, as ALBEF loads them; another size starts empty). ``hflip``: random flips while
+    finetuning (off for data whose captions say left and right). ``image_batch_size`` /
+    ``text_batch_size``: encoding batches; ``rerank_batch_size``: image-text pairs per fusion
+    pass when re-ranking (all ``k_test`` candidates of a query always share a pass).
+    ``precision``: "bf16" runs evaluation under bfloat16 autocast (faster on GPUs; ALBEF used fp32).
+    """
+
+    image_size: int = 384
+    k_test: int = 256
+    alpha: float = 0.4
+    queue_size: int | None = 65536
+    max_words: int = 30
+    hflip: bool = True
+    image_batch_size: int = 64
+    text_batch_size: int = 256
+    rerank_batch_size: int = 1024
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "k_test", "max_words", "image_batch_size", "text_batch_size",
+                     "rerank_batch_size"):
+            _check_int(name, getattr(self, name), 1)
+        for name in ("num_workers", "shuffle_buffer"):
+            _check_int(name, getattr(self, name), 0)
+        if self.queue_size is not None:
+            _check_int("queue_size", self.queue_size, 1)
+        if (not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool)
+                or not 0.0 <= self.alpha <= 1.0):
+            raise ConfigError(f"retrieval.alpha: must be a number in [0, 1], got {self.alpha!r}")
+        if not isinstance(self.hflip, bool):
+            raise ConfigError(f"retrieval.hflip: must be true or false, got {self.hflip!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"retrieval.precision: must be fp32 or bf16, got {self.precision!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RetrievalConfig":
+        return from_dict(cls, data, prefix="retrieval.")
+
+
+def _check_config(config: Any) -> None:
+    if not isinstance(config, RetrievalConfig):
+        raise ConfigError(f"retrieval.config: expected a RetrievalConfig, "
+                          f"got {type(config).__name__}")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"retrieval.{name}: must be an integer >= {minimum}, got {value!r}")
+
+
+def retrieval_config(name: str, **changes: Any) -> RetrievalConfig:
+    """Presets: ``coco`` (ALBEF's Retrieval_coco.yaml: 384 px, k_test 256, queue 65,536,
+    alpha 0.4), ``flickr`` (the same with k_test 128) and ``demo`` (the tiny model's 32 px, k_test
+    16 for a 100-image test set, the model's own queue, no flips: the demo captions use left and
+    right). ``changes`` replace fields."""
+    presets = {
+        "coco": RetrievalConfig(),
+        "flickr": RetrievalConfig(k_test=128),
+        "demo": RetrievalConfig(image_size=32, k_test=16, queue_size=None, hflip=False,
+                                image_batch_size=64, text_batch_size=256, rerank_batch_size=512,
+                                num_workers=0, shuffle_buffer=200),
+    }
+    if name not in presets:
+        raise ConfigError(f"retrieval.preset: unknown preset {name!r} "
+                          f"(known: {', '.join(presets)})")
+    return dataclasses.replace(presets[name], **changes) if changes else presets[name]
+
+
+def retrieval_schedule(name: str, train_pairs: int, processes: int = 1,
+                       ) -> tuple[TrainConfig, OptimConfig]:
+    """ALBEF's finetuning recipe as the shared loop's configs, for ``train_pairs`` (image, caption)
+    pairs on ``processes`` processes (ALBEF used 8 GPUs).
+
+    coco / flickr: batch 32 per process, 5 epochs, AdamW lr 1e-5, weight decay 0.02, cosine to
+    1e-6 without warm-up, alpha ramped over the first epoch. demo: batch 16, 5 epochs, lr 1e-4
+    (a tiny model from scratch learns nothing at 1e-5 in a CPU budget).
+    """
+    if name not in ("coco", "flickr", "demo"):
+        raise ConfigError(f"retrieval.preset: unknown preset {name!r} (known: coco, flickr, demo)")
+    for field_name, value in (("train_pairs", train_pairs), ("processes", processes)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"retrieval.{field_name}: must be an integer >= 1, got {value!r}")
+    batch, epochs = (16, 5) if name == "demo" else (32, 5)
+    epoch_steps = max(1, train_pairs // (batch * processes))  # full batches only
+    train = TrainConfig(steps=epochs * epoch_steps, batch_size=batch,
+                        alpha_warmup_steps=epoch_steps, checkpoint_every=epoch_steps,
+                        log_every=min(50, epoch_steps))
+    lr = 1e-4 if name == "demo" else 1e-5
+    optim = OptimConfig(lr=lr, weight_decay=0.02, warmup_lr=lr, warmup_steps=0, min_lr=lr / 10)
+    return train, optim
+
+
+# ---- finetuning ----------------------------------------------------------------------------------
+def image_key(image_id: int | str) -> int:
+    """A non-negative 63-bit integer for an annotation's ``image_id`` (an int or a string such as
+    COCO's file names), the same in every process and run without a pass over the data first.
+    Two distinct images collide with probability about n^2 / 2^64 (2e-8 for 600K images)."""
+    digest = hashlib.blake2b(str(image_id).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def image_keys(image_ids: torch.Tensor | list, device: torch.device | str | None = None,
+               ) -> torch.Tensor:
+    """:func:`image_key` of a batch's ``image_id`` field (a long tensor or a list), (B,) long."""
+    values = image_ids.tolist() if isinstance(image_ids, torch.Tensor) else list(image_ids)
+    return torch.tensor([image_key(v) for v in values], dtype=torch.long, device=device)
+
+
+class RetrievalObjective(nn.Module):
+    """ALBEF's retrieval finetuning loss, L_ica + L_itm with same-image captions as positives.
+
+    A module of its own so that the training loop's DDP wrapper sees one ``forward`` per step.
+    Parameters that this loss never reaches (codebook, MLM transform and bias) are frozen: DDP
+    would otherwise wait for their gradients, and the optimiser would decay them for nothing.
+    """
+
+    def __init__(self, model: CodisModel) -> None:
+        super().__init__()
+        self.model = model
+        unused = list(model.text_encoder.mlm_head.predictions.transform.parameters())
+        unused.append(model.text_encoder.mlm_head.predictions.bias)
+        if model.codebook is not None:
+            unused.append(model.codebook)
+        for parameter in unused:
+            parameter.requires_grad_(False)
+
+    def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                image_ids: torch.Tensor, alpha: float) -> PretrainOutput:
+        model = self.model
+        with torch.no_grad():
+            model.temp.clamp_(model.config.temperature_min, model.config.temperature_max)
+        features = model.pair_features(image, input_ids, attention_mask)
+        loss_ica, ica_parts = model.contrastive_loss(features, alpha, sample_ids=image_ids,
+                                                     intra_modal=model.config.intra_modal)
+        loss_itm = model.itm_loss(features, attention_mask, sample_ids=image_ids)
+        model.queue.enqueue(features.image_feat_m, features.text_feat_m, image_ids)
+        parts = {"ica": loss_ica, "itm": loss_itm}
+        parts.update({f"ica_{name}": value for name, value in ica_parts.items()})
+        return PretrainOutput(loss=loss_ica + loss_itm,
+                              parts={name: value.detach() for name, value in parts.items()})
+
+
+def prepare_model(model: CodisModel, config: RetrievalConfig) -> CodisModel:
+    """Adapt a pretrained model to the task's image size (ViT position embeddings resampled by
+    timm, students and teachers alike, as ALBEF's ``interpolate_pos_embed``) and queue size; the
+    model's config records both. Raises ConfigError before changing anything."""
+    vision = model.config.vision
+    if config.image_size % vision.patch_size:
+        raise ConfigError(f"retrieval.image_size: {config.image_size} is not a multiple of the "
+                          f"model's patch size {vision.patch_size}")
+    if config.image_size != vision.image_size:
+        for encoder in (model.visual_encoder, model.visual_encoder_m):
+            encoder.set_input_size(img_size=(config.image_size, config.image_size))
+        model.config = model.config.replace(
+            vision=dataclasses.replace(vision, image_size=config.image_size))
+    if config.queue_size is not None and config.queue_size != model.config.queue_size:
+        device = model.queue.image.device
+        model.queue = FeatureQueue(config.queue_size, model.config.embed_dim).to(device)
+        model.config = model.config.replace(queue_size=config.queue_size)
+    return model
+
+
+def finetune(pretrained: str | Path, train_shards: str | Path | list[str], output_dir: str | Path,
+             config: RetrievalConfig, *, train: TrainConfig, optim: OptimConfig,
+             callback: MetricsCallback | None = None, progress: bool = True, resume: bool = True,
+             stop_after: int | None = None) -> Path:
+    """Finetune a pretrained CodisModel checkpoint (or a retrieval-finetuned one, as ALBEF starts
+    Flickr30K from its COCO model) on ``retrieval_train`` shards; returns ``output_dir/model.pt``
+    (written once ``train.steps`` are done).
+
+    The shared loop :func:`codis.train.fit` does the optimisation, checkpoints and resume;
+    ``stop_after`` ends this call after that many steps (a resumable slice)."""
+    _check_config(config)
+    urls = shard_urls(train_shards, ("retrieval_train",))
+    runtime = init_runtime()
+    run_dir = Path(output_dir)
+    seed_everything(train.seed + runtime.rank)
+    model = prepare_model(load_retrieval_model(pretrained), config).to(runtime.device)
+    objective = RetrievalObjective(model)
+    skips = SkipCounter()
+
+    def open_epoch(epoch: int):
+        return retrieval_train_loader(
+            urls, tokenizer=model.tokenizer, image_size=config.image_size,
+            batch_size=train.batch_size, max_words=config.max_words,
+            max_length=model.config.text.max_length, num_workers=config.num_workers,
+            seed=train.seed, epoch=epoch, shuffle_buffer=config.shuffle_buffer, hflip=config.hflip,
+            skips=skips)
+
+    def step_loss(trained: nn.Module, batch: dict, step: int) -> PretrainOutput:
+        alpha = distillation_alpha(step, config.alpha, train.alpha_warmup_steps)
+        ids = image_keys(batch["image_id"], device=batch["image"].device)
+        output = trained(batch["image"], batch["input_ids"], batch["attention_mask"], ids, alpha)
+        output.parts.update(alpha=torch.tensor(alpha), temperature=model.temp.detach())
+        return output
+
+    shards = ([str(s) for s in train_shards] if isinstance(train_shards, (list, tuple))
+              else str(train_shards))
+    run_config = {"task": TASK, "retrieval": config.to_dict(), "train": dataclasses.asdict(train),
+                  "optim": dataclasses.asdict(optim), "pretrained": str(pretrained),
+                  "shards": shards}
+    step = fit(objective, step_loss, open_epoch, run_config=run_config, train=train, optim=optim,
+               output_dir=run_dir, runtime=runtime, callback=callback, progress=progress,
+               resume=resume, stop_after=stop_after, desc="retrieval", skipped=lambda: skips.count)
+    final = run_dir / "model.pt"
+    if runtime.is_main and step >= train.steps:
+        save_retrieval_model(model, final, config,
+                             extra={"step": step, "pretrained": str(pretrained)})
+    if runtime.world_size > 1:
+        dist.barrier()
+    return final
+
+
+def save_retrieval_model(model: CodisModel, path: str | Path, config: RetrievalConfig,
+                         extra: dict[str, Any] | None = None) -> Path:
+    """Write a retrieval task checkpoint (the finetuned CodisModel) atomically."""
+    payload = {"format": TASK_CHECKPOINT_FORMAT, "task": TASK, "task_config": config.to_dict(),
+               "model_config": model.config.to_dict(),
+               "text_architecture": model.text_encoder.architecture(),
+               "state_dict": model.state_dict(), "extra": extra or {}}
+    return atomic_torch_save(payload, path)
+
+
+def load_retrieval_model(path: str | Path, map_location: str | torch.device = "cpu") -> CodisModel:
+    """A retrieval task checkpoint or a pretrained one (zero-shot), as a CodisModel in eval mode.
+    A checkpoint of another task raises ValueError naming both tasks."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    payload = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path}: not a codis checkpoint")
+    if "task" in payload:
+        if payload["task"] != TASK:
+            raise ValueError(f"{path}: a {payload['task']!r} task checkpoint; retrieval needs a "
+                             f"pretrained or a {TASK!r} checkpoint")
+        if payload.get("format") != TASK_CHECKPOINT_FORMAT:
+            raise ValueError(f"{path}: unknown task checkpoint format {payload.get('format')!r}")
+        config_key = "model_config"
+    else:
+        if payload.get("format") != CHECKPOINT_FORMAT or "config" not in payload:
+            raise ValueError(f"{path}: unknown checkpoint format {payload.get('format')!r}")
+        config_key = "config"
+    model = CodisModel(ModelConfig.from_dict(payload[config_key]),
+                       text_architecture=payload["text_architecture"])
+    model.load_state_dict(payload["state_dict"])
+    return model.eval()
+
+
+# ---- evaluation: encoding ------------------------------------------------------------------------
+@dataclass
+class EncodedEvalSet:
+    """Every image and caption of an evaluation set, encoded once by the student encoders."""
+
+    image_feat: torch.Tensor  # (N_img, D) normalised
+    image_tokens: torch.Tensor  # (N_img, 1 + patches, width)
+    text_feat: torch.Tensor  # (N_txt, D) normalised
+    text_tokens: torch.Tensor  # (N_txt, L, width)
+    text_mask: torch.Tensor  # (N_txt, L)
+    text_to_image: torch.Tensor  # (N_txt,) row of each caption's image
+
+    def similarity(self) -> torch.Tensor:
+        """ITC similarities (N_img, N_txt)."""
+        return self.image_feat @ self.text_feat.T
+
+
+def _autocast(precision: str, device: torch.device):
+    return (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+            else nullcontext())
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def encode_images(model: CodisModel, batches: Iterable[torch.Tensor], precision: str = "fp32",
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, tokens) of image batches, concatenated in order."""
+    device = _device_of(model)
+    features, tokens = [], []
+    for images in batches:
+        with _autocast(precision, device):
+            feat, tok = model.encode_image(images.to(device))
+        features.append(feat.float())
+        tokens.append(tok.float())
+    return torch.cat(features), torch.cat(tokens)
+
+
+@torch.no_grad()
+def encode_texts(model: CodisModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 batch_size: int, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, tokens) of tokenised captions, encoded ``batch_size`` at a time."""
+    device = _device_of(model)
+    features, tokens = [], []
+    for start in range(0, input_ids.shape[0], batch_size):
+        ids = input_ids[start:start + batch_size].to(device)
+        mask = attention_mask[start:start + batch_size].to(device)
+        with _autocast(precision, device):
+            feat, tok = model.encode_text(ids, mask)
+        features.append(feat.float())
+        tokens.append(tok.float())
+    return torch.cat(features), torch.cat(tokens)
+
+
+@torch.no_grad()
+def encode_eval_set(model: CodisModel, shards: str | Path | list[str], config: RetrievalConfig,
+                    *, batch_size: int | None = None, progress: bool = False) -> EncodedEvalSet:
+    """Read ``retrieval_eval`` shards and encode them; images are ordered by ``image_index``
+    (the record position), captions by image and then as listed, whatever the reading order."""
+    urls = shard_urls(shards, ("retrieval_eval",))
+    loader = retrieval_eval_loader(urls, image_size=config.image_size,
+                                   batch_size=batch_size or config.image_batch_size,
+                                   max_words=config.max_words, num_workers=config.num_workers)
+    indices: list[int] = []
+    captions: list[list[str]] = []
+
+    def image_batches() -> Iterable[torch.Tensor]:
+        for batch in tqdm(loader, desc="encode images", unit="batch", disable=not progress):
+            indices.extend(batch["image_index"].tolist())
+            captions.extend(batch["caption"])
+            yield batch["image"]
+
+    image_feat, image_tokens = encode_images(model, image_batches(), config.precision)
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"shards {shards}: an image_index occurs twice; the evaluation shards "
+                         "must come from one write_shards run (keys are record positions)")
+    order = sorted(range(len(indices)), key=indices.__getitem__)
+    rows = torch.tensor(order, device=image_feat.device)
+    image_feat, image_tokens = image_feat[rows], image_tokens[rows]
+    texts, text_to_image = [], []
+    for row, position in enumerate(order):
+        texts += captions[position]
+        text_to_image += [row] * len(captions[position])
+    input_ids, mask = tokenize(model.tokenizer, texts, model.config.text.max_length)
+    text_feat, text_tokens = encode_texts(model, input_ids, mask, config.text_batch_size,
+                                          config.precision)
+    return EncodedEvalSet(image_feat, image_tokens, text_feat, text_tokens,
+                          mask.to(text_tokens.device), torch.tensor(text_to_image))
+
+
+# ---- evaluation: ITM re-ranking ------------------------------------------------------------------
+def _match_logits(model: CodisModel, image_tokens: torch.Tensor, text_tokens: torch.Tensor,
+                  text_mask: torch.Tensor) -> torch.Tensor:
+    """ALBEF's re-ranking score: the ITM head's "match" logit of each fused pair."""
+    return model.itm_logits(image_tokens, text_tokens, text_mask)[:, 1].float()
+
+
+def _split_heads(x: torch.Tensor, attention: nn.Module) -> torch.Tensor:
+    """(B, L, width) -> (B, heads, L, head_size), as BERT's attention modules lay them out."""
+    return x.view(*x.shape[:2], attention.num_attention_heads,
+                  attention.attention_head_size).transpose(1, 2)
+
+
+def _attend(attention: nn.Module, queries: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+            mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A BERT attention module's scaled dot-product step for ``queries`` (B, Lq, width) against
+    keys and values already split into heads; (B, Lq, width) before the output projection."""
+    query = _split_heads(attention.query(queries), attention)
+    mixed = F.scaled_dot_product_attention(query, key, value, attn_mask=mask,
+                                           scale=attention.scaling)
+    return mixed.transpose(1, 2).reshape(*queries.shape[:2], -1)
+
+
+def shared_match_logits(model: CodisModel, image_tokens: torch.Tensor, text_tokens: torch.Tensor,
+                        text_mask: torch.Tensor, image_rows: torch.Tensor, text_rows: torch.Tensor,
+                        ) -> torch.Tensor:
+    """The match logits of the pairs (image ``image_rows[j]``, text ``text_rows[j]``), as
+    :meth:`CodisModel.itm_logits` computes them, without repeating work that pairs share or
+    computing what the ITM head never reads.
+
+    Re-ranking pairs one image with k texts and one text with k images, so most pairs share an
+    operand: the cross-attention keys and values of each distinct image are computed once per
+    fusion layer (on ViT-B at 384 px they are about 70% of the fusion encoder's work), and the
+    first fusion layer's self-attention, which sees the text alone, once per distinct text. The
+    ITM head reads only [CLS], so the last layer runs its queries, cross-attention and MLP on
+    [CLS] alone. The projections, output blocks and MLPs are the BERT layers' own modules; only
+    the attention step is written out here (:func:`_attend`), since the library's forward
+    computes keys, values and queries of the same tokens together.
+    """
+    layers = model.text_encoder.fusion
+    images, image_of_pair = torch.unique(image_rows, return_inverse=True)
+    texts, text_of_pair = torch.unique(text_rows, return_inverse=True)
+    image_hidden = image_tokens[images]
+    hidden = text_tokens[texts]  # per distinct text until the first cross-attention
+    mask = _extended_mask(text_mask[texts], hidden.dtype)
+    for index, layer in enumerate(layers):
+        attention = layer.attention.self
+        queries = hidden[:, :1] if index == len(layers) - 1 else hidden
+        key = _split_heads(attention.key(hidden), attention)
+        value = _split_heads(attention.value(hidden), attention)
+        hidden = layer.attention.output(_attend(attention, queries, key, value, mask), queries)
+        if index == 0:
+            hidden, mask = hidden[text_of_pair], mask[text_of_pair]
+        cross = layer.crossattention.self
+        key = _split_heads(cross.key(image_hidden), cross)[image_of_pair]
+        value = _split_heads(cross.value(image_hidden), cross)[image_of_pair]
+        hidden = layer.crossattention.output(_attend(cross, hidden, key, value), hidden)
+        hidden = layer.feed_forward_chunk(hidden)
+    return model.itm_head(hidden[:, 0])[:, 1].float()
+
+
+def _check_rerank_inputs(encoded: EncodedEvalSet, similarity: torch.Tensor, k_test: int) -> None:
+    shape = (encoded.image_feat.shape[0], encoded.text_feat.shape[0])
+    if tuple(similarity.shape) != shape:
+        raise ValueError(f"similarity: expected shape {shape} (images, texts), "
+                         f"got {tuple(similarity.shape)}")
+    if not isinstance(k_test, int) or isinstance(k_test, bool) or k_test < 1:
+        raise ValueError(f"k_test: must be an integer >= 1, got {k_test!r}")
+
+
+@torch.no_grad()
+def rerank(model: CodisModel, encoded: EncodedEvalSet, similarity: torch.Tensor, *, k_test: int,
+           batch_size: int = 1024, share_work: bool = True, precision: str = "fp32",
+           progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score each query's ``k_test`` ITC candidates with the ITM head, many queries per pass.
+
+    A pass holds the candidates of ``max(1, batch_size // k)`` queries: their image and text
+    tokens are gathered into one (queries x k)-pair batch for the fusion encoder, which with
+    ``share_work`` (:func:`shared_match_logits`) computes what pairs share only once. Returns
+    (score_i2t (N_img, N_txt), score_t2i (N_txt, N_img)), -100 outside the candidates.
+    """
+    _check_rerank_inputs(encoded, similarity, k_test)
+    model.eval()
+    image_tokens, text_tokens, text_mask = (encoded.image_tokens, encoded.text_tokens,
+                                            encoded.text_mask)
+    scores = []
+    for direction, sims in (("i2t", similarity), ("t2i", similarity.T)):
+        queries, candidates = sims.shape
+        k = min(k_test, candidates)
+        top = sims.topk(k, dim=1).indices
+        score = torch.full((queries, candidates), NOT_A_CANDIDATE, device=sims.device)
+        per_pass = max(1, batch_size // k)
+        for start in tqdm(range(0, queries, per_pass), desc=f"rerank {direction}", unit="pass",
+                          disable=not progress):
+            chunk = top[start:start + per_pass]  # (Q, k)
+            query_rows = torch.arange(start, start + chunk.shape[0], device=chunk.device)
+            query_rows = query_rows.repeat_interleave(k)
+            flat = chunk.reshape(-1)
+            image_rows, text_rows = (query_rows, flat) if direction == "i2t" else (flat, query_rows)
+            with _autocast(precision, image_tokens.device):
+                if share_work:
+                    logits = shared_match_logits(model, image_tokens, text_tokens, text_mask,
+                                                 image_rows, text_rows)
+                else:
+                    logits = _match_logits(model, image_tokens[image_rows],
+                                           text_tokens[text_rows], text_mask[text_rows])
+            score[start:start + chunk.shape[0]].scatter_(1, chunk, logits.view(chunk.shape))
+        scores.append(score)
+    return scores[0], scores[1]
+
+
+@torch.no_grad()
+def rerank_per_query(model: CodisModel, encoded: EncodedEvalSet, similarity: torch.Tensor, *,
+                     k_test: int, precision: str = "fp32", progress: bool = False,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference loop of ALBEF's ``evaluation()``: one query and its k candidates per fusion
+    pass. Same result as :func:`rerank`, many times slower."""
+    _check_rerank_inputs(encoded, similarity, k_test)
+    model.eval()
+    n_img, n_txt = similarity.shape
+    score_i2t = torch.full((n_img, n_txt), NOT_A_CANDIDATE, device=similarity.device)
+    k = min(k_test, n_txt)
+    for i in tqdm(range(n_img), desc="rerank i2t", disable=not progress):
+        top = similarity[i].topk(k).indices
+        with _autocast(precision, similarity.device):
+            score_i2t[i, top] = _match_logits(
+                model, encoded.image_tokens[i].unsqueeze(0).repeat(k, 1, 1),
+                encoded.text_tokens[top], encoded.text_mask[top])
+    score_t2i = torch.full((n_txt, n_img), NOT_A_CANDIDATE, device=similarity.device)
+    k = min(k_test, n_img)
+    for t in tqdm(range(n_txt), desc="rerank t2i", disable=not progress):
+        top = similarity[:, t].topk(k).indices
+        with _autocast(precision, similarity.device):
+            score_t2i[t, top] = _match_logits(
+                model, encoded.image_tokens[top],
+                encoded.text_tokens[t].unsqueeze(0).repeat(k, 1, 1),
+                encoded.text_mask[t].unsqueeze(0).repeat(k, 1))
+    return score_i2t, score_t2i
+
+
+# ---- evaluation: metrics -------------------------------------------------------------------------
+def retrieval_metrics(score_i2t: torch.Tensor, score_t2i: torch.Tensor,
+                      text_to_image: torch.Tensor) -> dict[str, float]:
+    """ALBEF's ``itm_eval``: recall at 1, 5 and 10, in percent.
+
+    Text retrieval (an image queries the captions): the rank of the best-ranked of its captions;
+    image retrieval (a caption queries the images): the rank of its image. A query counts at k if
+    that rank is below k. Ties count against the query: a rank is the number of wrong candidates
+    scoring at least as high as the best right one, so constant scores earn nothing (ALBEF's
+    argsort leaves ties to the sort; without ties both agree).
+    """
+    score_i2t, score_t2i = torch.as_tensor(score_i2t), torch.as_tensor(score_t2i)
+    text_to_image = torch.as_tensor(text_to_image)
+    if score_i2t.dim() != 2:
+        raise ValueError(f"score_i2t: expected (images, texts), got shape {tuple(score_i2t.shape)}")
+    n_img, n_txt = score_i2t.shape
+    if tuple(score_t2i.shape) != (n_txt, n_img):
+        raise ValueError(f"score_t2i: expected shape {(n_txt, n_img)} (texts, images), "
+                         f"got {tuple(score_t2i.shape)}")
+    if tuple(text_to_image.shape) != (n_txt,) or text_to_image.is_floating_point():
+        raise ValueError(f"text_to_image: expected {n_txt} integer image rows, got "
+                         f"{tuple(text_to_image.shape)} {text_to_image.dtype}")
+    if n_txt and (int(text_to_image.min()) < 0 or int(text_to_image.max()) >= n_img):
+        raise ValueError(f"text_to_image: image rows must lie in [0, {n_img}), got "
+                         f"[{int(text_to_image.min())}, {int(text_to_image.max())}]")
+    for name, score in (("score_i2t", score_i2t), ("score_t2i", score_t2i)):
+        if torch.isnan(score).any():
+            raise ValueError(f"{name}: contains NaN")
+    text_to_image = text_to_image.long().cpu()
+    score_i2t, score_t2i = score_i2t.double().cpu(), score_t2i.double().cpu()
+    positive = torch.zeros(n_img, n_txt, dtype=torch.bool)
+    positive[text_to_image, torch.arange(n_txt)] = True
+    captionless = (~positive.any(dim=1)).nonzero().flatten()
+    if len(captionless):
+        raise ValueError(f"text_to_image: image {int(captionless[0])} has no caption")
+
+    best_right = score_i2t.masked_fill(~positive, -math.inf).max(dim=1, keepdim=True).values
+    txt_rank = (score_i2t.masked_fill(positive, -math.inf) >= best_right).sum(dim=1)
+    right = score_t2i.gather(1, text_to_image[:, None])
+    img_rank = (score_t2i >= right).sum(dim=1) - 1  # minus the right image itself
+
+    metrics = {}
+    for name, rank in (("txt", txt_rank), ("img", img_rank)):
+        for k in RECALL_AT:
+            metrics[f"{name}_r{k}"] = 100.0 * float((rank < k).double().mean())
+        metrics[f"{name}_r_mean"] = sum(metrics[f"{name}_r{k}"] for k in RECALL_AT) / len(RECALL_AT)
+    metrics["r_mean"] = (metrics["txt_r_mean"] + metrics["img_r_mean"]) / 2
+    return metrics
+
+
+# ---- evaluation: entry points --------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_model(model: CodisModel, shards: str | Path | list[str], config: RetrievalConfig, *,
+                   batch_size: int | None = None, progress: bool = True) -> dict[str, float]:
+    """Recall metrics of an in-memory model on ``retrieval_eval`` shards (see :func:`evaluate`).
+    The model is put in eval mode and, if ``config.image_size`` differs from its own, its
+    position embeddings are resampled (zero-shot evaluation at a new resolution, as ALBEF)."""
+    _check_config(config)
+    if batch_size is not None:
+        _check_int("image_batch_size", batch_size, 1)
+    prepare_model(model, dataclasses.replace(config, queue_size=None))
+    model.eval()
+    encoded = encode_eval_set(model, shards, config, batch_size=batch_size, progress=progress)
+    score_i2t, score_t2i = rerank(model, encoded, encoded.similarity(), k_test=config.k_test,
+                                  batch_size=config.rerank_batch_size, precision=config.precision,
+                                  progress=progress)
+    return retrieval_metrics(score_i2t, score_t2i, encoded.text_to_image)
+
+
+def evaluate(checkpoint: str | Path, shards: str | Path | list[str], config: RetrievalConfig, *,
+             batch_size: int | None = None, progress: bool = True,
+             device: str | torch.device | None = None) -> dict[str, float]:
+    """ALBEF's retrieval evaluation of a pretrained (zero-shot) or retrieval-finetuned checkpoint
+    on ``retrieval_eval`` shards: txt_r1/5/10, img_r1/5/10, txt_r_mean, img_r_mean, r_mean (%).
+
+    Deterministic: eval mode, the eval transform, and images in record order. Runs in this
+    process on ``device`` (default: the GPU if there is one)."""
+    _check_config(config)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_retrieval_model(checkpoint).to(device)
+    return evaluate_model(model, shards, config, batch_size=batch_size, progress=progress)

@@ -1,0 +1,220 @@
+"""SNLI-VE: metric and loss on hand cases, configs, end-to-end finetune + evaluate on a tiny demo
+world, and that the classifier can fit a fixed batch."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from codis.config import ConfigError, preset
+from codis.demo_world import DemoWorldConfig, generate_demo_world
+from codis.loaders import VE_LABELS, ve_loader
+from codis.model import CodisModel, save_model
+from codis.shards import write_shards
+from codis.train import OptimConfig, TrainConfig
+from codis.ve import (Distilled, FusionClassifier, VEConfig, accuracy, classification_loss,
+                      evaluate, finetune, load_ve_model, mlp_head, pretrained_backbone,
+                      training_configs, ve_config)
+
+ONE = {"train": 1, "val": 1, "test": 1}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ve_world")
+    config = DemoWorldConfig(seed=5, image_size=32, pretrain_images=2, retrieval_images=ONE,
+                             vqa_images=ONE, questions_per_image=1,
+                             nlvr_pairs={"train": 1, "dev": 1, "test": 1},
+                             ve_images={"train": 8, "dev": 4, "test": 1}, hypotheses_per_image=3,
+                             dead_urls=0, non_image_urls=0)
+    generate_demo_world(root, config, progress=False)
+    shards = {}
+    for split in ("train", "dev"):
+        records = json.loads((root / "ve" / f"{split}.json").read_text())
+        write_shards(records, root, root / "shards" / split, kind="ve", samples_per_shard=10,
+                     progress=False)
+        shards[split] = root / "shards" / split
+    torch.manual_seed(0)
+    shards["pretrained"] = save_model(CodisModel(preset("tiny")), root / "pretrained.pt")
+    return shards
+
+
+# ---- pure pieces ---------------------------------------------------------------------------------
+def test_accuracy_on_hand_cases():
+    assert accuracy([2, 1, 0, 2], [2, 0, 0, 1]) == 50.0
+    assert accuracy(torch.tensor([1, 1, 1]), torch.tensor([1, 1, 1])) == 100.0
+    assert accuracy([0, 0], [1, 2]) == 0.0
+    assert accuracy([0, 1, 2], [0, 1, 1]) == pytest.approx(200 / 3)
+    with pytest.raises(ValueError, match="equal length"):
+        accuracy([0, 1], [0])
+    with pytest.raises(ValueError, match="no examples"):
+        accuracy([], [])
+
+
+def test_classification_loss_mixes_the_hard_label_and_the_teacher_distribution():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 1.0]])
+    labels = torch.tensor([0, 2])
+    teacher = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    ce = sum(-math.log(math.exp(row[y]) / sum(math.exp(v) for v in row))
+             for row, y in zip(logits.tolist(), labels.tolist())) / 2
+    soft = 0.0
+    for row, trow in zip(logits.tolist(), teacher.tolist()):
+        z, tz = sum(math.exp(v) for v in row), sum(math.exp(v) for v in trow)
+        soft -= sum(math.exp(t) / tz * math.log(math.exp(v) / z) for v, t in zip(row, trow))
+    soft /= 2
+    loss, parts = classification_loss(logits, labels)
+    assert float(loss) == pytest.approx(ce, rel=1e-6) and set(parts) == {"ce"}
+    loss, parts = classification_loss(logits, labels, teacher, alpha=0.4)
+    assert float(loss) == pytest.approx(0.6 * ce + 0.4 * soft, rel=1e-6)
+    assert float(parts["distill"]) == pytest.approx(soft, rel=1e-6)
+    with pytest.raises(ValueError, match="needs teacher_logits"):
+        classification_loss(logits, labels, alpha=0.4)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        classification_loss(logits, labels[:1])
+
+
+def test_mlp_head_is_albef_cls_head():
+    head = mlp_head(16, 3)
+    assert [type(m) for m in head] == [nn.Linear, nn.ReLU, nn.Linear]
+    assert (head[0].in_features, head[0].out_features, head[2].out_features) == (16, 16, 3)
+
+
+def test_distilled_teacher_follows_the_student_by_ema():
+    torch.manual_seed(0)
+    student = nn.Linear(4, 3)
+    model = Distilled(student, momentum=0.9)
+    with torch.no_grad():
+        student.weight.add_(1.0)  # the student moves; the teacher is still the old copy
+    before = model.teacher.weight.clone()
+    output = model(torch.randn(5, 4), labels=torch.tensor([0, 1, 2, 0, 1]), alpha=0.4)
+    assert torch.allclose(model.teacher.weight, 0.9 * before + 0.1 * student.weight)
+    assert not any(p.requires_grad for p in model.teacher.parameters())
+    assert {"ce", "distill", "accuracy"} <= set(output.parts)
+    plain = Distilled(nn.Linear(4, 3), momentum=None)
+    assert plain.teacher is None
+    assert set(plain(torch.randn(2, 4), labels=torch.tensor([0, 1])).parts) == {"ce", "accuracy"}
+
+
+# ---- configs -------------------------------------------------------------------------------------
+def test_presets_hold_albef_settings():
+    paper = ve_config("ve")
+    assert (paper.image_size, paper.batch_size, paper.lr, paper.epochs) == (384, 32, 2e-5, 5)
+    assert paper.distill and paper.alpha == 0.4 and not paper.alpha_warmup
+    demo = ve_config("demo")
+    assert demo.image_size == preset("tiny").vision.image_size
+    assert VEConfig.from_dict(demo.to_dict()) == demo
+    train, optim = training_configs(paper, 1000)
+    assert (train.steps, train.batch_size, train.alpha_warmup_steps) == (31 * 5, 32, 0)
+    assert (optim.lr, optim.min_lr, optim.warmup_lr, optim.weight_decay) == (2e-5, 1e-6, 1e-5, 0.02)
+    assert training_configs(paper, 1000, world_size=2)[0].steps == 15 * 5
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"image_size": 0}, "ve.image_size"), ({"batch_size": 2.5}, "ve.batch_size"),
+    ({"lr": 0}, "ve.lr"), ({"alpha": 1.5}, "ve.alpha"), ({"momentum": 1.0}, "ve.momentum"),
+    ({"distill": "yes"}, "ve.distill"), ({"epochs": 0}, "ve.epochs"), ({"hflip": 1}, "ve.hflip"),
+])
+def test_bad_config_values_name_the_field(changes, field):
+    with pytest.raises(ConfigError, match=rf"^{field}:"):
+        VEConfig(**changes)
+
+
+def test_bad_config_keys_presets_and_sizes_are_named():
+    with pytest.raises(ConfigError, match=r"^ve\.image_sise: unknown field"):
+        VEConfig.from_dict({"image_sise": 32})
+    with pytest.raises(ConfigError, match=r"^ve\.preset"):
+        ve_config("coco")
+    with pytest.raises(ValueError, match="samples"):
+        training_configs(ve_config("ve"), 10)
+
+
+def test_bad_inputs_fail_before_training(world, tmp_path):
+    train, optim = TrainConfig(steps=1, batch_size=4), OptimConfig()
+    with pytest.raises(ConfigError, match=r"^ve\.image_size: 36 is not a multiple"):
+        finetune(world["pretrained"], world["train"], tmp_path, ve_config("demo", image_size=36),
+                 train=train, optim=optim, progress=False)
+    with pytest.raises(ConfigError, match="expected a VEConfig"):
+        finetune(world["pretrained"], world["train"], tmp_path, object(), train=train, optim=optim)
+    with pytest.raises(FileNotFoundError, match="shards"):
+        finetune(world["pretrained"], tmp_path / "nothing", tmp_path, ve_config("demo"),
+                 train=train, optim=optim)
+    with pytest.raises(ValueError, match="pretraining checkpoint"):
+        load_ve_model(world["pretrained"])
+    assert not (tmp_path / "model.pt").exists()
+
+
+# ---- end to end ----------------------------------------------------------------------------------
+def test_finetune_then_evaluate_end_to_end(world, tmp_path):
+    logged = []
+    config = ve_config("demo")
+    train = TrainConfig(steps=4, batch_size=6, checkpoint_every=2, log_every=1, seed=1)
+    optim = OptimConfig(lr=1e-4, warmup_lr=1e-5, warmup_steps=1, min_lr=1e-5)
+    path = finetune(world["pretrained"], world["train"], tmp_path / "run", config, train=train,
+                    optim=optim, callback=lambda step, m: logged.append((step, m)), progress=False)
+    assert path == tmp_path / "run" / "model.pt" and path.is_file()
+    assert [step for step, _ in logged] == [1, 2, 3, 4]
+    assert {"loss", "ce", "distill", "alpha", "accuracy", "lr"} <= set(logged[-1][1])
+    assert all(math.isfinite(m["loss"]) for _, m in logged)
+    # SNLI-VE distils at full alpha from the first step (ALBEF's VE.yaml: warm_up False)
+    assert [m["alpha"] for _, m in logged] == pytest.approx([0.4] * 4)
+
+    payload = torch.load(path, weights_only=False)
+    assert payload["task"] == "ve" and payload["format"] == 1
+    assert VEConfig.from_dict(payload["task_config"]) == config
+    assert not any(k.startswith("teacher") for k in payload["state_dict"])
+
+    model = load_ve_model(path)
+    assert model.head[2].out_features == len(VE_LABELS) == 3
+    first = evaluate(path, world["dev"], progress=False)
+    assert set(first) == {"accuracy"} and 0.0 <= first["accuracy"] <= 100.0
+    # deterministic, and independent of how the examples are batched
+    assert evaluate(path, world["dev"], config, batch_size=5, progress=False) == first
+    # same number as a hand-written pass over the eval loader
+    loader = ve_loader(world["dev"], image_size=32, batch_size=64, tokenizer=model.tokenizer)
+    hits = total = 0
+    with torch.no_grad():
+        for batch in loader:
+            predicted = model([batch["image"]], batch["input_ids"], batch["attention_mask"]).argmax(-1)
+            hits += int((predicted == batch["label"]).sum())
+            total += len(batch["label"])
+    assert total == 12 and first["accuracy"] == pytest.approx(100.0 * hits / total)
+    with pytest.raises(ConfigError, match=r"^ve\.image_size: the checkpoint was finetuned at 32"):
+        evaluate(path, world["dev"], ve_config("demo", image_size=40), progress=False)
+
+
+def test_the_classifier_fits_a_fixed_batch(world):
+    torch.manual_seed(0)
+    config = ve_config("demo")
+    backbone = pretrained_backbone(world["pretrained"], config)
+    student = FusionClassifier(backbone.visual_encoder, backbone.text, backbone.fusion,
+                               mlp_head(backbone.width, 3))
+    model = Distilled(student, momentum=config.momentum)  # with distillation, as finetune runs it
+    batch = next(iter(ve_loader(world["train"], image_size=32, batch_size=8,
+                                tokenizer=backbone.tokenizer)))
+    inputs = ([batch["image"]], batch["input_ids"], batch["attention_mask"])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+    def eval_loss() -> float:
+        student.eval()
+        with torch.no_grad():
+            value = float(F.cross_entropy(student(*inputs), batch["label"]))
+        student.train()
+        return value
+
+    start = eval_loss()
+    model.train()
+    for _ in range(30):
+        optimizer.zero_grad()
+        model(*inputs, labels=batch["label"], alpha=config.alpha).loss.backward()
+        optimizer.step()
+    end = eval_loss()
+    # the hard-label loss cannot reach 0 while the young teacher still pulls towards its own
+    # near-uniform predictions, so ask for a clear drop and every example right
+    assert end < 0.5 * start, (start, end)
+    student.eval()
+    with torch.no_grad():
+        assert accuracy(student(*inputs).argmax(-1), batch["label"]) == 100.0
