@@ -52,7 +52,7 @@ __all__ = [
     "VQA_QUESTION_TYPES", "DemoWorldConfig", "generate_demo_world",
 ]
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond", "cross", "hexagon")
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -68,7 +68,7 @@ VE_LABELS: tuple[str, ...] = ("entailment", "neutral", "contradiction")
 
 # Radius as a fraction of the image side; scenes live on a 3x3 grid of cells (1/3 of the side each)
 # so that left/right/above/below between two objects is never ambiguous.
-_RADIUS = {"small": 0.085, "large": 0.13}
+_RADIUS = {"small": 0.105, "large": 0.145}
 _MARGIN = 0.012
 _BACKGROUND_PRESETS = 48
 _BACKGROUND_KINDS = ("solid", "gradient", "stripes", "checker", "noise")
@@ -230,10 +230,10 @@ def _make_backgrounds(seed: int) -> list[_Background]:
         first = tuple(rng.randrange(256) for _ in range(3))
         if kind == "solid":
             second = first
-        else:  # a second colour 50-130 away: textured, but not a second "object colour"
+        else:  # a second colour 30-80 away: textured, but not a second "object colour"
             direction = [rng.gauss(0.0, 1.0) for _ in range(3)]
             norm = math.sqrt(sum(d * d for d in direction)) or 1.0
-            step = rng.uniform(50.0, 130.0)
+            step = rng.uniform(30.0, 80.0)
             second = tuple(int(min(255, max(0, c + step * d / norm))) for c, d in zip(first, direction))
         presets.append(_Background(kind=kind, colors=(first, second), axis=rng.randrange(3),
                                    period=rng.uniform(0.06, 0.2), seed=rng.getrandbits(32)))

@@ -12,6 +12,7 @@ L_ica terms and whether / from which features L_code is computed.
 from __future__ import annotations
 
 import copy
+import math
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,11 @@ class CodisModel(nn.Module):
         self.vision_proj = nn.Linear(vision_width, config.embed_dim)
         self.text_proj = nn.Linear(text_width, config.embed_dim)
         self.itm_head = nn.Linear(text_width, 2)
-        self.temp = nn.Parameter(torch.tensor(config.temperature))
+        # The temperature is learnt in log space: Adam moves a parameter by about lr per step
+        # whatever its gradient, which for a raw temperature of 0.07 is a large relative jump (at lr
+        # 1e-3 it reaches the 0.001 floor in ~70 steps and the features collapse); in log space
+        # a step changes it by ~0.1%.
+        self.log_temp = nn.Parameter(torch.tensor(math.log(config.temperature)))
         self.codebook = None
         if config.codebook_features != "off":
             self.codebook = nn.Parameter(
@@ -91,6 +96,16 @@ class CodisModel(nn.Module):
         for teacher in self._teachers():
             teacher.requires_grad_(False)
         self.queue = FeatureQueue(config.queue_size, config.embed_dim)
+
+    @property
+    def temp(self) -> torch.Tensor:
+        """The contrastive temperature tau (learnable, ALBEF: 0.07 clamped to [0.001, 0.5])."""
+        return self.log_temp.exp()
+
+    @torch.no_grad()
+    def clamp_temperature(self) -> None:
+        self.log_temp.clamp_(math.log(self.config.temperature_min),
+                             math.log(self.config.temperature_max))
 
     # ---- teachers -------------------------------------------------------------------------------
     def _students(self) -> list[nn.Module]:
@@ -163,8 +178,7 @@ class CodisModel(nn.Module):
         """
         config = self.config
         alpha = config.alpha if alpha is None else alpha
-        with torch.no_grad():
-            self.temp.clamp_(config.temperature_min, config.temperature_max)
+        self.clamp_temperature()
 
         f = self.pair_features(image, input_ids, attention_mask)
         loss_ica, ica_parts = self.contrastive_loss(f, alpha, sample_ids)

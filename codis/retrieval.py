@@ -197,7 +197,7 @@ class RetrievalObjective(nn.Module):
                 image_ids: torch.Tensor, alpha: float) -> PretrainOutput:
         model = self.model
         with torch.no_grad():
-            model.temp.clamp_(model.config.temperature_min, model.config.temperature_max)
+            model.clamp_temperature()
         features = model.pair_features(image, input_ids, attention_mask)
         loss_ica, ica_parts = model.contrastive_loss(features, alpha, sample_ids=image_ids,
                                                      intra_modal=model.config.intra_modal)
