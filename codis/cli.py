@@ -1,20 +1,103 @@
-"""The ``codis`` command line: ``codis pretrain --config run.yaml`` (also under ``torchrun``)."""
+"""The ``codis`` command line. Every command also runs under ``torchrun`` (one process per GPU).
+
+    codis pretrain --config run.yaml
+    codis finetune --task retrieval --config finetune.yaml
+    codis evaluate --task retrieval --checkpoint model.pt --shards data/test [--preset demo]
+
+A finetuning config (YAML) names the pretrained checkpoint, the training shards, the output
+folder, the task preset with changes, and the shared ``train`` / ``optim`` sections::
+
+    pretrained: runs/pretrain/model.pt
+    train_shards: runs/shards/retrieval_train
+    output_dir: runs/retrieval
+    preset: demo               # the task's preset (e.g. coco, flickr, vqa, nlvr, ve, demo)
+    task: {k_test: 16}         # changes to the preset's fields
+    train: {steps: 200, batch_size: 32}
+    optim: {lr: 1.0e-4}
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import sys
+from pathlib import Path
+from typing import Any
 
 import codis  # noqa: F401
+from codis.config import ConfigError
+
+TASKS = ("retrieval", "vqa", "nlvr", "ve")
+PAPER_PRESETS = {"retrieval": "coco", "vqa": "vqa", "nlvr": "nlvr", "ve": "ve"}
+FINETUNE_KEYS = {"pretrained", "train_shards", "output_dir", "preset", "task", "train", "optim"}
+
+
+def _task_module(task: str):
+    if task not in TASKS:
+        raise ConfigError(f"task: unknown task {task!r} (known: {', '.join(TASKS)})")
+    return importlib.import_module(f"codis.{task}")
+
+
+def _task_config(task: str, preset: str | None, changes: dict[str, Any] | None):
+    module = _task_module(task)
+    make = getattr(module, f"{task}_config")
+    return make(preset or PAPER_PRESETS[task], **(changes or {}))
 
 
 def _pretrain(args: argparse.Namespace) -> int:
     from codis.train import PretrainConfig, pretrain
 
     config = PretrainConfig.load(args.config)
-    final = pretrain(config, resume=not args.no_resume, progress=not args.no_progress,
-                     stop_after=args.stop_after)
-    print(final)
+    print(pretrain(config, resume=not args.no_resume, progress=not args.no_progress,
+                   stop_after=args.stop_after))
+    return 0
+
+
+def _load_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no config at {path}")
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from codis.config import from_dict
+    from codis.train import OptimConfig, TrainConfig
+
+    data = _load_yaml(args.config)
+    unknown = sorted(set(data) - FINETUNE_KEYS)
+    if unknown:
+        raise ConfigError(f"{args.config}: {unknown[0]}: unknown field "
+                          f"(known: {', '.join(sorted(FINETUNE_KEYS))})")
+    for key in ("pretrained", "train_shards", "output_dir"):
+        if key not in data:
+            raise ConfigError(f"{args.config}: {key}: required")
+    train = from_dict(TrainConfig, data.get("train", {}), prefix="train.")
+    optim = from_dict(OptimConfig, data.get("optim", {}), prefix="optim.")
+    config = _task_config(args.task, data.get("preset"), data.get("task"))
+    module = _task_module(args.task)
+    print(module.finetune(data["pretrained"], data["train_shards"], data["output_dir"], config,
+                          train=train, optim=optim, progress=not args.no_progress,
+                          resume=not args.no_resume, stop_after=args.stop_after))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    config = _task_config(args.task, args.preset, json.loads(args.set) if args.set else None)
+    extra = {"answer_list": args.answer_list} if args.task == "vqa" and args.answer_list else {}
+    metrics = _task_module(args.task).evaluate(args.checkpoint, args.shards, config,
+                                               progress=not args.no_progress, **extra)
+    text = json.dumps(metrics, indent=2)
+    if args.output:
+        from codis.files import atomic_write_text
+
+        atomic_write_text(args.output, text + "\n")
+    print(text)
     return 0
 
 
@@ -22,16 +105,40 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="codis", description="CODIS / ALBEF pretraining, "
                                      "finetuning and evaluation")
     commands = parser.add_subparsers(dest="command", required=True)
+
     pretrain = commands.add_parser("pretrain", help="pretrain from a run config (YAML)")
     pretrain.add_argument("--config", required=True, help="run config written by a recipe or by hand")
-    pretrain.add_argument("--no-resume", action="store_true",
-                          help="ignore checkpoints in output_dir and start from step 0")
-    pretrain.add_argument("--no-progress", action="store_true", help="no progress bar")
-    pretrain.add_argument("--stop-after", type=int, default=None,
-                          help="stop after this many steps of this invocation (a resumable slice)")
     pretrain.set_defaults(run=_pretrain)
+
+    finetune = commands.add_parser("finetune", help="finetune a pretrained checkpoint on a task")
+    finetune.add_argument("--task", required=True, choices=TASKS)
+    finetune.add_argument("--config", required=True, help="finetuning config (YAML, see --help)")
+    finetune.set_defaults(run=_finetune)
+
+    for command in (pretrain, finetune):
+        command.add_argument("--no-resume", action="store_true",
+                             help="ignore checkpoints in output_dir and start from step 0")
+        command.add_argument("--stop-after", type=int, default=None,
+                             help="stop after this many steps of this invocation (a resumable slice)")
+        command.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint on a task's shards")
+    evaluate.add_argument("--task", required=True, choices=TASKS)
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--shards", required=True, help="shard folder written by the shard stage")
+    evaluate.add_argument("--preset", default=None, help="the task's preset (default: the paper's)")
+    evaluate.add_argument("--set", default=None, help='JSON changes to the preset, e.g. \'{"k_test": 16}\'')
+    evaluate.add_argument("--answer-list", default=None, help="VQA: answer_list.json")
+    evaluate.add_argument("--output", default=None, help="also write the metrics to this JSON file")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    evaluate.set_defaults(run=_evaluate)
+
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"codis {args.command}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

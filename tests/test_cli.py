@@ -1,0 +1,58 @@
+import json
+
+import pytest
+import torch
+import yaml
+
+from codis.cli import main
+from codis.config import preset
+from codis.demo_world import DemoWorldConfig, generate_demo_world
+from codis.model import CodisModel, save_model
+from codis.shards import write_shards
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    config = DemoWorldConfig(pretrain_images=4, retrieval_images={"train": 16, "val": 4, "test": 8},
+                             vqa_images={"train": 2, "val": 2, "test": 1},
+                             nlvr_pairs={"train": 2, "dev": 2, "test": 2},
+                             ve_images={"train": 2, "dev": 2, "test": 2})
+    generate_demo_world(root / "world", config, progress=False)
+    for name, kind in (("train", "retrieval_train"), ("test", "retrieval_eval")):
+        records = json.loads((root / "world" / "retrieval" / f"{name}.json").read_text())
+        write_shards(records, root / "world", root / "shards" / name, kind=kind, progress=False)
+    torch.manual_seed(0)
+    save_model(CodisModel(preset("tiny")), root / "pretrained.pt")
+    return root
+
+
+def test_finetune_then_evaluate_from_the_command_line(world, capsys):
+    config = {"pretrained": str(world / "pretrained.pt"), "train_shards": str(world / "shards/train"),
+              "output_dir": str(world / "finetuned"), "preset": "demo",
+              "train": {"steps": 3, "batch_size": 8, "alpha_warmup_steps": 1, "log_every": 1},
+              "optim": {"lr": 1e-4, "warmup_steps": 1}}
+    (world / "finetune.yaml").write_text(yaml.safe_dump(config))
+    assert main(["finetune", "--task", "retrieval", "--config", str(world / "finetune.yaml"),
+                 "--no-progress"]) == 0
+    assert (world / "finetuned" / "model.pt").is_file()
+    output = world / "metrics.json"
+    assert main(["evaluate", "--task", "retrieval", "--checkpoint", str(world / "finetuned/model.pt"),
+                 "--shards", str(world / "shards/test"), "--preset", "demo", "--output", str(output),
+                 "--no-progress"]) == 0
+    metrics = json.loads(output.read_text())
+    assert set(metrics) >= {"txt_r1", "img_r1", "r_mean"}
+    assert all(0.0 <= value <= 100.0 for value in metrics.values())
+
+
+def test_bad_finetune_config_fails_naming_the_field(world, capsys):
+    (world / "bad.yaml").write_text(yaml.safe_dump({"pretrained": "x", "train_shards": "y",
+                                                    "output_dir": "z", "trian": {}}))
+    assert main(["finetune", "--task", "retrieval", "--config", str(world / "bad.yaml")]) == 2
+    assert "trian: unknown field" in capsys.readouterr().err
+    (world / "bad2.yaml").write_text(yaml.safe_dump({"pretrained": "x", "train_shards": "y",
+                                                     "output_dir": "z", "train": {"stepz": 3}}))
+    assert main(["finetune", "--task", "retrieval", "--config", str(world / "bad2.yaml")]) == 2
+    assert "train.stepz: unknown field" in capsys.readouterr().err
+    assert main(["finetune", "--task", "retrieval", "--config", str(world / "missing.yaml")]) == 2
+    assert "no config at" in capsys.readouterr().err
