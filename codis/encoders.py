@@ -81,7 +81,10 @@ class TextFusionEncoder(nn.Module):
             bert_config = BertConfig(vocab_size=vocab_size, hidden_size=config.hidden_size,
                                      num_hidden_layers=layers, num_attention_heads=config.heads,
                                      intermediate_size=config.intermediate_size,
-                                     max_position_embeddings=max(64, config.max_length))
+                                     max_position_embeddings=max(64, config.max_length),
+                                     initializer_range=config.init_std,
+                                     hidden_dropout_prob=config.dropout,
+                                     attention_probs_dropout_prob=config.dropout)
             encoder = cls(bert_config, config.text_layers, config.fusion_layers)
             encoder.apply(BertModel(bert_config, add_pooling_layer=False)._init_weights)
             encoder.tie_mlm_head()

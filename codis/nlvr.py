@@ -89,13 +89,13 @@ class NLVRConfig(ClassifierConfig):
 
 
 def nlvr_config(name: str = "nlvr", **changes: Any) -> NLVRConfig:
-    """``"nlvr"``: the paper's setting. ``"demo"``: the tiny model's 32 px images for TA and
+    """``"nlvr"``: the paper's setting. ``"demo"``: the tiny model's 64 px images for TA and
     finetuning, lr 1e-4 for a model trained briefly from scratch, and a faster EMA (0.99) so the
     teacher follows within a short run."""
     presets = {
         "nlvr": NLVRConfig,
-        "demo": lambda: NLVRConfig(image_size=32, batch_size=16, lr=1e-4, epochs=10, momentum=0.99,
-                                   ta_image_size=32, ta_batch_size=16, ta_lr=1e-4, ta_min_lr=1e-5),
+        "demo": lambda: NLVRConfig(image_size=64, batch_size=16, lr=1e-4, epochs=10, momentum=0.99,
+                                   ta_image_size=64, ta_batch_size=16, ta_lr=1e-4, ta_min_lr=1e-5),
     }
     if name not in presets:
         raise ConfigError(f"nlvr.preset: unknown preset {name!r} (known: {', '.join(presets)})")

@@ -119,13 +119,13 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
 
 def retrieval_config(name: str, **changes: Any) -> RetrievalConfig:
     """Presets: ``coco`` (ALBEF's Retrieval_coco.yaml: 384 px, k_test 256, queue 65,536,
-    alpha 0.4), ``flickr`` (the same with k_test 128) and ``demo`` (the tiny model's 32 px, k_test
+    alpha 0.4), ``flickr`` (the same with k_test 128) and ``demo`` (the tiny model's 64 px, k_test
     16 for a 100-image test set, the model's own queue, no flips: the demo captions use left and
     right). ``changes`` replace fields."""
     presets = {
         "coco": RetrievalConfig(),
         "flickr": RetrievalConfig(k_test=128),
-        "demo": RetrievalConfig(image_size=32, k_test=16, queue_size=None, hflip=False,
+        "demo": RetrievalConfig(image_size=64, k_test=16, queue_size=None, hflip=False,
                                 image_batch_size=64, text_batch_size=256, rerank_batch_size=512,
                                 num_workers=0, shuffle_buffer=200),
     }

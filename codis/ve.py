@@ -111,12 +111,12 @@ class VEConfig(ClassifierConfig):
 
 
 def ve_config(name: str = "ve", **changes: Any) -> VEConfig:
-    """``"ve"``: the paper's setting. ``"demo"``: the tiny model's 32 px images, lr 1e-4 for a model
+    """``"ve"``: the paper's setting. ``"demo"``: the tiny model's 64 px images, lr 1e-4 for a model
     trained briefly from scratch, a faster EMA (0.99) so the teacher follows within a short run, and
     no flips (the demo world's hypotheses talk about left and right)."""
     presets = {
         "ve": VEConfig,
-        "demo": lambda: VEConfig(image_size=32, batch_size=16, lr=1e-4, epochs=5, momentum=0.99,
+        "demo": lambda: VEConfig(image_size=64, batch_size=16, lr=1e-4, epochs=5, momentum=0.99,
                                  hflip=False),
     }
     if name not in presets:

@@ -26,7 +26,10 @@ def two_fusion():
     return CodisModel(config.replace(text=dataclasses.replace(config.text, fusion_layers=2)))
 
 
-def _image(seed=0, size=32):
+SIZE = preset("tiny").vision.image_size
+
+
+def _image(seed=0, size=SIZE):
     return torch.randn(3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
@@ -35,12 +38,12 @@ def test_default_layer_follows_albef_and_avoids_the_last():
     assert default_layer(3) == 1 and default_layer(2) == 0 and default_layer(1) == 0
 
 
-def test_tiny_preset_gradient_reaches_cls_only_in_the_last_layer(tiny):
+def test_in_the_last_fusion_layer_only_cls_gets_a_gradient(tiny):
     with pytest.warns(UserWarning, match="last"):
-        result = word_gradcam(tiny, _image(), CAPTION)
+        result = word_gradcam(tiny, _image(), CAPTION, layer=len(tiny.text_encoder.fusion) - 1)
     tokens, maps = result["tokens"], result["maps"]
     assert tokens[0] == "[CLS]" and tokens[-1] == "[SEP]"
-    assert maps.shape == (len(tokens), 32, 32) and maps.dtype == torch.float32
+    assert maps.shape == (len(tokens), SIZE, SIZE) and maps.dtype == torch.float32
     assert maps.min() >= 0 and maps.max() <= 1
     # [CLS] feeds the ITM head, so its map carries the gradient; no other token's does
     assert maps[0].max() == pytest.approx(1.0) and maps[0].min() == 0
@@ -55,7 +58,7 @@ def test_word_maps_differ_between_words_and_images(two_fusion):
     maps = result["maps"]
     assert maps.min() >= 0 and maps.max() <= 1
     red, circle = word_map(result, "red"), word_map(result, "circle")
-    assert red.shape == (32, 32) and red.max() == pytest.approx(1.0)
+    assert red.shape == (SIZE, SIZE) and red.max() == pytest.approx(1.0)
     assert (red - circle).abs().max() > 1e-3
     other = word_gradcam(two_fusion, _image(1), CAPTION)
     assert (other["maps"] - maps).abs().max() > 1e-3
@@ -108,9 +111,9 @@ def test_bad_inputs_name_the_argument(tiny):
     with pytest.raises(ValueError, match="image"):
         word_gradcam(tiny, _image(size=48), CAPTION)
     with pytest.raises(ValueError, match="image"):
-        word_gradcam(tiny, torch.zeros(1, 3, 32, 32), CAPTION)
+        word_gradcam(tiny, torch.zeros(1, 3, SIZE, SIZE), CAPTION)
     with pytest.raises(ValueError, match="layer"):
-        word_gradcam(tiny, _image(), CAPTION, layer=1)
+        word_gradcam(tiny, _image(), CAPTION, layer=2)
     with pytest.raises(ValueError, match="text"):
         word_gradcam(tiny, _image(), " ?! ")
 

@@ -58,7 +58,7 @@ def ta_checkpoint(world, tmp_path_factory) -> tuple[Path, list]:
 
 
 def fixed_batch(world, tokenizer, size: int) -> dict:
-    return next(iter(nlvr_loader(world["train"], image_size=32, batch_size=size,
+    return next(iter(nlvr_loader(world["train"], image_size=64, batch_size=size,
                                  tokenizer=tokenizer)))
 
 
@@ -153,7 +153,8 @@ def test_text_assignment_trains_and_finetune_starts_from_its_checkpoint(world, t
     payload = torch.load(path, weights_only=False)
     assert payload["task"] == "nlvr_ta" and payload["state_dict"]["network.head.weight"].shape[0] == 3
     blocks = {k.split(".")[2] for k in payload["state_dict"] if k.startswith("network.fusion.")}
-    assert blocks == {"0", "1"}  # the tiny model's one fusion layer, as a pair of blocks
+    fusion_layers = preset("tiny").text.fusion_layers
+    assert blocks == {str(i) for i in range(2 * fusion_layers)}  # each fusion layer, as a pair of blocks
 
     # finetuning at another size starts from the TA weights (position embeddings resampled)
     model, _ = initial_nlvr_model(path, nlvr_config("demo", image_size=40))
@@ -186,7 +187,7 @@ def test_finetune_then_evaluate_end_to_end(world, ta_checkpoint, tmp_path):
     model = load_nlvr_model(path)
     predictions, labels = [], []
     with torch.no_grad():
-        for batch in nlvr_loader(world["dev"], image_size=32, batch_size=64,
+        for batch in nlvr_loader(world["dev"], image_size=64, batch_size=64,
                                  tokenizer=model.tokenizer):
             predictions.append(model([batch["image0"], batch["image1"]], batch["input_ids"],
                                      batch["attention_mask"]).argmax(-1))
@@ -196,7 +197,7 @@ def test_finetune_then_evaluate_end_to_end(world, ta_checkpoint, tmp_path):
 
     with pytest.raises(ValueError, match="'nlvr_ta', expected 'nlvr'"):
         load_nlvr_model(ta_checkpoint[0])
-    with pytest.raises(ConfigError, match=r"^nlvr\.image_size: the checkpoint was finetuned at 32"):
+    with pytest.raises(ConfigError, match=r"^nlvr\.image_size: the checkpoint was finetuned at 64"):
         evaluate(path, world["dev"], nlvr_config("demo", image_size=40), progress=False)
     with pytest.raises(ValueError, match="task is 'nlvr'"):
         initial_nlvr_model(path, config)  # a finetuned checkpoint is no starting point

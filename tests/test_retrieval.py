@@ -355,7 +355,7 @@ def test_finetuning_fits_a_fixed_batch() -> None:
     model = CodisModel(preset("tiny", queue_size=8, momentum=0.5))
     objective = RetrievalObjective(model).train()
     generator = torch.Generator().manual_seed(3)
-    images = torch.randn(4, 3, 32, 32, generator=generator).repeat_interleave(2, dim=0)
+    images = torch.randn(4, 3, 64, 64, generator=generator).repeat_interleave(2, dim=0)
     images = images + 0.1 * torch.randn(images.shape, generator=generator)
     texts = ["a red circle", "one red circle on the left", "two blue squares",
              "blue squares above a star", "a large green star", "the green star is big",

@@ -185,7 +185,8 @@ def test_two_gloo_processes_with_half_batches_match_one_process_with_the_full_ba
     tokenizer = load_tokenizer("builtin")
     captions = [f"a {c} {s}" for c in COLOURS for s in SHAPES]
     ids, mask = tokenize(tokenizer, captions, 30)
-    batch = (torch.randn(8, 3, 32, 32), ids, mask)
+    size = preset("tiny").vision.image_size
+    batch = (torch.randn(8, 3, size, size), ids, mask)
     single = _one_step(batch, world=1, rank=0)
     results = mp.Manager().dict()
     mp.spawn(_ddp_worker, args=(2, _free_port(), batch, results), nprocs=2, join=True)

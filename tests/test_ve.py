@@ -174,7 +174,7 @@ def test_finetune_then_evaluate_end_to_end(world, tmp_path):
     # deterministic, and independent of how the examples are batched
     assert evaluate(path, world["dev"], config, batch_size=5, progress=False) == first
     # same number as a hand-written pass over the eval loader
-    loader = ve_loader(world["dev"], image_size=32, batch_size=64, tokenizer=model.tokenizer)
+    loader = ve_loader(world["dev"], image_size=64, batch_size=64, tokenizer=model.tokenizer)
     hits = total = 0
     with torch.no_grad():
         for batch in loader:
@@ -182,7 +182,7 @@ def test_finetune_then_evaluate_end_to_end(world, tmp_path):
             hits += int((predicted == batch["label"]).sum())
             total += len(batch["label"])
     assert total == 12 and first["accuracy"] == pytest.approx(100.0 * hits / total)
-    with pytest.raises(ConfigError, match=r"^ve\.image_size: the checkpoint was finetuned at 32"):
+    with pytest.raises(ConfigError, match=r"^ve\.image_size: the checkpoint was finetuned at 64"):
         evaluate(path, world["dev"], ve_config("demo", image_size=40), progress=False)
 
 
@@ -193,7 +193,7 @@ def test_the_classifier_fits_a_fixed_batch(world):
     student = FusionClassifier(backbone.visual_encoder, backbone.text, backbone.fusion,
                                mlp_head(backbone.width, 3))
     model = Distilled(student, momentum=config.momentum)  # with distillation, as finetune runs it
-    batch = next(iter(ve_loader(world["train"], image_size=32, batch_size=8,
+    batch = next(iter(ve_loader(world["train"], image_size=64, batch_size=8,
                                 tokenizer=backbone.tokenizer)))
     inputs = ([batch["image"]], batch["input_ids"], batch["attention_mask"])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)

@@ -223,7 +223,7 @@ def test_a_few_dozen_steps_fit_one_fixed_batch(pretrained):
     ids, mask = tokenize(model.tokenizer, questions, 30)
     answer_ids, answer_mask = tokenize(model.tokenizer, [a for g in answers for a in g], 6)
     counts = torch.tensor([len(g) for g in answers])
-    images = torch.randn(4, 3, 32, 32)
+    images = torch.randn(4, 3, 64, 64)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     model.train()
     losses = []
@@ -272,7 +272,7 @@ def test_distillation_mixes_in_the_teacher_and_moves_it_by_ema(pretrained):
     answer_ids, answer_mask = tokenize(model.tokenizer, ["purple"], 6)
     teacher_before = model.decoder_m.layers[0].output.dense.weight.clone()
     student = model.decoder.layers[0].output.dense.weight.detach().clone()
-    output = model(torch.randn(1, 3, 32, 32), ids, mask, answer_ids, answer_mask, torch.tensor([1]),
+    output = model(torch.randn(1, 3, 64, 64), ids, mask, answer_ids, answer_mask, torch.tensor([1]),
                    torch.tensor([1.0]), alpha=0.4)
     assert set(output.parts) == {"answer_nll", "answer_distill"}
     expected = 0.6 * output.parts["answer_nll"] + 0.4 * output.parts["answer_distill"]

@@ -1,0 +1,628 @@
+"""The flows with the codis calls replaced by fast fakes: stage wiring, caching by stage keys,
+re-running only what a change touches, resuming after a failed stage, validation before work,
+the MLflow layout, and the pretrain stage's torchrun path (with a stand-in command)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import codis  # noqa: F401
+import codis.demo_world
+import codis.download
+import codis.nlvr
+import codis.report
+import codis.retrieval
+import codis.shards
+import codis.train
+import codis.ve
+import codis.vqa
+import flows  # noqa: F401  - sets PREFECT_SERVER_ANALYTICS_ENABLED before prefect is imported
+from flows import recipe as recipes
+from flows import stages
+from flows.recipe import RecipeError
+from flows.reproduce import reproduce
+from flows.store import MARKER, STARTED, StageOutput, Store, input_identity, stage_key
+
+RECORDS = 40  # per fake annotation file: enough for every task schedule's first epoch
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+# ---- fakes ---------------------------------------------------------------------------------------
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _score(checkpoint: str) -> float:
+    """A deterministic 'metric' of a fake checkpoint's content."""
+    return int(hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()[:6], 16) % 1000 / 10
+
+
+class Fakes:
+    """Stand-ins for the codis functions the stages call; each records (name, arguments) and
+    writes files shaped like the real outputs (manifests, model.pt)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.failures: dict[str, int] = {}  # call name -> times left to fail
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+    def _call(self, name: str, **arguments: Any) -> None:
+        self.calls.append((name, arguments))
+        if self.failures.get(name, 0) > 0:
+            self.failures[name] -= 1
+            raise RuntimeError(f"fake failure of {name}")
+
+    def generate_demo_world(self, root, config, progress=True):
+        self._call("generate_demo_world", root=Path(root), config=config)
+        root = Path(root)
+        for task, splits in {"retrieval": ("train", "test"), "vqa": ("train", "val"),
+                             "nlvr": ("train", "test"), "ve": ("train", "test")}.items():
+            for split in splits:
+                path = root / task / f"{split}.json"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps([{"image": f"images/{task}_{split}/{i}.jpg", "i": i}
+                                            for i in range(RECORDS)]))
+        (root / "pretrain").mkdir(parents=True, exist_ok=True)
+        (root / "pretrain" / "urls.parquet").write_bytes(b"urls")
+        manifest = {"images": {"pretrain": RECORDS}, "pretrain_pairs": RECORDS, "baselines": {},
+                    "config": config.to_dict()}
+        (root / "manifest.json").write_text(json.dumps(manifest))
+        return manifest
+
+    def download_demo(self, demo_root, output_dir, config, progress=True):
+        self._call("download_demo", demo_root=Path(demo_root), output_dir=Path(output_dir), config=config)
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "00000.tar").write_text(_digest("download", config.to_dict()))
+        manifest = {"totals": {"count": RECORDS + 2, "successes": RECORDS, "success_rate": 0.95},
+                    "shards": [{"name": "00000.tar"}]}
+        (out / "manifest.json").write_text(json.dumps(manifest))
+        return manifest
+
+    def write_shards(self, records, image_root, output_dir, *, kind, samples_per_shard=1000,
+                     source=None, progress=True):
+        self._call("write_shards", records=records, image_root=Path(image_root),
+                   output_dir=Path(output_dir), kind=kind)
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "shard-000000.tar").write_text(_digest(records, kind))
+        manifest = {"kind": kind, "num_samples": len(records), "shards": [{"name": "shard-000000.tar"}]}
+        (out / "manifest.json").write_text(json.dumps(manifest))
+        return manifest
+
+    def pretrain(self, config, *, resume=True, callback=None, progress=True, stop_after=None):
+        self._call("pretrain", config=config)
+        for step in range(1, config.train.steps + 1):
+            callback(step, {"loss": 10.0 / step, "ica": 1.0, "lr": config.optim.lr})
+        out = Path(config.output_dir) / "model.pt"
+        out.write_text(_digest("pretrain", config.model.to_dict(), config.train.steps))
+        return out
+
+    def task_functions(self, task: str) -> dict[str, Any]:
+        def finetune(pretrained, train_shards, output_dir, config, *, train, optim, callback=None,
+                     progress=True, **kwargs):
+            self._call(f"{task}.finetune", pretrained=str(pretrained), shards=train_shards,
+                       config=config, train=train, optim=optim, kwargs=kwargs)
+            callback(train.steps, {"loss": 0.5, "accuracy": 50.0})
+            out = Path(output_dir) / "model.pt"
+            out.write_text(_digest(task, Path(pretrained).read_text(), train.steps))
+            return out
+
+        def evaluate(checkpoint, shards, config=None, *, progress=True, **kwargs):
+            self._call(f"{task}.evaluate", checkpoint=str(checkpoint), shards=shards,
+                       config=config, kwargs=kwargs)
+            if task == "retrieval":
+                return {"txt_r1": _score(checkpoint), "img_r1": 1.0, "r_mean": _score(checkpoint)}
+            return {"accuracy": _score(checkpoint)}
+
+        functions = {"finetune": finetune, "evaluate": evaluate}
+        if task == "nlvr":
+            def text_assignment(pretrained, pretrain_shards, output_dir, config=None, *, train, optim,
+                                callback=None, progress=True, **kwargs):
+                self._call("nlvr.text_assignment", pretrained=str(pretrained),
+                           shards=pretrain_shards, train=train)
+                callback(train.steps, {"loss": 1.0})
+                out = Path(output_dir) / "model.pt"
+                out.write_text(_digest("ta", Path(pretrained).read_text(), train.steps))
+                return out
+            functions["text_assignment"] = text_assignment
+        return functions
+
+    def build_report(self, results, output_dir, plot_backend="auto"):
+        self._call("build_report", results=results)
+        output_dir = Path(output_dir)
+        markdown, page = output_dir / "report.md", output_dir / "report.html"
+        rows = {name: v.metrics for name, v in results.variants.items()}
+        markdown.write_text(f"# {results.recipe}\n{json.dumps(rows)}\n")
+        page.write_text(f"<html><body>{results.recipe}</body></html>")
+        return {"markdown": markdown, "html": page}
+
+
+@pytest.fixture
+def fakes(monkeypatch) -> Fakes:
+    fake = Fakes()
+    monkeypatch.setattr(codis.demo_world, "generate_demo_world", fake.generate_demo_world)
+    monkeypatch.setattr(codis.download, "download_demo", fake.download_demo)
+    monkeypatch.setattr(codis.shards, "write_shards", fake.write_shards)
+    monkeypatch.setattr(codis.train, "pretrain", fake.pretrain)
+    monkeypatch.setattr(codis.report, "build_report", fake.build_report)
+    for task, module in (("retrieval", codis.retrieval), ("vqa", codis.vqa),
+                         ("nlvr", codis.nlvr), ("ve", codis.ve)):
+        for name, function in fake.task_functions(task).items():
+            monkeypatch.setattr(module, name, function)
+    return fake
+
+
+# ---- the recipe ----------------------------------------------------------------------------------
+def recipe_data(experiment: str = "flows-test") -> dict:
+    def part(task: str, split: str) -> dict:
+        return {"annotations": f"demo://{task}/{split}.json", "image_root": "demo://"}
+
+    return {
+        "name": "t",
+        "demo_world": {"seed": 1, "pretrain_images": 8},
+        "pretrain_data": [{"name": "web", "url_list": "demo://pretrain/urls.parquet",
+                           "download": {"image_size": 32, "samples_per_shard": 16}}],
+        "variants": {"codis": {"preset": "tiny", "model": {"mode": "codis"}},
+                     "albef": {"preset": "tiny", "model": {"mode": "albef"}}},
+        "pretrain": {"train": {"steps": 3, "batch_size": 4, "checkpoint_every": 1, "log_every": 1},
+                     "optim": {"lr": 1e-3, "warmup_steps": 1}, "reference_batch": 4,
+                     "data": {"num_workers": 0, "hflip": False}},
+        "tasks": [
+            {"task": "retrieval", "name": "t", "preset": "demo", "zero_shot": True,
+             "train_data": [part("retrieval", "train")], "eval_data": part("retrieval", "test"),
+             "train": {"steps": 2}},
+            {"task": "nlvr", "name": "t", "preset": "demo", "train_data": [part("nlvr", "train")],
+             "eval_data": part("nlvr", "test"), "text_assignment": {"train": {"steps": 2}},
+             "train": {"steps": 2}},
+            {"task": "ve", "name": "t", "preset": "demo", "train_data": [part("ve", "train")],
+             "eval_data": part("ve", "test"), "train": {"steps": 2}, "finetune_args": {"num_workers": 0}},
+        ],
+        "report": {"baseline_variant": "albef"},
+        "tracking": {"experiment": experiment},
+    }
+
+
+def write_recipe(folder: Path, data: dict) -> str:
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return str(path)
+
+
+def run(root: Path, data: dict | None = None, overrides: list[str] | None = None,
+        tracking: str | None = None, **kwargs: Any) -> dict:
+    recipe = write_recipe(root, data or recipe_data())
+    return reproduce(recipe=recipe, overrides=overrides, runs_root=str(root / "runs"),
+                     tracking_uri=tracking, track=tracking is not None, progress=False, **kwargs)
+
+
+PER_VARIANT = ["pretrain", "retrieval.evaluate", "retrieval.finetune", "retrieval.evaluate",
+               "nlvr.text_assignment", "nlvr.finetune", "nlvr.evaluate", "ve.finetune", "ve.evaluate"]
+DATA = ["generate_demo_world", "download_demo"] + ["write_shards"] * 6
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory) -> dict[str, Any]:
+    """One complete reproduction with MLflow tracking, shared by the tests that inspect it."""
+    monkeypatch = pytest.MonkeyPatch()
+    fake = Fakes()
+    try:
+        monkeypatch.setattr(codis.demo_world, "generate_demo_world", fake.generate_demo_world)
+        monkeypatch.setattr(codis.download, "download_demo", fake.download_demo)
+        monkeypatch.setattr(codis.shards, "write_shards", fake.write_shards)
+        monkeypatch.setattr(codis.train, "pretrain", fake.pretrain)
+        monkeypatch.setattr(codis.report, "build_report", fake.build_report)
+        for task, module in (("retrieval", codis.retrieval), ("vqa", codis.vqa),
+                             ("nlvr", codis.nlvr), ("ve", codis.ve)):
+            for name, function in fake.task_functions(task).items():
+                monkeypatch.setattr(module, name, function)
+        root = tmp_path_factory.mktemp("first")
+        tracking = f"sqlite:///{root}/mlflow.db"
+        summary = run(root, tracking=tracking)
+    finally:
+        monkeypatch.undo()
+    return {"root": root, "fakes": fake, "summary": summary, "tracking": tracking}
+
+
+def copy_runs(first: dict[str, Any], tmp_path: Path) -> Path:
+    """A copy of the first reproduction's store, so a test can change it on its own."""
+    shutil.copytree(first["root"] / "runs" / "store", tmp_path / "runs" / "store")
+    return tmp_path
+
+
+# ---- wiring --------------------------------------------------------------------------------------
+def test_stages_run_in_order_with_their_inputs(first) -> None:
+    fake, summary = first["fakes"], first["summary"]
+    assert fake.names() == DATA + PER_VARIANT + PER_VARIANT + ["build_report"]
+    calls = fake.calls
+    kinds = [args["kind"] for name, args in calls if name == "write_shards"]
+    assert kinds == ["retrieval_train", "retrieval_eval", "nlvr", "nlvr", "ve", "ve"]
+    world = calls[0][1]["root"]
+    assert calls[1][1]["demo_root"] == world  # the download serves the generated world
+    download_tar = calls[1][1]["output_dir"] / "00000.tar"
+
+    pretrains = [args for name, args in calls if name == "pretrain"]
+    assert [p["config"].model.mode for p in pretrains] == ["codis", "albef"]
+    for p in pretrains:
+        assert p["config"].data.shards == (str(download_tar),)
+        assert Path(p["config"].output_dir).parent.name == "pretrain"
+        assert p["config"].optim.lr == pytest.approx(1e-3)  # batch 4 at reference 4
+    codis_model = str(Path(pretrains[0]["config"].output_dir) / "model.pt")
+
+    first_variant = calls[len(DATA):len(DATA) + len(PER_VARIANT)]
+    zero_shot, retrieval_ft, retrieval_eval, ta, nlvr_ft, nlvr_eval, ve_ft, ve_eval = \
+        (args for _, args in first_variant[1:])
+    assert zero_shot["checkpoint"] == codis_model  # zero-shot: the pretrained checkpoint
+    assert retrieval_ft["pretrained"] == codis_model
+    assert Path(retrieval_eval["checkpoint"]).parent.parent.name == "finetune"
+    assert ta["pretrained"] == codis_model and ta["shards"] == [str(download_tar)]
+    assert Path(nlvr_ft["pretrained"]).parent.parent.name == "text_assignment"  # NLVR starts from TA
+    assert Path(nlvr_eval["checkpoint"]).parent.parent.name == "finetune"
+    assert ve_ft["kwargs"] == {"num_workers": 0}
+    assert isinstance(ve_ft["config"], codis.ve.VEConfig) and ve_ft["train"].steps == 2
+    assert zero_shot["shards"] == retrieval_eval["shards"]
+    assert json.loads((Path(retrieval_eval["shards"]) / "manifest.json").read_text())["kind"] == "retrieval_eval"
+
+    report_inputs = calls[-1][1]["results"]
+    assert set(report_inputs.variants) == {"codis", "albef"}
+    assert set(report_inputs.variants["codis"].metrics) == {
+        "retrieval_zero_shot", "retrieval_finetuned", "nlvr", "ve"}
+    assert [step for step, _ in report_inputs.variants["codis"].loss_curve] == [1, 2, 3]
+
+    assert summary["status"] == "completed"
+    assert Path(summary["report"]["html"]).is_file() and Path(summary["report"]["markdown"]).is_file()
+    comparison = Path(summary["comparison"]).read_text()
+    assert "| metric | codis | albef | codis - albef |" in comparison
+    assert "retrieval.t.zs.r_mean" in comparison and "ve.t.accuracy" in comparison
+    assert all(not s["cached"] for s in summary["stages"])
+
+
+def test_stage_folders_are_keyed_and_marked(first) -> None:
+    store = Store(first["root"] / "runs" / "store")
+    done = store.completed()
+    assert {r.stage for r in done} == {"generate_demo", "download", "shard", "pretrain",
+                                       "text_assignment", "finetune", "evaluate", "report"}
+    for result in done:
+        marker = json.loads((Path(result.path) / MARKER).read_text())
+        assert Path(result.path).name == result.key == marker["key"]
+        assert stage_key(marker["stage"], marker["params"], marker["inputs"]) == result.key
+        assert not (Path(result.path) / STARTED).exists()
+    finetunes = [r for r in done if r.stage == "finetune"]
+    for result in finetunes:  # downstream keys name their upstream stages
+        assert result.marker["inputs"]["pretrained"].split("/")[0] in ("pretrain", "text_assignment")
+
+
+def test_mlflow_layout(first) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=first["tracking"], registry_uri=first["tracking"])
+    summary = first["summary"]
+    parent_id = summary["mlflow"]["parent_run_id"]
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["codis.kind"] == "reproduction" and parent.data.tags["codis.recipe"] == "t"
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.artifact_location == (first["root"] / "runs" / "mlartifacts" / "flows-test").as_uri()
+    children = client.search_runs([experiment.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
+                                  max_results=500)
+    names = {run.info.run_name for run in children}
+    assert {"generate_demo[demo]", "download[web]", "pretrain[codis]", "pretrain[albef]",
+            "evaluate[retrieval.t.zs/codis]", "finetune[nlvr.t/albef]", "register[codis]",
+            "report[t]"} <= names
+    assert all(run.data.tags["codis.cached"] == "false" for run in children)
+    pretrain = next(r for r in children if r.info.run_name == "pretrain[codis]")
+    history = client.get_metric_history(pretrain.info.run_id, "pretrain.loss")
+    assert [(m.step, m.value) for m in history] == [(1, 10.0), (2, 5.0), (3, 10.0 / 3)]
+    assert pretrain.data.params["run.model.mode"] == "codis"
+    assert pretrain.data.tags["codis.stage_dir"].endswith(pretrain.data.tags["codis.stage_key"])
+    download = next(r for r in children if r.info.run_name == "download[web]")
+    assert [a.path for a in client.list_artifacts(download.info.run_id, "manifest")] == [
+        "manifest/manifest.json"]
+    evaluations = {r.info.run_name: r.data.metrics for r in children if r.info.run_name.startswith("evaluate[")}
+    zs = {v: evaluations[f"evaluate[retrieval.t.zs/{v}]"]["retrieval.t.zs.r_mean"] for v in ("codis", "albef")}
+    assert parent.data.metrics["codis/retrieval.t.zs.r_mean"] == zs["codis"]
+    assert parent.data.metrics["albef/ve.t.accuracy"] == evaluations["evaluate[ve.t/albef]"]["ve.t.accuracy"]
+
+    # registry: candidate is the latest version, champion the better zero-shot r_mean
+    versions = {int(v.version): v for v in client.search_model_versions("name='t-pretrained'")}
+    assert sorted(versions) == [1, 2]
+    assert versions[1].tags["codis.variant"] == "codis" and versions[2].tags["codis.variant"] == "albef"
+    assert int(client.get_model_version_by_alias("t-pretrained", "candidate").version) == 2
+    champion = 2 if zs["albef"] > zs["codis"] else 1
+    assert int(client.get_model_version_by_alias("t-pretrained", "champion").version) == champion
+    finetuned = client.search_model_versions("name='t-ve-t'")
+    assert len(finetuned) == 2
+    from flows.tracking import Tracker
+
+    tracker = Tracker(first["tracking"], "flows-test")
+    checkpoint = tracker.download_checkpoint("t-pretrained", "candidate", first["root"] / "download")
+    albef_model = Path(summary["variants"]["albef"]["pretrain"]["path"]) / "model.pt"
+    assert checkpoint.read_bytes() == albef_model.read_bytes()
+
+
+# ---- caching -------------------------------------------------------------------------------------
+def test_a_second_run_reruns_nothing(first, fakes) -> None:
+    from mlflow import MlflowClient
+
+    summary = run(first["root"], tracking=first["tracking"])
+    assert fakes.calls == []
+    assert all(s["cached"] for s in summary["stages"])
+    assert summary["variants"]["codis"]["metrics"] == first["summary"]["variants"]["codis"]["metrics"]
+    client = MlflowClient(tracking_uri=first["tracking"], registry_uri=first["tracking"])
+    parent = summary["mlflow"]["parent_run_id"]
+    children = client.search_runs([client.get_run(parent).info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent}'",
+                                  max_results=500)
+    assert children and all(r.data.tags["codis.cached"] == "true" for r in children)
+    cached_pretrain = next(r for r in children if r.info.run_name == "pretrain[codis]")
+    assert cached_pretrain.data.tags["codis.source_run_id"] != cached_pretrain.info.run_id
+    assert len(client.search_model_versions("name='t-pretrained'")) == 2  # nothing re-registered
+
+
+def test_changing_a_task_parameter_reruns_that_task_only(first, fakes, tmp_path) -> None:
+    root = copy_runs(first, tmp_path)
+    run(root, overrides=["tasks.1.train.steps=3"])
+    assert fakes.names() == ["nlvr.finetune", "nlvr.evaluate"] * 2 + ["build_report"]
+    assert [args["train"].steps for name, args in fakes.calls if name == "nlvr.finetune"] == [3, 3]
+
+
+def test_changing_one_variant_reruns_its_branch_only(first, fakes, tmp_path) -> None:
+    root = copy_runs(first, tmp_path)
+    run(root, overrides=["variants.albef.model.temperature=0.05"])
+    assert fakes.names() == PER_VARIANT + ["build_report"]
+    assert fakes.calls[0][1]["config"].model.mode == "albef"
+    assert fakes.calls[0][1]["config"].model.temperature == 0.05
+
+
+def test_changing_the_data_reruns_everything_downstream(first, fakes, tmp_path) -> None:
+    root = copy_runs(first, tmp_path)
+    run(root, overrides=["pretrain_data.0.download.image_size=48"])
+    # the demo world and the task shards are upstream or beside the download: kept
+    assert fakes.names() == ["download_demo"] + PER_VARIANT * 2 + ["build_report"]
+
+
+def test_speed_only_download_settings_do_not_change_keys(first, fakes, tmp_path) -> None:
+    root = copy_runs(first, tmp_path)
+    run(root, overrides=["pretrain_data.0.download.thread_count=3",
+                         "pretrain_data.0.download.processes_count=2"])
+    assert fakes.calls == []
+
+
+# ---- failures ------------------------------------------------------------------------------------
+def test_a_failed_stage_is_resumed_by_the_next_run(first, fakes, tmp_path) -> None:
+    root = copy_runs(first, tmp_path)
+    fakes.failures["ve.finetune"] = 1
+    with pytest.raises(RuntimeError, match="fake failure of ve.finetune"):
+        run(root, overrides=["tasks.2.train.steps=5"])
+    assert fakes.names() == ["ve.finetune"]  # everything before it was in the store
+    store = Store(root / "runs" / "store")
+    started = [p.parent for p in (root / "runs" / "store" / "finetune").glob(f"*/{STARTED}")]
+    assert len(started) == 1 and not (started[0] / MARKER).exists()
+    failed_run = sorted((root / "runs").glob("t-*/reproduction.json"))
+    assert json.loads(failed_run[-1].read_text())["status"] == "failed"
+
+    fakes.calls.clear()
+    summary = run(root, overrides=["tasks.2.train.steps=5"])
+    assert fakes.names() == ["ve.finetune", "ve.evaluate"] * 2 + ["build_report"]
+    assert summary["status"] == "completed"
+    resumed = store.lookup("finetune", started[0].name)
+    assert resumed is not None and resumed.marker["resumed"] is True  # the same folder, continued
+
+
+def test_prefect_retries_a_failed_stage_within_the_run(first, fakes, tmp_path) -> None:
+    root = copy_runs(first, tmp_path)
+    fakes.failures["nlvr.evaluate"] = 1
+    data = recipe_data()
+    data["retries"] = 1
+    summary = run(root, data=data, overrides=["tasks.1.train.steps=4"])
+    assert summary["status"] == "completed"
+    assert fakes.names() == ["nlvr.finetune", "nlvr.evaluate", "nlvr.evaluate",
+                             "nlvr.finetune", "nlvr.evaluate", "build_report"]
+
+
+def test_an_invalid_recipe_fails_before_any_work(fakes, tmp_path) -> None:
+    data = recipe_data()
+    data["tasks"][0]["train"] = {"stepz": 3}
+    with pytest.raises(RecipeError, match="tasks.0.train.stepz"):
+        run(tmp_path, data=data)
+    with pytest.raises(RecipeError, match="pretrain.train.steps"):
+        run(tmp_path, overrides=["pretrain.train.steps=0"])
+    assert fakes.calls == []
+    assert not (tmp_path / "runs").exists()
+
+
+# ---- the store -----------------------------------------------------------------------------------
+def test_store_serialises_concurrent_runs_of_one_stage(tmp_path) -> None:
+    store = Store(tmp_path / "store")
+    ran: list[int] = []
+
+    def work(folder: Path) -> StageOutput:
+        ran.append(threading.get_ident())
+        time.sleep(0.3)
+        (folder / "out.txt").write_text("x")
+        return StageOutput(outputs={"out": "out.txt"}, metrics={"m": 1.0})
+
+    results: list[Any] = []
+    threads = [threading.Thread(target=lambda: results.append(store.run("s", {"a": 1}, {}, work)))
+               for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(ran) == 1  # the others waited for the lock, then found the marker
+    assert len({r.key for r in results}) == 1 and sorted(r.cached for r in results) == [False, True, True]
+    assert results[0].file("out").read_text() == "x"
+
+
+def test_input_identity_follows_upstream_keys(tmp_path) -> None:
+    store = Store(tmp_path / "store")
+    source = tmp_path / "list.txt"
+    source.write_text("a")
+
+    def produce(folder: Path) -> StageOutput:
+        (folder / "data.txt").write_text(source.read_text())
+        return StageOutput(outputs={"data": "data.txt"})
+
+    up = store.run("up", {}, {"source": source}, produce)
+    assert input_identity(source).startswith("sha256:")
+    assert input_identity(up.file("data")) == f"up/{up.key}/data.txt"
+    down = store.run("down", {}, {"data": up.file("data")}, lambda f: StageOutput())
+    source.write_text("b")  # a changed external input: new upstream key, new downstream key
+    up2 = store.run("up", {}, {"source": source}, produce)
+    assert up2.key != up.key and not up2.cached
+    down2 = store.run("down", {}, {"data": up2.file("data")}, lambda f: StageOutput())
+    assert down2.key != down.key
+    assert store.run("down", {}, {"data": up.file("data")}, lambda f: StageOutput()).cached
+
+
+# ---- the pretrain stage's subprocess path ---------------------------------------------------------
+STAND_IN = """
+import json, sys, time
+from pathlib import Path
+args = sys.argv[1:]
+config = Path(args[args.index('--config') + 1])
+metrics = Path(args[args.index('--metrics') + 1])
+for step in (1, 2, 3):
+    with open(metrics, 'a') as f:
+        f.write(json.dumps({'step': step, 'loss': 1.0 / step}) + '\\n')
+    print('step', step, flush=True)
+    time.sleep(0.2)
+if 'FAIL' in config.read_text():
+    sys.exit('stand-in failure')
+(config.parent / 'model.pt').write_text('weights')
+"""
+
+
+def test_pretrain_runs_torchrun_commands_and_follows_their_metrics(tmp_path, monkeypatch) -> None:
+    commands: list[list[str]] = []
+    torchrun_command = recipes.torchrun_command
+
+    def command(spec, run_config, *, metrics=None, rdzv_id="codis", python=None):
+        real = torchrun_command(spec, run_config, metrics=metrics, rdzv_id=rdzv_id)
+        commands.append(real)
+        return [sys.executable, "-c", STAND_IN, *real[real.index("--config"):]]
+
+    monkeypatch.setattr(recipes, "torchrun_command", command)
+    recipe = recipes.parse_recipe(recipe_data())
+    spec = recipe.pretrain.model_copy(update={"gpus_per_node": 2, "launcher": "torchrun"})
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "a.tar").write_text("a")
+    (shards / "manifest.json").write_text(json.dumps({"num_samples": 5, "shards": [{"name": "a.tar"}]}))
+    ctx = stages.StageContext(store=Store(tmp_path / "store"), tracker=stages.Tracker(None, "x"),
+                              progress=False)
+    result = stages.pretrain_stage(ctx, "codis", recipe.variants["codis"], spec, [str(shards)])
+    assert commands[0][commands[0].index("-m") + 1] == "torch.distributed.run"
+    assert "--nproc-per-node=2" in commands[0]
+    assert result.metrics == {"pretrain.loss": pytest.approx(1 / 3)}
+    assert stages.read_jsonl(result.file("metrics")) == [(1, {"loss": 1.0}), (2, {"loss": 0.5}),
+                                                         (3, {"loss": pytest.approx(1 / 3)})]
+    assert "step 3" in (Path(result.path) / "pretrain.log").read_text()
+    assert (Path(result.path) / "command.txt").read_text().startswith(sys.executable)
+
+    failing = recipe.variants["codis"].model_copy(update={"model": {"mode": "codis", "alpha": 0.3}})
+    monkeypatch.setattr(codis.train.PretrainConfig, "save",
+                        lambda self, path: Path(path).write_text("FAIL") and Path(path))
+    with pytest.raises(RuntimeError, match="(?s)exited with status 1.*stand-in failure"):
+        stages.pretrain_stage(ctx, "codis", failing, spec, [str(shards)])
+
+
+# ---- the deployable stage flows ------------------------------------------------------------------
+def test_stage_flows_take_typed_parameters(fakes, tmp_path) -> None:
+    options = {"store": str(tmp_path / "store"), "track": False, "progress": False}
+    made = stages.generate_demo(world={"seed": 3, "pretrain_images": 4}, options=options)
+    world = Path(made["path"]) / made["outputs"]["world"]
+    source = {"annotations": "demo://ve/train.json", "image_root": "demo://", "name": "ve-train"}
+    first = stages.shard(source=source, kind="ve", world=str(world), options=options)
+    again = stages.shard(source=source, kind="ve", world=str(world), options=options)
+    assert not first["cached"] and again["cached"] and again["key"] == first["key"]
+    assert fakes.names() == ["generate_demo_world", "write_shards"]
+    from prefect.utilities.callables import parameter_schema
+
+    schema = parameter_schema(stages.pretrain.fn).model_dump()
+    assert {"variant", "settings", "shards", "options"} <= set(schema["properties"])
+    assert "PretrainSpec" in schema["definitions"] and "TrainConfig" in schema["definitions"]
+
+
+def test_report_flow_rebuilds_from_a_summary(first, fakes) -> None:
+    summary = Path(first["summary"]["run_dir"]) / "reproduction.json"
+    options = {"store": str(first["root"] / "runs" / "store"), "track": False, "progress": False}
+    rebuilt = stages.report(summary=str(summary), options=options)
+    assert rebuilt["cached"] and rebuilt["key"] == next(
+        s["key"] for s in first["summary"]["stages"] if s["stage"] == "report")
+    assert fakes.calls == []
+
+
+# ---- command lines -------------------------------------------------------------------------------
+def test_reproduce_cli_validates_without_running(tmp_path, capsys) -> None:
+    from flows.reproduce import main
+
+    recipe = write_recipe(tmp_path, recipe_data())
+    assert main(["--recipe", recipe, "--validate"]) == 0
+    assert "valid (2 variants, 3 tasks)" in capsys.readouterr().out
+    assert main(["--recipe", recipe, "--validate", "--set", "variants.codis.preset=huge"]) == 2
+    assert "variants.codis.preset" in capsys.readouterr().err
+
+
+def test_compare_cli_tables_the_latest_reproduction(first, tmp_path, capsys) -> None:
+    from flows.compare import main
+
+    out = tmp_path / "cmp.md"
+    assert main(["--recipe", "t", "--tracking-uri", first["tracking"], "--out", str(out),
+                 "--baseline", "albef"]) == 0
+    table = out.read_text()
+    assert "| metric | codis | albef | codis - albef |" in table
+    zs = first["summary"]["variants"]["codis"]["metrics"]["retrieval.t.zs.r_mean"]
+    assert f"| retrieval.t.zs.r_mean | {zs:.4g} |" in table
+    assert out.with_suffix(".csv").read_text().startswith("metric,codis,albef")
+    assert main(["--recipe", "nonexistent", "--tracking-uri", first["tracking"],
+                 "--out", str(out)]) == 1
+
+
+@pytest.mark.slow
+def test_torchrun_pretraining_with_two_cpu_processes(tmp_path) -> None:
+    """The real thing: torchrun starts two gloo processes of flows.pretrain_entry on real shards;
+    rank 0's metrics reach the stage, the learning rate is scaled to the doubled global batch."""
+    from codis.demo_world import DemoWorldConfig, generate_demo_world
+    from codis.model import load_model
+
+    one = {"train": 1, "val": 1, "test": 1}
+    generate_demo_world(tmp_path / "world", DemoWorldConfig(
+        seed=2, image_size=32, pretrain_images=24, retrieval_images=one, vqa_images=one,
+        nlvr_pairs={"train": 1, "dev": 1, "test": 1}, ve_images={"train": 1, "dev": 1, "test": 1},
+        dead_urls=0, non_image_urls=0), progress=False)
+    records = json.loads((tmp_path / "world" / "pretrain" / "captions.json").read_text())
+    codis.shards.write_shards(records, tmp_path / "world", tmp_path / "shards", kind="pretrain",
+                              samples_per_shard=12, progress=False)
+    recipe = recipes.parse_recipe(recipe_data())
+    spec = recipe.pretrain.model_copy(update={"gpus_per_node": 2, "launcher": "torchrun"})
+    ctx = stages.StageContext(store=Store(tmp_path / "store"), tracker=stages.Tracker(None, "x"),
+                              progress=False)
+    result = stages.pretrain_stage(ctx, "codis", recipe.variants["codis"], spec,
+                                   [str(tmp_path / "shards")])
+    run_config = yaml.safe_load(result.file("run_config").read_text())
+    assert run_config["optim"]["lr"] == pytest.approx(2e-3)  # 1e-3 at 4, global batch 2 x 4
+    assert [step for step, _ in stages.read_jsonl(result.file("metrics"))] == [1, 2, 3]
+    assert set(result.metrics) >= {"pretrain.loss", "pretrain.ica", "pretrain.code"}
+    assert load_model(result.file("model")).config.mode == "codis"
+    assert "--nproc-per-node=2" in (Path(result.path) / "command.txt").read_text()

@@ -1,0 +1,274 @@
+"""Recipes (pipelines/*.yaml): every shipped recipe validates, mistakes name their field before any
+work, the learning rate follows the global batch, and the torchrun command is what torchrun parses."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+import codis  # noqa: F401
+from codis.train import OptimConfig, TrainConfig
+from flows import recipe as recipes
+from flows.recipe import RecipeError, load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "pipelines").glob("*.yaml"))
+
+
+def write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def demo_data() -> dict:
+    return yaml.safe_load((REPO / "pipelines" / "demo.yaml").read_text(encoding="utf-8"))
+
+
+def error_of(tmp_path: Path, data: dict) -> str:
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(write(tmp_path / "recipe.yaml", data))
+    return str(caught.value)
+
+
+def test_the_shipped_recipes_are_there_and_validate() -> None:
+    names = {p.stem for p in RECIPES}
+    assert {"demo", "codis-4m", "albef-4m", "ablation-objectives", "ablation-codebook"} <= names
+    for path in RECIPES:
+        recipe = load_recipe(path)
+        assert recipe.name == path.stem
+        for name, variant in recipe.variants.items():
+            config = recipes.pretrain_config(recipe.pretrain, variant, ["x.tar"], "/tmp/out",
+                                             recipe.steps_scale)
+            assert config.data.shards == ("x.tar",)
+            assert config.model.mode in codis.config.MODES
+
+
+def test_demo_recipe_compares_codis_with_albef_on_cpu() -> None:
+    recipe = load_recipe(REPO / "pipelines" / "demo.yaml")
+    modes = {name: recipes.model_config(v).mode for name, v in recipe.variants.items()}
+    assert sorted(modes.values()) == ["albef", "codis"]
+    assert {v.preset for v in recipe.variants.values()} == {"tiny"}
+    assert recipe.demo_world is not None
+    assert {t.task for t in recipe.tasks} == {"retrieval", "vqa", "nlvr", "ve"}
+    assert recipe.pretrain.nodes * recipe.pretrain.gpus_per_node == 1
+    assert recipes.launcher(recipe.pretrain) == "inprocess"
+    assert recipe.champion_metric == "retrieval.demo.zs.r_mean"
+
+
+def test_paper_recipes_use_albefs_settings() -> None:
+    codis_4m = load_recipe(REPO / "pipelines" / "codis-4m.yaml")
+    albef_4m = load_recipe(REPO / "pipelines" / "albef-4m.yaml")
+    for recipe in (codis_4m, albef_4m):
+        spec = recipe.pretrain
+        (name, variant), = recipe.variants.items()
+        assert variant.preset == "base"
+        config = recipes.pretrain_config(spec, variant, ["x.tar"], "/out")
+        assert (spec.nodes, spec.gpus_per_node, config.train.batch_size) == (1, 8, 64)
+        assert recipes.global_batch(config.train, spec.nodes, spec.gpus_per_node) == 512
+        assert config.optim.lr == pytest.approx(1e-4)
+        assert config.model.vision.image_size == 256
+        assert recipes.launcher(spec) == "torchrun"
+    assert recipes.model_config(codis_4m.variants["codis"]).mode == "codis"
+    assert recipes.model_config(albef_4m.variants["albef"]).mode == "albef"
+    # albef-4m inherits everything else, so its data stages have codis-4m's keys
+    assert albef_4m.pretrain_data == codis_4m.pretrain_data
+    assert albef_4m.tasks == codis_4m.tasks
+
+
+def test_ablation_recipes_cover_the_papers_rows() -> None:
+    objectives = load_recipe(REPO / "pipelines" / "ablation-objectives.yaml")
+    assert sorted(recipes.model_config(v).mode for v in objectives.variants.values()) == sorted(
+        codis.config.MODES)
+    codebook = load_recipe(REPO / "pipelines" / "ablation-codebook.yaml")
+    configs = {name: recipes.model_config(v) for name, v in codebook.variants.items()}
+    sizes = {c.codebook.size for c in configs.values() if c.mode == "codis"}
+    weights = {c.loss_weights.code for c in configs.values() if c.mode == "codis"}
+    assert {500, 3000} <= sizes and {0.5, 1.0, 2.0} <= weights
+    assert all(t.zero_shot and not t.finetune for t in objectives.tasks + codebook.tasks)
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda d: d.update(variantz=d.pop("variants")), "variantz"),
+    (lambda d: d["variants"]["codis"]["model"].update(codebook={"sizee": 3}), "variants.codis.model.codebook.sizee"),
+    (lambda d: d["pretrain"]["train"].update(stepz=3), "pretrain.train.stepz"),
+    (lambda d: d["pretrain"]["train"].update(steps="ten"), "pretrain.train.steps"),
+    (lambda d: d["pretrain"]["optim"].update(lr=-1.0), "optim.lr"),
+    (lambda d: d["tasks"][0].update(config={"k_tst": 3}), "tasks.0.config.k_tst"),
+    (lambda d: d["tasks"][0].update(train={"stepz": 3}), "tasks.0.train.stepz"),
+    (lambda d: d["tasks"][1].update(evaluate_args={"answers": "x"}), "tasks.1.evaluate_args.answers"),
+    (lambda d: d["tasks"][1].update(finetune_args={"config": "x"}), "tasks.1.finetune_args.config"),
+    (lambda d: d["tasks"][1].update(zero_shot=True), "tasks.1.zero_shot"),
+    (lambda d: d["tasks"][0].update(task="captioning"), "tasks.0.task"),
+    (lambda d: d["pretrain_data"][0]["download"].update(thread_count=0), "thread_count"),
+    (lambda d: d["demo_world"].update(pretrain_images="many"), "demo_world.pretrain_images"),
+    (lambda d: d["report"].update(baseline_variant="clip"), "report.baseline_variant"),
+    (lambda d: d["pretrain"].update(nodes=2), "pretrain.rdzv_endpoint"),
+    (lambda d: d["variants"].update({"Bad Name": {"preset": "tiny"}}), "variants.Bad Name"),
+])
+def test_a_wrong_field_fails_naming_it(tmp_path: Path, change, field: str) -> None:
+    data = demo_data()
+    change(data)
+    message = error_of(tmp_path, data)
+    assert field in message, message
+    assert "recipe.yaml" in message  # and the file
+
+
+def test_demo_paths_need_a_demo_world(tmp_path: Path) -> None:
+    data = demo_data()
+    del data["demo_world"]
+    assert "pretrain_data.0.url_list" in error_of(tmp_path, data)
+
+
+def test_overrides_and_their_mistakes(tmp_path: Path) -> None:
+    path = REPO / "pipelines" / "demo.yaml"
+    recipe = load_recipe(path, ["pretrain.train.steps=7", "tasks.0.train={steps: 3}",
+                                "variants.albef.model.codebook.size=8"])
+    assert recipe.pretrain.train.steps == 7 and recipe.tasks[0].train == {"steps": 3}
+    assert recipes.model_config(recipe.variants["albef"]).codebook.size == 8
+    with pytest.raises(RecipeError, match="no list item 99"):
+        load_recipe(path, ["tasks.99.train.steps=3"])
+    with pytest.raises(RecipeError, match="dotted.path=value"):
+        load_recipe(path, ["pretrain.train.steps"])
+
+
+def test_extends_replaces_whole_sections_and_refuses_loops(tmp_path: Path) -> None:
+    base = demo_data()
+    write(tmp_path / "base.yaml", base)
+    child = write(tmp_path / "child.yaml", {"extends": "base.yaml", "name": "child",
+                                            "variants": {"only": {"preset": "tiny"}},
+                                            "report": {"title": "child"}})
+    recipe = load_recipe(child)
+    assert recipe.name == "child" and list(recipe.variants) == ["only"]
+    assert recipe.tasks == load_recipe(tmp_path / "base.yaml").tasks
+    write(tmp_path / "a.yaml", {"extends": "b.yaml"})
+    write(tmp_path / "b.yaml", {"extends": "a.yaml"})
+    with pytest.raises(RecipeError, match="loops back"):
+        load_recipe(tmp_path / "a.yaml")
+
+
+def test_missing_inputs_are_named_before_any_work(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("CODIS_DATA", raising=False)
+    recipe = load_recipe(REPO / "pipelines" / "codis-4m.yaml")
+    with pytest.raises(RecipeError) as caught:
+        recipes.check_inputs(recipe)
+    assert "pretrain_data.0.url_list: environment variable CODIS_DATA is not set" in str(caught.value)
+    monkeypatch.setenv("CODIS_DATA", str(tmp_path))
+    with pytest.raises(RecipeError) as caught:
+        recipes.check_inputs(recipe)
+    assert f"tasks.2.evaluate_args.answer_list: {tmp_path}/albef/answer_list.json does not exist" \
+        in str(caught.value)
+    # the demo's inputs are produced by the run itself
+    recipes.check_inputs(load_recipe(REPO / "pipelines" / "demo.yaml"))
+
+
+# ---- learning rate and batch -------------------------------------------------------------------
+def test_scaled_lr_is_linear_in_the_global_batch() -> None:
+    assert recipes.scaled_lr(1e-4, 512, 512) == pytest.approx(1e-4)
+    assert recipes.scaled_lr(1e-4, 512, 1024) == pytest.approx(2e-4)  # ALBEF on 16 GPUs
+    assert recipes.scaled_lr(1e-4, 512, 128) == pytest.approx(2.5e-5)
+    assert recipes.scaled_lr(3e-4, None, 4096) == 3e-4  # no reference: unchanged
+    with pytest.raises(ValueError):
+        recipes.scaled_lr(1e-4, 0, 512)
+
+
+def test_global_batch_counts_accumulation_nodes_and_gpus() -> None:
+    train = TrainConfig(batch_size=64, grad_accumulation=2)
+    assert recipes.global_batch(train) == 128
+    assert recipes.global_batch(train, nodes=2, gpus_per_node=8) == 64 * 2 * 16
+
+
+def test_pretrain_optim_scales_lr_only(tmp_path: Path) -> None:
+    data = yaml.safe_load((REPO / "pipelines" / "codis-4m.yaml").read_text(encoding="utf-8"))
+    data["pretrain"].update(nodes=2, rdzv_endpoint="node0:29500")
+    recipe = recipes.parse_recipe(data)
+    optim = recipes.pretrain_optim_config(recipe.pretrain, recipe.variants["codis"])
+    assert optim.lr == pytest.approx(2e-4)  # 64 x 8 GPUs x 2 nodes = 1024 = 2 x 512
+    assert (optim.warmup_lr, optim.min_lr) == (1e-5, 1e-5)  # not scaled (salesforce/ALBEF#92)
+    halved = recipe.variants["codis"].model_copy(update={"train": {"batch_size": 32}})
+    assert recipes.pretrain_optim_config(recipe.pretrain, halved).lr == pytest.approx(1e-4)
+
+
+def test_steps_scale_shortens_every_schedule() -> None:
+    full = load_recipe(REPO / "pipelines" / "demo.yaml")
+    short = load_recipe(REPO / "pipelines" / "demo.yaml", steps_scale=0.1)
+    variant = full.variants["codis"]
+    a = recipes.pretrain_train_config(full.pretrain, variant, full.steps_scale)
+    b = recipes.pretrain_train_config(short.pretrain, variant, short.steps_scale)
+    assert b.steps == max(1, round(a.steps * 0.1))
+    assert b.checkpoint_every <= b.steps and b.log_every <= b.steps
+    task = full.tasks[0]
+    assert recipes.task_schedule(task, 1000, 0.1)[0].steps == max(
+        1, round(recipes.task_schedule(task, 1000, 1.0)[0].steps * 0.1))
+
+
+def test_scale_schedule_keeps_everything_valid() -> None:
+    train, optim = recipes.scale_schedule(TrainConfig(steps=1000, alpha_warmup_steps=100,
+                                                      checkpoint_every=500, log_every=10),
+                                          OptimConfig(warmup_steps=200), 0.001)
+    assert (train.steps, train.alpha_warmup_steps, train.checkpoint_every, train.log_every) == (1, 0, 1, 1)
+    assert optim.warmup_steps == 0
+
+
+def test_task_schedule_uses_the_task_module_and_accumulation() -> None:
+    recipe = load_recipe(REPO / "pipelines" / "codis-4m.yaml")
+    coco = recipe.tasks[0]
+    train, optim = recipes.task_schedule(coco, 566_747)
+    # ALBEF: 5 epochs of 32 x 8 = 256 pairs per step, lr 1e-5
+    assert train.grad_accumulation == 8 and train.batch_size == 32
+    assert train.steps == 5 * (566_747 // 256)
+    assert optim.lr == pytest.approx(1e-5)
+    demo = load_recipe(REPO / "pipelines" / "demo.yaml")
+    ve = next(t for t in demo.tasks if t.task == "ve")
+    train, _ = recipes.task_schedule(ve, 600)
+    assert train.steps == ve.train["steps"]  # the recipe's override wins
+
+
+# ---- torchrun ----------------------------------------------------------------------------------
+def _parse(command: list[str]):
+    from torch.distributed.run import get_args_parser
+
+    assert command[1:3] == ["-m", "torch.distributed.run"]
+    return get_args_parser().parse_args(command[3:])
+
+
+def test_torchrun_command_one_node() -> None:
+    spec = recipes.PretrainSpec(gpus_per_node=8)
+    command = recipes.torchrun_command(spec, "/runs/x/run.yaml", metrics="/runs/x/metrics.jsonl",
+                                       python="/venv/bin/python")
+    assert command[0] == "/venv/bin/python"
+    args = _parse(command)
+    assert (args.nnodes, args.nproc_per_node, args.standalone) == ("1", "8", True)
+    assert args.module and args.training_script == "flows.pretrain_entry"
+    assert args.training_script_args == ["--config", "/runs/x/run.yaml",
+                                         "--metrics", "/runs/x/metrics.jsonl"]
+
+
+def test_torchrun_command_several_nodes() -> None:
+    spec = recipes.PretrainSpec(nodes=2, gpus_per_node=8, rdzv_endpoint="node0:29500",
+                                max_restarts=3)
+    args = _parse(recipes.torchrun_command(spec, "run.yaml", rdzv_id="job-7"))
+    assert (args.nnodes, args.nproc_per_node, args.standalone) == ("2", "8", False)
+    assert (args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id) == ("c10d", "node0:29500", "job-7")
+    assert args.max_restarts == 3
+    assert args.training_script_args == ["--config", "run.yaml"]
+
+
+def test_launcher_choice() -> None:
+    assert recipes.launcher(recipes.PretrainSpec()) == "inprocess"
+    assert recipes.launcher(recipes.PretrainSpec(gpus_per_node=2)) == "torchrun"
+    assert recipes.launcher(recipes.PretrainSpec(launcher="torchrun")) == "torchrun"
+    with pytest.raises(ValueError, match="needs torchrun"):
+        recipes.PretrainSpec(launcher="inprocess", gpus_per_node=4)
+
+
+def test_pretrain_config_round_trips_through_run_yaml(tmp_path: Path) -> None:
+    recipe = load_recipe(REPO / "pipelines" / "demo.yaml")
+    config = recipes.pretrain_config(recipe.pretrain, recipe.variants["albef"], ["a.tar", "b.tar"],
+                                     tmp_path, recipe.steps_scale)
+    loaded = type(config).load(config.save(tmp_path / "run.yaml"))
+    assert loaded == config
+    assert dataclasses.asdict(loaded.train) == dataclasses.asdict(
+        recipes.pretrain_train_config(recipe.pretrain, recipe.variants["albef"]))
