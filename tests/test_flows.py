@@ -38,10 +38,13 @@ RECORDS = 40  # per fake annotation file: enough for every task schedule's first
 
 @pytest.fixture(scope="module", autouse=True)
 def prefect_api():
+    """A temporary Prefect API for the module; no telemetry (it locks the test database)."""
+    from prefect.settings import PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    with temporary_settings(updates={PREFECT_SERVER_ANALYTICS_ENABLED: False}):
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
 
 
 # ---- fakes ---------------------------------------------------------------------------------------
@@ -399,6 +402,15 @@ def test_changing_the_data_reruns_everything_downstream(first, fakes, tmp_path) 
     run(root, overrides=["pretrain_data.0.download.image_size=48"])
     # the demo world and the task shards are upstream or beside the download: kept
     assert fakes.names() == ["download_demo"] + PER_VARIANT * 2 + ["build_report"]
+
+
+def test_changed_codis_code_reruns_the_stages_that_run_it(first, fakes, tmp_path, monkeypatch) -> None:
+    root = copy_runs(first, tmp_path)
+    digest, imports = stages._module_source("codis.retrieval")
+    monkeypatch.setitem(stages._SOURCE_CACHE, "codis.retrieval", ("edited" + digest[6:], imports))
+    run(root)
+    retrieval = ["retrieval.evaluate", "retrieval.finetune", "retrieval.evaluate"]
+    assert fakes.names() == retrieval + retrieval + ["build_report"]
 
 
 def test_speed_only_download_settings_do_not_change_keys(first, fakes, tmp_path) -> None:

@@ -1,0 +1,152 @@
+"""Side-by-side tables of reproductions recorded in MLflow (CODIS vs ALBEF, ablations).
+
+    python -m flows.compare --recipe demo                  # the latest demo reproduction
+    python -m flows.compare --recipe codis-4m --recipe albef-4m
+    python -m flows.compare --runs <run id> <run id> --metrics 'retrieval.*' --out runs/cmp.md
+
+A reproduction's parent run carries every variant's final metrics as ``<variant>/<metric>``;
+each variant becomes a row (``<recipe>/<variant>`` when several reproductions are compared). Any
+other run becomes one row of its own metrics. The table is printed and saved as Markdown, with a
+CSV beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import fnmatch
+import io
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+DEFAULT_METRICS = ("pretrain.loss", "*.r_mean", "*.txt_r1", "*.img_r1", "*.accuracy")
+"""Shown unless ``--metrics`` says otherwise: the pretraining loss and each task's headline."""
+
+
+def select_metrics(rows: Mapping[str, Mapping[str, float]], patterns: Sequence[str]) -> list[str]:
+    """Metric names present in ``rows`` matching any glob pattern, in pattern order then by name."""
+    present = sorted({name for metrics in rows.values() for name in metrics})
+    chosen: list[str] = []
+    for pattern in patterns:
+        for name in present:
+            if fnmatch.fnmatchcase(name, pattern) and name not in chosen:
+                chosen.append(name)
+    return chosen
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}" if abs(value) < 1000 else f"{value:.0f}"
+
+
+def comparison_table(rows: Mapping[str, Mapping[str, float]], metrics: Sequence[str],
+                     baseline: str | None = None) -> str:
+    """A Markdown table: one column per row (variant / run), one line per metric; with
+    ``baseline`` a column of differences (other - baseline) for each other row."""
+    names = list(rows)
+    others = [n for n in names if n != baseline] if baseline in rows else []
+    headers = ["metric", *names, *(f"{n} - {baseline}" for n in others)]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] * len(headers)) + "|"]
+    for metric in metrics:
+        values = [rows[n].get(metric) for n in names]
+        deltas = []
+        for name in others:
+            a, b = rows[name].get(metric), rows[baseline].get(metric)  # type: ignore[index]
+            deltas.append("-" if a is None or b is None else f"{a - b:+.4g}")
+        lines.append("| " + " | ".join([metric, *map(_cell, values), *deltas]) + " |")
+    return "\n".join(lines)
+
+
+def comparison_csv(rows: Mapping[str, Mapping[str, float]], metrics: Sequence[str]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["metric", *rows])
+    for metric in metrics:
+        writer.writerow([metric, *(rows[n].get(metric, "") for n in rows)])
+    return out.getvalue()
+
+
+def rows_from_runs(runs: Sequence[Any]) -> dict[str, dict[str, float]]:
+    """Rows from MLflow runs: a reproduction parent run gives one row per variant (its
+    ``<variant>/<metric>`` metrics), any other run one row named after it."""
+    rows: dict[str, dict[str, float]] = {}
+    several = len(runs) > 1
+    for run in runs:
+        metrics = run.data.metrics
+        recipe = run.data.tags.get("codis.recipe", run.info.run_name)
+        if run.data.tags.get("codis.kind") == "reproduction":
+            variants: dict[str, dict[str, float]] = {}
+            for key, value in metrics.items():
+                if "/" in key and not key.startswith("system/"):
+                    variant, metric = key.split("/", 1)
+                    variants.setdefault(variant, {})[metric] = value
+            for variant, values in variants.items():
+                name = f"{recipe}/{variant}" if several else variant
+                rows[_unique(rows, name, run)] = values
+        else:
+            rows[_unique(rows, run.info.run_name or run.info.run_id, run)] = dict(metrics)
+    return rows
+
+
+def _unique(rows: Mapping[str, Any], name: str, run: Any) -> str:
+    return name if name not in rows else f"{name} ({run.info.run_id[:8]})"
+
+
+def latest_reproduction(client: Any, recipe: str) -> Any:
+    """The newest finished parent run of ``recipe`` across experiments."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    found = client.search_runs(
+        experiments, filter_string=f"tags.`codis.kind` = 'reproduction' and "
+                                   f"tags.`codis.recipe` = '{recipe}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    if not found:
+        raise LookupError(f"no finished reproduction of recipe {recipe!r} in MLflow")
+    return found[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.compare",
+                                     description="Compare reproductions recorded in MLflow.")
+    parser.add_argument("--runs", nargs="*", default=[], help="MLflow run ids")
+    parser.add_argument("--recipe", action="append", default=[],
+                        help="the latest finished reproduction of this recipe (repeatable)")
+    parser.add_argument("--metrics", nargs="*", default=None,
+                        help=f"glob patterns of metrics (default: {' '.join(DEFAULT_METRICS)})")
+    parser.add_argument("--all", action="store_true", help="every metric")
+    parser.add_argument("--baseline", default=None, help="row to show differences against")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                             "sqlite:///runs/mlflow.db)")
+    parser.add_argument("--out", default="runs/comparison.md",
+                        help="Markdown file to write (a .csv is written beside it)")
+    args = parser.parse_args(argv)
+    if not args.runs and not args.recipe:
+        parser.error("give --runs and/or --recipe")
+
+    from mlflow import MlflowClient
+
+    from flows.stages import resolve_tracking_uri
+
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(args.tracking_uri, "runs"))
+    runs = [client.get_run(run_id) for run_id in args.runs]
+    try:
+        runs += [latest_reproduction(client, recipe) for recipe in args.recipe]
+    except LookupError as error:
+        print(error, file=sys.stderr)
+        return 1
+    rows = rows_from_runs(runs)
+    metrics = sorted({m for r in rows.values() for m in r}) if args.all else \
+        select_metrics(rows, args.metrics or DEFAULT_METRICS)
+    table = comparison_table(rows, metrics, baseline=args.baseline)
+    print(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sources = ", ".join(f"{r.info.run_name} ({r.info.run_id})" for r in runs)
+    out.write_text(f"# Comparison\n\nRuns: {sources}\n\n{table}\n", encoding="utf-8")
+    out.with_suffix(".csv").write_text(comparison_csv(rows, metrics), encoding="utf-8")
+    print(f"\nsaved: {out} and {out.with_suffix('.csv')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
