@@ -100,8 +100,10 @@ def shard_urls(shards: str | Path | list[str], kinds: tuple[str, ...] | None = N
         manifest = folder / MANIFEST
         if manifest.is_file():
             data = json.loads(manifest.read_text(encoding="utf-8"))
-            if kinds is not None and data.get("kind") not in kinds:
-                raise ValueError(f"{manifest}: holds {data.get('kind')!r} shards; this loader reads "
+            # The download stage's manifest has no kind: img2dataset writes image-caption pairs.
+            kind = data.get("kind", "pretrain")
+            if kinds is not None and kind not in kinds:
+                raise ValueError(f"{manifest}: holds {kind!r} shards; this loader reads "
                                  f"{' or '.join(kinds)}")
             urls = [str(folder / entry["name"]) for entry in data["shards"]]
         elif (folder / PROGRESS).is_file():

@@ -597,8 +597,8 @@ def _thumbnail_strip(example: RetrievalExample, size: int = 96) -> Image.Image:
 
 def _retrieval_examples(inputs: ReportInputs) -> _Section:
     blocks: list[_Block] = [
-        "Text-to-image retrieval on the demo test split: each query's top-ranked images, best "
-        "first; a green frame is the query's own image, red a wrong one."]
+        "Text-to-image retrieval on the demo test split: each query's top-k images by ITC "
+        "similarity (no ITM re-ranking), best first; a green frame is the query's own image, red a wrong one."]
     for variant, results in inputs.variants.items():
         if not results.retrieval_examples:
             blocks.append(f"{variant}: {NOT_RUN}.")

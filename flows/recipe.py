@@ -203,14 +203,28 @@ class TaskSpec(_Spec):
         return f"{self.task}.{self.name}"
 
 
+class AnalysisSpec(_Spec):
+    """The ``analyze`` stage of every variant (:func:`codis.analysis.analyze_checkpoint`) on the
+    evaluation shards of the recipe's first retrieval task: codebook usage, ``examples`` caption
+    queries with their ``top_k`` images by ITC similarity, and a Grad-CAM figure of up to
+    ``gradcam_words`` words of each query on its own image."""
+
+    examples: int = Field(default=3, ge=1, le=50)
+    top_k: int = Field(default=5, ge=1, le=20)
+    gradcam_words: int = Field(default=3, ge=1, le=10)
+
+
 class ReportSpec(_Spec):
     """``title``: heading of the run's ``comparison.md``. ``baseline_variant``: the variant the
     others are compared with (difference columns). ``metrics``: glob patterns of the metric names
-    that ``comparison.md`` shows (empty: pretraining loss and each task's headline metrics)."""
+    that ``comparison.md`` shows (empty: pretraining loss and each task's headline metrics).
+    ``analysis``: the report's codebook, retrieval-example and Grad-CAM sections
+    (:class:`AnalysisSpec`; ``{}`` for its defaults, null or absent: not run)."""
 
     title: str | None = None
     baseline_variant: str | None = None
     metrics: list[str] = []
+    analysis: AnalysisSpec | None = None
 
 
 class TrackingSpec(_Spec):
@@ -278,6 +292,9 @@ class Recipe(_Spec):
                 _check_overrides(TrainConfig, ta.train, f"{where}.text_assignment.train")
                 _check_overrides(OptimConfig, ta.optim, f"{where}.text_assignment.optim")
                 _check_arguments(module.text_assignment, ta.args, f"{where}.text_assignment.args")
+        if self.report.analysis is not None and self.analysis_task is None:
+            raise ValueError("report.analysis: needs a retrieval task (the analysis runs on its "
+                             "eval_data)")
         if self.report.baseline_variant and self.report.baseline_variant not in self.variants:
             raise ValueError(f"report.baseline_variant: {self.report.baseline_variant!r} is not a "
                              f"variant (variants: {', '.join(self.variants)})")
@@ -294,6 +311,11 @@ class Recipe(_Spec):
 
     def finetuned_model_name(self, task: TaskSpec) -> str:
         return f"{self.name}-{task.task}-{task.name}"
+
+    @property
+    def analysis_task(self) -> TaskSpec | None:
+        """The task whose evaluation shards ``report.analysis`` reads: the first retrieval task."""
+        return next((task for task in self.tasks if task.task == "retrieval"), None)
 
     @property
     def champion_metric(self) -> str | None:

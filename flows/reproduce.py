@@ -5,8 +5,9 @@
 
 Order: validate the recipe and its inputs (nothing starts before that) -> data (demo world,
 downloads, shards of every source and task split) -> for each variant: pretrain -> zero-shot
-retrieval -> register (``candidate``; ``champion`` if it beats the current one on the recipe's
-champion metric) -> for each task: [NLVR² text assignment] -> finetune -> evaluate -> register ->
+retrieval -> [analyze: codebook usage, retrieval examples, Grad-CAM, if ``report.analysis``]
+-> register (``candidate``; ``champion`` if it beats the current one on the recipe's champion
+metric) -> for each task: [NLVR² text assignment] -> finetune -> evaluate -> register ->
 report comparing the variants.
 
 Everything content-keyed lives in ``<runs>/store`` (see :mod:`flows.store`): re-running a
@@ -35,10 +36,10 @@ from codis.files import atomic_write_json, atomic_write_text
 from flows import recipe as recipes
 from flows.compare import DEFAULT_METRICS, comparison_table, select_metrics
 from flows.recipe import Recipe, RecipeError, TaskSpec, UrlSource
-from flows.stages import (StageContext, download_task, evaluate_task, finetune_task,
-                          generate_demo_task, pretrain_task, register_task, report_stage,
-                          report_task, resolve_tracking_uri, run_logger, shard_task,
-                          stage_label, text_assignment_task)
+from flows.stages import (StageContext, analyze_task, download_task, evaluate_task,
+                          finetune_task, generate_demo_task, pretrain_task, register_task,
+                          report_stage, report_task, resolve_tracking_uri, run_logger,
+                          shard_task, stage_label, text_assignment_task)
 from flows.store import StageResult, Store
 from flows.tracking import Tracker, default_artifact_location
 
@@ -158,6 +159,8 @@ def _reproduce(spec: Recipe, ctx: StageContext, summary: dict[str, Any], parent:
     # ---- variants --------------------------------------------------------------------------------
     pretrained: dict[str, StageResult] = {}
     evaluations: dict[str, list[tuple[TaskSpec, bool, StageResult]]] = {}
+    analyses: dict[str, StageResult] = {}
+    analysis_task = spec.analysis_task if spec.report.analysis is not None else None
     summary["variants"] = {}
     for name, variant in spec.variants.items():
         record: dict[str, Any] = {"evaluations": [], "registered": {}}
@@ -174,6 +177,11 @@ def _reproduce(spec: Recipe, ctx: StageContext, summary: dict[str, Any], parent:
                     ctx, spec_task, checkpoint, eval_folders[spec_task.label], world_dir, True, name))
                 found.append((spec_task, True, result))
                 record["evaluations"].append({"task": index, "zero_shot": True, "key": result.key})
+        if analysis_task is not None:
+            analyses[name] = _record(summary, retried(analyze_task)(
+                ctx, analysis_task, checkpoint, eval_folders[analysis_task.label],
+                spec.report.analysis, name))
+            record["analysis"] = {"key": analyses[name].key}
         metrics = {k: v for _, _, r in found for k, v in r.metrics.items()}
         champion = spec.champion_metric
         record["registered"]["pretrained"] = retried(register_task)(
@@ -212,7 +220,7 @@ def _reproduce(spec: Recipe, ctx: StageContext, summary: dict[str, Any], parent:
 
     # ---- report ----------------------------------------------------------------------------------
     report = _record(summary, retried(report_task)(ctx, spec, pretrained, evaluations, world,
-                                                   data_stages))
+                                                   data_stages, analyses))
     folder = Path(summary["run_dir"])
     copies = folder / "report"
     if copies.exists():
@@ -242,14 +250,16 @@ def report_from_summary(ctx: StageContext, summary_path: str | Path) -> StageRes
             raise FileNotFoundError(f"{summary_path}: stage {stage}/{key} is not in {store.root}")
         return found
 
-    pretrained, evaluations = {}, {}
+    pretrained, evaluations, analyses = {}, {}, {}
     for name, record in summary["variants"].items():
         pretrained[name] = lookup("pretrain", record["pretrain"]["key"])
         evaluations[name] = [(spec.tasks[item["task"]], item["zero_shot"], lookup("evaluate", item["key"]))
                              for item in record["evaluations"]]
+        if "analysis" in record:
+            analyses[name] = lookup("analyze", record["analysis"]["key"])
     world = next((lookup(s["stage"], s["key"]) for s in summary["stages"]
                   if s["stage"] == "generate_demo"), None)
-    return report_stage(ctx, spec, pretrained, evaluations, world)
+    return report_stage(ctx, spec, pretrained, evaluations, world, analyses=analyses)
 
 
 # ---- command line --------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ Stages, the one call each makes, and what its folder holds:
 * ``text_assignment``: :func:`codis.nlvr.text_assignment` -> ``model.pt``, ``metrics.jsonl``
 * ``finetune``: ``codis.<task>.finetune`` -> ``model.pt``, ``metrics.jsonl``
 * ``evaluate``: ``codis.<task>.evaluate`` -> ``metrics.json``
+* ``analyze``: :func:`codis.analysis.analyze_checkpoint` -> ``analysis.json``, ``gradcam_*.png``,
+  ``images/`` (codebook usage, retrieval examples and Grad-CAM figures for the report)
 * ``register``: :meth:`flows.tracking.Tracker.register_checkpoint` -> a model version in MLflow
 * ``report``: :func:`codis.report.build_report` -> ``report.md``, ``report.html``, ``results.json``
 
@@ -54,7 +56,8 @@ from codis import train as codis_train
 from codis.demo_world import DemoWorldConfig
 from codis.files import atomic_write_json
 from flows import recipe as recipes
-from flows.recipe import (AnnotationSource, PretrainSpec, Recipe, TaskSpec, UrlSource, VariantSpec)
+from flows.recipe import (AnalysisSpec, AnnotationSource, PretrainSpec, Recipe, TaskSpec,
+                          UrlSource, VariantSpec)
 from flows.store import MARKER, StageOutput, StageResult, Store
 from flows.tracking import Tracker, default_artifact_location, default_tracking_uri
 
@@ -70,7 +73,8 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter:
 
 
 _STAGE_ROOTS = {"generate_demo": "codis.demo_world", "shard": "codis.shards",
-                "pretrain": "codis.train", "text_assignment": "codis.nlvr", "report": "codis.report"}
+                "pretrain": "codis.train", "text_assignment": "codis.nlvr", "report": "codis.report",
+                "analyze": "codis.analysis"}
 # Data stages hash their own module only: editing codis/config.py must not re-shard COCO. The
 # download stage hashes no codis code at all (re-downloading millions of images for an edit of
 # codis/download.py would be absurd): img2dataset's version stands for what it writes.
@@ -526,6 +530,32 @@ def evaluate_stage(ctx: StageContext, spec: TaskSpec, checkpoint: str, eval_shar
                            "codis.variant": variant, "codis.zero_shot": str(zero_shot).lower()})
 
 
+def analyze_stage(ctx: StageContext, spec: TaskSpec, checkpoint: str, eval_shards: str,
+                  settings: AnalysisSpec, variant: str | None = None) -> StageResult:
+    """Codebook usage, retrieval examples and Grad-CAM figures of a pretrained checkpoint on a
+    retrieval task's evaluation shards, read as that task's evaluation reads them."""
+    config = recipes.task_config(spec)
+    params = {"config": dataclasses.asdict(config), "analysis": settings.model_dump(mode="json")}
+    label = f"{spec.label}/{variant}" if variant else spec.label
+
+    def work(folder: Path, run: Any) -> StageOutput:
+        from codis import analysis as codis_analysis
+
+        found = codis_analysis.analyze_checkpoint(
+            checkpoint, eval_shards, folder, config=config, examples=settings.examples,
+            top_k=settings.top_k, gradcam_words=settings.gradcam_words, progress=ctx.progress)
+        run.log_artifact(folder / codis_analysis.ANALYSIS_FILE, "analysis")
+        metrics = {f"analysis.codebook.{source}.{name}": float(usage[name])
+                   for source, usage in (found["codebook"] or {}).items()
+                   for name in ("used", "entropy", "perplexity")}
+        return StageOutput(outputs={"analysis": codis_analysis.ANALYSIS_FILE}, metrics=metrics)
+
+    inputs = {"checkpoint": checkpoint, "shards": eval_shards}
+    return run_stage(ctx, "analyze", label, params, inputs, work,
+                     tags={"codis.task": spec.task, "codis.dataset": spec.name,
+                           "codis.variant": variant})
+
+
 def register_stage(ctx: StageContext, model_name: str, checkpoint: str, *, label: str,
                    score_name: str | None = None, score: float | None = None,
                    tags: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -558,8 +588,11 @@ def register_stage(ctx: StageContext, model_name: str, checkpoint: str, *, label
 def report_stage(ctx: StageContext, recipe: Recipe, pretrained: dict[str, StageResult],
                  evaluations: dict[str, list[tuple[TaskSpec, bool, StageResult]]],
                  world: StageResult | None = None,
-                 extra_stages: Sequence[StageResult] = ()) -> StageResult:
-    """Build the Markdown/HTML report comparing the variants (:func:`codis.report.build_report`)."""
+                 extra_stages: Sequence[StageResult] = (),
+                 analyses: dict[str, StageResult] | None = None) -> StageResult:
+    """Build the Markdown/HTML report comparing the variants (:func:`codis.report.build_report`);
+    ``analyses``: the variants' analyze stages (codebook, retrieval examples, Grad-CAM)."""
+    from codis import analysis as codis_analysis
     from codis import report as codis_report
 
     params = {"recipe": recipe.name, "report": recipe.report.model_dump(mode="json"),
@@ -571,10 +604,13 @@ def report_stage(ctx: StageContext, recipe: Recipe, pretrained: dict[str, StageR
         for spec, zero_shot, result in items:
             key = recipes.metric_name(spec, "metrics", zero_shot)
             inputs[f"evaluate.{name}.{key}"] = str(result.file("metrics"))
+    analyses = analyses or {}
+    for name, result in analyses.items():
+        inputs[f"analysis.{name}"] = str(result.file("analysis"))
     if world is not None:
         inputs["world_manifest"] = str(world.file("manifest"))
     stages = [*([world] if world else []), *extra_stages, *pretrained.values(),
-              *(r for items in evaluations.values() for _, _, r in items)]
+              *(r for items in evaluations.values() for _, _, r in items), *analyses.values()]
 
     def work(folder: Path, run: Any) -> StageOutput:
         results = report_results(recipe, pretrained, evaluations)
@@ -588,7 +624,9 @@ def report_stage(ctx: StageContext, recipe: Recipe, pretrained: dict[str, StageR
                     metrics[key] = json.loads(evaluation.file("metrics").read_text(encoding="utf-8"))
             curve = [(step, {k: v for k, v in values.items() if k in ("loss", "ica", "itm", "mlm", "code")})
                      for step, values in read_jsonl(Path(result.path) / "metrics.jsonl")]
-            variants[name] = codis_report.VariantResults(loss_curve=curve, metrics=metrics)
+            analysis = codis_analysis.read_analysis(analyses[name].path) if name in analyses else {}
+            variants[name] = codis_report.VariantResults(loss_curve=curve, metrics=metrics,
+                                                         **analysis)
         baselines = {}
         if world is not None:
             manifest = json.loads(world.file("manifest").read_text(encoding="utf-8"))
@@ -674,6 +712,8 @@ evaluate_task = task(evaluate_stage, name="evaluate", task_run_name=_evaluate_ru
                      **_TASK_OPTIONS)
 register_task = task(register_stage, name="register", task_run_name="register[{label}]",
                      **_TASK_OPTIONS)
+analyze_task = task(analyze_stage, name="analyze", task_run_name="analyze[{spec.name}/{variant}]",
+                    **_TASK_OPTIONS)
 report_task = task(report_stage, name="report", task_run_name="report", **_TASK_OPTIONS)
 
 
@@ -742,6 +782,16 @@ def evaluate(task_spec: TaskSpec, checkpoint: str, eval_shards: str, world: str 
                          zero_shot).to_dict()
 
 
+@flow(name="analyze")
+def analyze(task_spec: TaskSpec, checkpoint: str, eval_shards: str,
+            settings: AnalysisSpec = AnalysisSpec(), options: StageOptions = StageOptions(),
+            ) -> dict[str, Any]:
+    """Codebook usage, retrieval examples and Grad-CAM figures of a pretrained checkpoint on a
+    retrieval task's evaluation shards (the report's qualitative sections)."""
+    return analyze_task(make_context(options), task_spec, checkpoint, eval_shards,
+                        settings).to_dict()
+
+
 @flow(name="report")
 def report(summary: str, options: StageOptions = StageOptions()) -> dict[str, Any]:
     """Rebuild the report of a reproduction from its ``reproduction.json``."""
@@ -750,4 +800,5 @@ def report(summary: str, options: StageOptions = StageOptions()) -> dict[str, An
     return report_from_summary(make_context(options), summary).to_dict()
 
 
-STAGE_FLOWS = (generate_demo, download, shard, pretrain, register, finetune, evaluate, report)
+STAGE_FLOWS = (generate_demo, download, shard, pretrain, register, finetune, evaluate, analyze,
+               report)

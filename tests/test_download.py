@@ -135,6 +135,17 @@ def test_demo_download_manifest_and_shards(world: World, demo_download: tuple[Pa
     assert len(set(seen.values())) == N_GOOD
 
 
+def test_pretraining_loader_reads_the_download_folder(demo_download: tuple[Path, dict]) -> None:
+    from codis.loaders import pretrain_loader
+    from codis.text import load_tokenizer
+
+    out, manifest = demo_download
+    loader = pretrain_loader(str(out), tokenizer=load_tokenizer("builtin"), image_size=32,
+                             batch_size=4, drop_last=False, shuffle_buffer=0)
+    keys = [key for batch in loader for key in batch["key"]]
+    assert len(keys) == manifest["totals"]["successes"] and len(set(keys)) == len(keys)
+
+
 def test_resume_redoes_only_unfinished_shards(world: World, demo_download: tuple[Path, dict],
                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               caplog: pytest.LogCaptureFixture) -> None:
