@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import threading
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -83,10 +84,18 @@ class ShardLoader:
         self.skips = skips
         # batch_size=None: batches are built inside the pipeline, the DataLoader only moves them.
         self._loader = (pipeline if num_workers == 0 else
-                        wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers))
+                        wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers,
+                                      worker_init_fn=_drop_inherited_thread_exit_handlers))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return iter(self._loader)
+
+
+def _drop_inherited_thread_exit_handlers(worker_id: int) -> None:
+    """A forked worker inherits its parent's thread exit handlers; those that a Prefect flow run
+    registers (its log and event workers) fail in the child and make every DataLoader worker exit
+    with status 1 ("worker exited unexpectedly"). The worker starts no such threads of its own."""
+    threading._threading_atexits.clear()  # private, but the only hook: see the docstring
 
 
 def shard_urls(shards: str | Path | list[str], kinds: tuple[str, ...] | None = None) -> list[str]:

@@ -299,3 +299,38 @@ def test_training_augmentations_do_not_depend_on_workers_or_the_global_rng(tmp_p
         assert all(torch.equal(first[k], other[k]) for k in first)
     next_epoch = images(0, global_seed=1, epoch=1)
     assert any(not torch.equal(first[k], next_epoch[k]) for k in first)
+
+
+def test_loader_workers_survive_a_process_that_ran_a_prefect_flow(tmp_path):
+    # Prefect registers thread exit handlers that fail in forked DataLoader workers (status 1).
+    import os
+    import subprocess
+    import sys
+
+    records = []
+    for index in range(6):
+        Image.new("RGB", (20, 20), (index * 40, 80, 90)).save(tmp_path / f"{index}.jpg")
+        records.append({"image": f"{index}.jpg", "caption": f"picture {index}"})
+    write_shards(records, tmp_path, tmp_path / "shards", kind="pretrain", samples_per_shard=2,
+                 progress=False)
+    script = f"""
+import codis
+from prefect import flow
+from codis.loaders import pretrain_loader
+from codis.text import load_tokenizer
+
+@flow
+def noop():
+    return 1
+
+noop()
+loader = pretrain_loader({str(tmp_path / "shards")!r}, tokenizer=load_tokenizer("builtin"),
+                         image_size=16, batch_size=2, num_workers=2, drop_last=False)
+print("samples", sum(len(batch["key"]) for batch in loader))
+"""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "samples 6" in done.stdout
