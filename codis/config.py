@@ -231,6 +231,17 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {error}") from error
 
 
+def merge_dicts(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``changes`` applied, recursing into nested mappings (partial overrides)."""
+    merged = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_dicts(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def tiny() -> ModelConfig:
     """Random init, 64 px images, 1 text + 2 fusion layers, width 64: tests and the CPU demo.
 

@@ -29,7 +29,7 @@ from timm.optim import create_optimizer_v2
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from codis.config import ConfigError, ModelConfig, from_dict, preset
+from codis.config import ConfigError, ModelConfig, from_dict, merge_dicts, preset
 from codis.files import atomic_torch_save, atomic_write_text
 from codis.loaders import SkipCounter, pretrain_loader, shard_urls
 from codis.model import CodisModel, PretrainOutput, save_model
@@ -134,7 +134,7 @@ class PretrainConfig:
         if isinstance(model, dict) and "preset" in model:
             changes = {k: v for k, v in model.items() if k != "preset"}
             base = preset(model["preset"]).to_dict()
-            data["model"] = _merge(base, changes)
+            data["model"] = merge_dicts(base, changes)
         return from_dict(cls, data)
 
     def save(self, path: str | Path) -> Path:
@@ -152,16 +152,6 @@ class PretrainConfig:
             return cls.from_dict(data)
         except ConfigError as error:
             raise ConfigError(f"{path}: {error}") from error
-
-
-def _merge(base: dict, changes: dict) -> dict:
-    merged = dict(base)
-    for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 # ---- schedules -----------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, StringConstra
                       ValidationError, create_model, field_validator, model_validator)
 
 import codis  # noqa: F401  - the torchvision shim first
-from codis.config import PRESETS, ModelConfig
+from codis.config import PRESETS, ModelConfig, merge_dicts
 from codis.demo_world import DemoWorldConfig
 from codis.download import DownloadConfig
 from codis.train import DataConfig, OptimConfig, PretrainConfig, TrainConfig
@@ -446,23 +446,13 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         raise ValueError(details) from None
 
 
-def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def _check_overrides(cls: type, changes: dict[str, Any], where: str) -> None:
     """Field names and types of partial overrides of dataclass ``cls`` (values checked on merge)."""
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(changes) - fields)
     if unknown:
         raise ValueError(f"{where}.{unknown[0]}: unknown field (known: {', '.join(sorted(fields))})")
-    _build(cls, _merge(dataclasses.asdict(cls()), changes), where)
+    _build(cls, merge_dicts(dataclasses.asdict(cls()), changes), where)
 
 
 def _check_arguments(function: Any, arguments: dict[str, Any], where: str) -> None:
@@ -479,7 +469,7 @@ def _check_arguments(function: Any, arguments: dict[str, Any], where: str) -> No
 
 def model_config(variant: VariantSpec, where: str = "model") -> ModelConfig:
     """The variant's :class:`ModelConfig`: its preset with ``model`` merged in (nested fields)."""
-    return _build(ModelConfig, _merge(PRESETS[variant.preset]().to_dict(), variant.model), where)
+    return _build(ModelConfig, merge_dicts(PRESETS[variant.preset]().to_dict(), variant.model), where)
 
 
 def scale_schedule(train: TrainConfig, optim: OptimConfig, factor: float,
@@ -523,7 +513,7 @@ def pretrain_train_config(spec: PretrainSpec, variant: VariantSpec, steps_scale:
     """The pretraining TrainConfig: ``spec.train`` with the variant's overrides, then
     ``steps_scale``."""
     _check_overrides(TrainConfig, variant.train, f"{where}.train")
-    train = _build(TrainConfig, _merge(dataclasses.asdict(spec.train), variant.train), f"{where}.train")
+    train = _build(TrainConfig, merge_dicts(dataclasses.asdict(spec.train), variant.train), f"{where}.train")
     return scale_schedule(train, spec.optim, steps_scale)[0]
 
 
@@ -532,8 +522,8 @@ def pretrain_optim_config(spec: PretrainSpec, variant: VariantSpec, steps_scale:
     """The pretraining OptimConfig: ``spec.optim`` with the variant's overrides, ``lr`` scaled to
     the global batch (:func:`scaled_lr`), warm-up steps scaled by ``steps_scale``."""
     _check_overrides(OptimConfig, variant.optim, f"{where}.optim")
-    optim = _build(OptimConfig, _merge(dataclasses.asdict(spec.optim), variant.optim), f"{where}.optim")
-    train = _build(TrainConfig, _merge(dataclasses.asdict(spec.train), variant.train), f"{where}.train")
+    optim = _build(OptimConfig, merge_dicts(dataclasses.asdict(spec.optim), variant.optim), f"{where}.optim")
+    train = _build(TrainConfig, merge_dicts(dataclasses.asdict(spec.train), variant.train), f"{where}.train")
     batch = global_batch(train, spec.nodes, spec.gpus_per_node)
     optim = dataclasses.replace(optim, lr=scaled_lr(optim.lr, spec.reference_batch, batch))
     return scale_schedule(train, optim, steps_scale)[1]
@@ -609,8 +599,8 @@ def task_config(spec: TaskSpec, where: str = "task") -> Any:
 
 def _with_overrides(train: TrainConfig, optim: OptimConfig, train_changes: dict[str, Any],
                     optim_changes: dict[str, Any], where: str) -> tuple[TrainConfig, OptimConfig]:
-    return (_build(TrainConfig, _merge(dataclasses.asdict(train), train_changes), f"{where}.train"),
-            _build(OptimConfig, _merge(dataclasses.asdict(optim), optim_changes), f"{where}.optim"))
+    return (_build(TrainConfig, merge_dicts(dataclasses.asdict(train), train_changes), f"{where}.train"),
+            _build(OptimConfig, merge_dicts(dataclasses.asdict(optim), optim_changes), f"{where}.optim"))
 
 
 def task_schedule(spec: TaskSpec, train_samples: int, steps_scale: float = 1.0,

@@ -648,7 +648,22 @@ def report_stage(ctx: StageContext, recipe: Recipe, pretrained: dict[str, StageR
         return StageOutput(outputs={"markdown": Path(written["markdown"]).name,
                                     "html": Path(written["html"]).name, "results": "results.json"})
 
-    return run_stage(ctx, "report", recipe.name, params, inputs, work)
+    result = run_stage(ctx, "report", recipe.name, params, inputs, work)
+    publish_report_artifact(result)
+    return result
+
+
+def publish_report_artifact(result: StageResult) -> None:
+    """The report as a Prefect artifact of the flow run (the UI's Artifacts tab), also when the
+    report stage was cached; the self-contained HTML stays in the stage folder and MLflow."""
+    from prefect.artifacts import create_markdown_artifact
+
+    markdown = result.file("markdown").read_text(encoding="utf-8")
+    try:
+        create_markdown_artifact(markdown=markdown, key="codis-report",
+                                 description=f"report of this reproduction; HTML: {result.file('html')}")
+    except MissingContextError:  # called outside a flow run (tests, scripts)
+        pass
 
 
 def stage_label(result: StageResult) -> str:
