@@ -250,7 +250,12 @@ def tiny() -> ModelConfig:
     width 64 leaves the text [CLS] nearly blind to the caption, with dropout noise 50x larger than
     its content, so the tiny text encoder uses std 0.1 and no dropout. Momentum 0.95 lets the
     randomly initialised teachers follow within a short CPU run (the paper's 0.995 assumes
-    pretrained encoders). Two fusion layers so that word-level Grad-CAM has a layer below the last.
+    pretrained encoders). The queue holds 32 features (one demo batch): a randomly initialised
+    teacher drifts so fast that features queued a few steps earlier sit apart from the current
+    ones, and with 256 queued (mostly stale) negatives the cheapest way to lower L_itc was a shift
+    shared by every feature, so both towers collapsed and cross-modal retrieval stayed at chance;
+    with a short queue the same runs learn (notes/TINY_PRESET.md, finding 3). Two fusion layers
+    so that word-level Grad-CAM has a layer below the last.
     """
     return ModelConfig(
         vision=VisionConfig(timm_model="vit_base_patch16_224", image_size=64, patch_size=8,
@@ -259,7 +264,7 @@ def tiny() -> ModelConfig:
                         text_layers=1, fusion_layers=2, heads=2, intermediate_size=128,
                         max_length=30, init_std=0.1, dropout=0.0),
         codebook=CodebookConfig(size=32, ot=OTConfig(iterations=20)),
-        embed_dim=64, queue_size=256, momentum=0.95,
+        embed_dim=64, queue_size=32, momentum=0.95,
     )
 
 

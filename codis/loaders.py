@@ -291,8 +291,9 @@ def _build(urls: list[str], task: _Task, transform: Callable, *, batch_size: int
 def pretrain_loader(shards: str | list[str], *, tokenizer: PreTrainedTokenizerBase, image_size: int,
                     batch_size: int, max_words: int = 30, num_workers: int = 0,
                     resample: bool = False, seed: int = 0, shuffle_buffer: int = 1000,
-                    hflip: bool = True, epoch: int = 0, max_length: int = 30,
-                    drop_last: bool = True, skips: SkipCounter | None = None) -> ShardLoader:
+                    hflip: bool = True, crop_min_scale: float = 0.2, epoch: int = 0,
+                    max_length: int = 30, drop_last: bool = True,
+                    skips: SkipCounter | None = None) -> ShardLoader:
     """The pretraining stream over caption shards (write_shards' pretrain/retrieval_train kinds or
     img2dataset's webdataset output).
 
@@ -305,7 +306,8 @@ def pretrain_loader(shards: str | list[str], *, tokenizer: PreTrainedTokenizerBa
     share a counter across loaders).
     """
     task = _TASKS["pretrain"]
-    return _build(shard_urls(shards, task.kinds), task, pretrain_transform(image_size, hflip=hflip),
+    return _build(shard_urls(shards, task.kinds), task,
+                  pretrain_transform(image_size, hflip=hflip, crop_min_scale=crop_min_scale),
                   batch_size=batch_size, tokenizer=tokenizer, max_words=max_words,
                   max_length=max_length, num_workers=num_workers, train=True, resample=resample,
                   seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer, drop_last=drop_last,

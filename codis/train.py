@@ -65,16 +65,21 @@ class DataConfig:
     """Pretraining shards: folders written by the shard or download stage, files, or brace patterns.
 
     ``hflip``: ALBEF flips images at random; a dataset whose captions say "left" and "right" (the
-    demo world) should not. ``resample`` draws shards with replacement (an endless stream, for
-    multi-node runs whose ranks must never run dry at different times)."""
+    demo world) should not. ``crop_min_scale``: the smallest random crop (ALBEF 0.2); captions that
+    describe every object and its position want crops that keep them. ``resample`` draws shards
+    with replacement (an endless stream, for multi-node runs whose ranks must never run dry at
+    different times)."""
 
     shards: tuple[str, ...] = ()
     num_workers: int = 2
     shuffle_buffer: int = 1000
     hflip: bool = True
+    crop_min_scale: float = 0.2
     resample: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.crop_min_scale, (int, float)) or not 0.0 < self.crop_min_scale <= 1.0:
+            raise ConfigError(f"data.crop_min_scale: must be in (0, 1], got {self.crop_min_scale!r}")
         if not self.shards:
             raise ConfigError("data.shards: at least one shard folder, file or pattern is needed")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
@@ -409,7 +414,8 @@ def pretrain(config: PretrainConfig, *, resume: bool = True, callback: MetricsCa
             urls, tokenizer=model.tokenizer, image_size=model_config.vision.image_size,
             batch_size=config.train.batch_size, max_length=model_config.text.max_length,
             num_workers=data.num_workers, resample=data.resample, seed=config.train.seed,
-            shuffle_buffer=data.shuffle_buffer, hflip=data.hflip, epoch=epoch, skips=skips)
+            shuffle_buffer=data.shuffle_buffer, hflip=data.hflip,
+            crop_min_scale=data.crop_min_scale, epoch=epoch, skips=skips)
 
     def step_loss(trained: torch.nn.Module, batch: dict, step: int):
         alpha = distillation_alpha(step, config.model.alpha, config.train.alpha_warmup_steps)

@@ -1,9 +1,10 @@
 """ALBEF's image transforms: pretraining, finetuning (train) and evaluation.
 
 All three end in ``ToTensor`` + ``Normalize`` with the CLIP statistics that ALBEF uses. ALBEF's own
-``RandomAugment(2, 7, isPIL=True, augs=[...])`` picks two of a fixed list of ops at magnitude 7;
-torchvision's ``RandAugment(num_ops=2, magnitude=7)`` is the maintained equivalent (its op list also
-holds no flips, so flipping stays the separate, switchable step below).
+``RandomAugment(2, 7, isPIL=True, augs=[...])`` picks two ops at magnitude 7 from a list that leaves
+out every op that changes hues (Color, Contrast, Posterize, Solarize, Invert): captions name colours.
+:class:`CaptionSafeRandAugment` is torchvision's ``RandAugment`` restricted to that list; the full
+torchvision list would turn "a red square" into a pair whose square is cyan after Solarize.
 
 Horizontal flips: ALBEF flips in pretraining and finetuning even though captions such as "the dog
 on the left of the car" (and NLVR2 sentences about the left/right image) then describe the mirror
@@ -27,18 +28,36 @@ def _check_size(size: int) -> None:
         raise ValueError(f"image_size: must be a positive integer, got {size!r}")
 
 
+# ALBEF's RandomAugment op list (its names match torchvision's).
+ALBEF_AUGMENTATIONS = ("Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness", "ShearX",
+                       "ShearY", "TranslateX", "TranslateY", "Rotate")
+
+
+class CaptionSafeRandAugment(T.RandAugment):
+    """``RandAugment`` drawing only from :data:`ALBEF_AUGMENTATIONS` (no hue-changing ops)."""
+
+    def _augmentation_space(self, num_bins: int, image_size: tuple[int, int]) -> dict:
+        space = super()._augmentation_space(num_bins, image_size)
+        return {name: space[name] for name in ALBEF_AUGMENTATIONS}
+
+
 def _augmenting(size: int, min_scale: float, hflip: bool) -> T.Compose:
     _check_size(size)
+    if not 0.0 < min_scale <= 1.0:
+        raise ValueError(f"crop_min_scale: must be in (0, 1], got {min_scale!r}")
     steps: list = [T.RandomResizedCrop(size, scale=(min_scale, 1.0), interpolation=_BICUBIC)]
     if hflip:
         steps.append(T.RandomHorizontalFlip())
-    steps += [T.RandAugment(num_ops=2, magnitude=7), T.ToTensor(), T.Normalize(MEAN, STD)]
+    steps += [CaptionSafeRandAugment(num_ops=2, magnitude=7), T.ToTensor(), T.Normalize(MEAN, STD)]
     return T.Compose(steps)
 
 
-def pretrain_transform(size: int, hflip: bool = True) -> T.Compose:
-    """Pretraining: random resized crop (scale 0.2-1, bicubic), flip, RandAugment(2, 7), normalise."""
-    return _augmenting(size, 0.2, hflip)
+def pretrain_transform(size: int, hflip: bool = True, crop_min_scale: float = 0.2) -> T.Compose:
+    """Pretraining: random resized crop (scale 0.2-1, bicubic), flip, RandAugment(2, 7), normalise.
+
+    ``crop_min_scale``: ALBEF's 0.2 suits web photos; where captions name positions and every
+    object (the demo world), small crops cut described objects out and make true pairs false."""
+    return _augmenting(size, crop_min_scale, hflip)
 
 
 def train_transform(size: int, hflip: bool = True) -> T.Compose:

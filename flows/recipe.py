@@ -124,6 +124,7 @@ class PretrainDataSpec(_Spec):
     num_workers: int = Field(default=2, ge=0)
     shuffle_buffer: int = Field(default=1000, ge=0)
     hflip: bool = True
+    crop_min_scale: float = Field(default=0.2, gt=0.0, le=1.0)
     resample: bool = False
 
 
@@ -537,7 +538,8 @@ def pretrain_config(spec: PretrainSpec, variant: VariantSpec, shards: list[str] 
     return PretrainConfig(
         output_dir=str(output_dir),
         data=DataConfig(shards=tuple(str(s) for s in shards), num_workers=data.num_workers,
-                        shuffle_buffer=data.shuffle_buffer, hflip=data.hflip, resample=data.resample),
+                        shuffle_buffer=data.shuffle_buffer, hflip=data.hflip,
+                        crop_min_scale=data.crop_min_scale, resample=data.resample),
         model=model_config(variant, f"{where}.model"),
         train=pretrain_train_config(spec, variant, steps_scale, where),
         optim=pretrain_optim_config(spec, variant, steps_scale, where))

@@ -56,6 +56,12 @@ def test_demo_recipe_compares_codis_with_albef_on_cpu() -> None:
     assert recipe.pretrain.nodes * recipe.pretrain.gpus_per_node == 1
     assert recipes.launcher(recipe.pretrain) == "inprocess"
     assert recipe.champion_metric == "retrieval.demo.zs.r_mean"
+    # the demo's crop scale reaches the engine; the paper recipes keep ALBEF's 0.2
+    config = recipes.pretrain_config(recipe.pretrain, recipe.variants["codis"], ["x.tar"], "/out")
+    assert config.data.crop_min_scale == pytest.approx(0.8) and not config.data.hflip
+    paper = load_recipe(REPO / "pipelines" / "codis-4m.yaml")
+    paper_config = recipes.pretrain_config(paper.pretrain, paper.variants["codis"], ["x.tar"], "/out")
+    assert paper_config.data.crop_min_scale == pytest.approx(0.2)
 
 
 def test_paper_recipes_use_albefs_settings() -> None:

@@ -1,0 +1,63 @@
+"""ALBEF's image transforms: the augmentation op list and the crop scale."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from codis.train import DataConfig
+from codis.config import ConfigError
+from codis.transforms import (ALBEF_AUGMENTATIONS, CaptionSafeRandAugment, eval_transform,
+                              pretrain_transform, train_transform)
+
+HUE_CHANGING = {"Color", "Contrast", "Posterize", "Solarize"}
+
+
+def _augmenter(transform: T.Compose) -> T.RandAugment:
+    [augmenter] = [step for step in transform.transforms if isinstance(step, T.RandAugment)]
+    return augmenter
+
+
+@pytest.mark.parametrize("build", [pretrain_transform, train_transform])
+def test_training_transforms_draw_only_albef_ops(build):
+    augmenter = _augmenter(build(64, hflip=False))
+    assert isinstance(augmenter, CaptionSafeRandAugment)
+    space = augmenter._augmentation_space(augmenter.num_magnitude_bins, (64, 64))
+    assert set(space) == set(ALBEF_AUGMENTATIONS)
+    assert not HUE_CHANGING & set(space)
+    # torchvision's full list has them: the restriction is what keeps caption colours true
+    assert HUE_CHANGING <= set(T.RandAugment()._augmentation_space(31, (64, 64)))
+
+
+def test_saturated_colours_survive_augmentation():
+    # A red square on green: Solarize or Color would turn the square cyan/grey in some draws.
+    pixels = np.zeros((64, 64, 3), np.uint8)
+    pixels[:] = (20, 200, 20)
+    pixels[16:48, 16:48] = (230, 30, 30)
+    image = Image.fromarray(pixels)
+    augmenter = CaptionSafeRandAugment(num_ops=2, magnitude=7)
+    torch.manual_seed(0)
+    for _ in range(200):
+        out = np.asarray(augmenter(image), np.int32)
+        bright = out.max(axis=2) > 60  # geometric ops fill with black
+        red = out[..., 0] > out[..., 1] + 60
+        green = out[..., 1] > out[..., 0] + 60
+        assert np.all(red | green | ~bright)
+        assert red.sum() > 200
+
+
+def test_crop_min_scale_is_checked_and_used():
+    with pytest.raises(ValueError, match="crop_min_scale"):
+        pretrain_transform(64, crop_min_scale=0.0)
+    crop = pretrain_transform(64, crop_min_scale=0.8).transforms[0]
+    assert isinstance(crop, T.RandomResizedCrop) and crop.scale == (0.8, 1.0)
+    assert pretrain_transform(64).transforms[0].scale == (0.2, 1.0)  # ALBEF
+    with pytest.raises(ConfigError, match="data.crop_min_scale"):
+        DataConfig(shards=("x",), crop_min_scale=1.5)
+
+
+def test_eval_transform_is_deterministic_resize():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), np.uint8))
+    a, b = eval_transform(32)(image), eval_transform(32)(image)
+    assert a.shape == (3, 32, 32) and torch.equal(a, b)
