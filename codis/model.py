@@ -170,11 +170,13 @@ class CodisModel(nn.Module):
 
     # ---- pretraining ----------------------------------------------------------------------------
     def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                alpha: float | None = None, sample_ids: torch.Tensor | None = None) -> PretrainOutput:
+                alpha: float | None = None, sample_ids: torch.Tensor | None = None,
+                hard_negatives: bool = True) -> PretrainOutput:
         """One pretraining step's losses on a batch of matched (image, text) pairs.
 
         ``alpha`` is the distillation weight (the training loop ramps it up during the first
-        epoch, as ALBEF does); ``sample_ids`` marks captions of the same image (finetuning).
+        epoch, as ALBEF does); ``sample_ids`` marks captions of the same image (finetuning);
+        ``hard_negatives`` False draws the ITM negatives uniformly (see :meth:`itm_loss`).
         """
         config = self.config
         alpha = config.alpha if alpha is None else alpha
@@ -182,7 +184,7 @@ class CodisModel(nn.Module):
 
         f = self.pair_features(image, input_ids, attention_mask)
         loss_ica, ica_parts = self.contrastive_loss(f, alpha, sample_ids)
-        loss_itm = self.itm_loss(f, attention_mask, sample_ids)
+        loss_itm = self.itm_loss(f, attention_mask, sample_ids, hard_negatives)
         loss_mlm, mlm_parts = self._mlm_loss(input_ids, attention_mask, f.image_tokens,
                                              f.image_tokens_m, alpha)
         weights = config.loss_weights
@@ -236,13 +238,16 @@ class CodisModel(nn.Module):
             id_queue=None if sample_ids is None else torch.cat([ids_others, id_queue]))
 
     def itm_loss(self, f: PairFeatures, attention_mask: torch.Tensor,
-                 sample_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """L_itm on the batch's positive pairs and one hard negative per image and per text, drawn
-        from the contrastive similarities (never a pair of the same sample id)."""
+                 sample_ids: torch.Tensor | None = None, hard_negatives: bool = True) -> torch.Tensor:
+        """L_itm on the batch's positive pairs and one negative per image and per text (never a
+        pair of the same sample id): a hard negative drawn from the contrastive similarities, or,
+        with ``hard_negatives`` False, one drawn uniformly (equal similarities)."""
         batch = f.image_tokens.shape[0]
         with torch.no_grad():
             sim_i2t = f.image_feat @ f.text_feat_m.T / self.temp
             sim_t2i = f.text_feat @ f.image_feat_m.T / self.temp
+            if not hard_negatives:
+                sim_i2t, sim_t2i = torch.zeros_like(sim_i2t), torch.zeros_like(sim_t2i)
         negative_image, negative_text = losses.hard_negative_indices(sim_i2t, sim_t2i, sample_ids)
         images = torch.cat([f.image_tokens, f.image_tokens[negative_image], f.image_tokens], dim=0)
         texts = torch.cat([f.text_tokens, f.text_tokens, f.text_tokens[negative_text]], dim=0)

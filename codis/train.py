@@ -89,12 +89,16 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     """``batch_size`` is per process and micro-batch; the global batch is batch_size x
-    grad_accumulation x world size. ``alpha_warmup_steps``: ALBEF ramps alpha over one epoch."""
+    grad_accumulation x world size. ``alpha_warmup_steps``: ALBEF ramps alpha over one epoch.
+    ``itm_uniform_negative_steps``: ITM negatives drawn uniformly (not ALBEF's hard negatives) for
+    the first steps; 0 (ALBEF) for pretrained encoders. A fusion encoder trained from scratch never
+    learns ITM from hard negatives alone (notes/TINY_PRESET.md, finding 6)."""
 
     steps: int = 1000
     batch_size: int = 64
     grad_accumulation: int = 1
     alpha_warmup_steps: int = 1000
+    itm_uniform_negative_steps: int = 0
     clip_grad_norm: float = 0.0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
@@ -109,9 +113,10 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"train.{name}: must be an integer >= 1, got {value!r}")
-        if not isinstance(self.alpha_warmup_steps, int) or self.alpha_warmup_steps < 0:
-            raise ConfigError(f"train.alpha_warmup_steps: must be an integer >= 0, "
-                              f"got {self.alpha_warmup_steps!r}")
+        for name in ("alpha_warmup_steps", "itm_uniform_negative_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"train.{name}: must be an integer >= 0, got {value!r}")
         if self.clip_grad_norm < 0:
             raise ConfigError(f"train.clip_grad_norm: must be >= 0 (0 = off), got {self.clip_grad_norm}")
         if self.precision not in ("auto", "fp32", "bf16"):
@@ -419,7 +424,8 @@ def pretrain(config: PretrainConfig, *, resume: bool = True, callback: MetricsCa
 
     def step_loss(trained: torch.nn.Module, batch: dict, step: int):
         alpha = distillation_alpha(step, config.model.alpha, config.train.alpha_warmup_steps)
-        output = trained(batch["image"], batch["input_ids"], batch["attention_mask"], alpha=alpha)
+        output = trained(batch["image"], batch["input_ids"], batch["attention_mask"], alpha=alpha,
+                         hard_negatives=step >= config.train.itm_uniform_negative_steps)
         output.parts.update(alpha=torch.tensor(alpha), temperature=model.temp.detach())
         return output
 

@@ -486,6 +486,7 @@ def scale_schedule(train: TrainConfig, optim: OptimConfig, factor: float,
     steps = scaled(train.steps, 1)
     train = dataclasses.replace(
         train, steps=steps, alpha_warmup_steps=scaled(train.alpha_warmup_steps, 0),
+        itm_uniform_negative_steps=scaled(train.itm_uniform_negative_steps, 0),
         checkpoint_every=min(steps, scaled(train.checkpoint_every, 1)),
         log_every=min(steps, scaled(train.log_every, 1)))
     optim = dataclasses.replace(optim, warmup_steps=min(steps, scaled(optim.warmup_steps, 0)))

@@ -216,6 +216,9 @@ def test_scale_schedule_keeps_everything_valid() -> None:
                                           OptimConfig(warmup_steps=200), 0.001)
     assert (train.steps, train.alpha_warmup_steps, train.checkpoint_every, train.log_every) == (1, 0, 1, 1)
     assert optim.warmup_steps == 0
+    halved, _ = recipes.scale_schedule(TrainConfig(steps=1800, itm_uniform_negative_steps=900),
+                                       OptimConfig(), 0.5)
+    assert (halved.steps, halved.itm_uniform_negative_steps) == (900, 450)
 
 
 def test_task_schedule_uses_the_task_module_and_accumulation() -> None:

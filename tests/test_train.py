@@ -194,3 +194,20 @@ def test_two_gloo_processes_with_half_batches_match_one_process_with_the_full_ba
         for name, value in single.items():
             torch.testing.assert_close(results[rank][name], value, rtol=1e-4, atol=1e-5,
                                        msg=f"rank {rank}: {name}")
+
+
+def test_itm_negatives_are_uniform_for_the_first_steps_then_hard(tmp_path, caption_shards, monkeypatch):
+    import codis.losses as losses
+    drawn_from_equal_similarities = []
+    original = losses.hard_negative_indices
+
+    def recording(sim_i2t, sim_t2i, *args, **kwargs):
+        drawn_from_equal_similarities.append(bool((sim_i2t == sim_i2t[0, 0]).all()))
+        return original(sim_i2t, sim_t2i, *args, **kwargs)
+
+    monkeypatch.setattr(losses, "hard_negative_indices", recording)
+    pretrain(run_config(tmp_path / "run", caption_shards, steps=4, itm_uniform_negative_steps=2),
+             progress=False)
+    assert drawn_from_equal_similarities == [True, True, False, False]
+    with pytest.raises(ConfigError, match="train.itm_uniform_negative_steps"):
+        TrainConfig(itm_uniform_negative_steps=-1)
