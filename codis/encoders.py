@@ -7,10 +7,13 @@ cross-attention to the image tokens; both share BERT's embeddings and its MLM he
 from __future__ import annotations
 
 import copy
+from functools import partial
 from pathlib import Path
 
 import timm
 import torch
+from timm.layers import HybridEmbed
+from timm.models.vision_transformer_hybrid import ConvStem
 from torch import nn
 from transformers import BertConfig, BertForMaskedLM, BertModel
 from transformers.models.bert.modeling_bert import BertLayer, BertOnlyMLMHead
@@ -32,6 +35,10 @@ def build_image_encoder(config: VisionConfig) -> nn.Module:
                      embed_dim=config.width, depth=config.depth, num_heads=config.heads,
                      mlp_ratio=config.mlp_ratio, num_classes=0)
     pretrained = config.pretrained
+    if config.stem == "conv":  # VisionConfig allows it only without pretrained weights
+        layers = config.patch_size.bit_length() - 1
+        stem = ConvStem(depth=layers, channels=config.width, stride=(2,) * layers)
+        size_args.update(patch_size=1, embed_layer=partial(HybridEmbed, backbone=stem))
     if pretrained is None:
         return timm.create_model(config.timm_model, pretrained=False, **size_args)
     if pretrained.endswith(_WEIGHT_SUFFIXES) or Path(pretrained).exists():

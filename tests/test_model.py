@@ -161,6 +161,25 @@ def test_image_encoder_loads_local_pretrained_weights(tmp_path):
         build_image_encoder(dataclasses.replace(config, pretrained=str(tmp_path / "none.safetensors")))
 
 
+def test_conv_stem_replaces_the_patchify_projection_and_round_trips(tmp_path):
+    base = preset("tiny")
+    config = base.replace(vision=dataclasses.replace(base.vision, stem="conv"))  # patch 8: 3 convs
+    torch.manual_seed(0)
+    model = CodisModel(config)
+    strides = [m.stride for m in model.visual_encoder.patch_embed.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert strides == [(2, 2)] * 3 + [(1, 1)]  # three stride-2 3x3 convs, then the 1x1 projection
+    images, ids, mask = make_batch(config, size=4)
+    tokens = model.visual_encoder.forward_features(images)
+    grid = config.vision.image_size // config.vision.patch_size
+    assert tokens.shape == (4, 1 + grid * grid, config.vision.width)
+    model(images, ids, mask).loss.backward()
+    assert all(p.grad is not None for p in model.visual_encoder.patch_embed.parameters())
+    model.train(False)
+    loaded = load_model(save_model(model, tmp_path / "model.pt")).train(False)
+    assert loaded.config.vision.stem == "conv"
+    torch.testing.assert_close(loaded.encode_image(images)[0], model.encode_image(images)[0])
+
+
 def test_text_encoder_loads_a_local_bert_folder_into_text_and_fusion_layers(tmp_path):
     tokenizer = load_tokenizer("builtin")
     bert = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=4,
