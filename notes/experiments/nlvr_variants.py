@@ -19,7 +19,7 @@ import codis.transforms as transforms
 from codis import nlvr
 from codis.loaders import nlvr_loader
 from codis.train import OptimConfig, TrainConfig
-from codis.ve import FusionClassifier, fuse, mlp_head, pretrained_backbone
+from codis.ve import FusionClassifier, evaluate_classifier, fuse, mlp_head, pretrained_backbone
 
 torch.set_num_threads(1)
 pretrained, out, steps, lr = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
@@ -71,13 +71,10 @@ path = nlvr.finetune(pretrained, train_shards, out, config, train=train, optim=o
 
 
 def accuracy(shards):
-    model = built["model"].eval()
-    correct = total = 0
+    # The trained student in memory: a SIAMESE checkpoint cannot be read back by nlvr.load_nlvr_model.
+    batches = nlvr_loader(shards, image_size=config.image_size, batch_size=64, tokenizer=built["tokenizer"])
     with torch.no_grad():
-        for batch in nlvr_loader(shards, image_size=config.image_size, batch_size=64, tokenizer=built["tokenizer"]):
-            predicted = model([batch["image0"], batch["image1"]], batch["input_ids"], batch["attention_mask"]).argmax(-1)
-            correct += int((predicted == batch["label"]).sum()); total += len(predicted)
-    return 100 * correct / total
+        return evaluate_classifier(built["model"], batches, nlvr._nlvr_inputs, progress=False)["accuracy"]
 
 
 print(f"{pretrained}: NLVR2 train {accuracy(train_shards):.1f}% test {accuracy(test_shards):.1f}%")
