@@ -3,6 +3,19 @@
     codis pretrain --config run.yaml
     codis finetune --task retrieval --config finetune.yaml
     codis evaluate --task retrieval --checkpoint model.pt --shards data/test [--preset demo]
+    codis pretrain-vision --config vision_init.yaml
+
+A vision initialisation config (YAML; :mod:`codis.vision_init`) names the labelled images, the
+output folder, the ViT (a model preset's ``vision`` with changes) and its schedule::
+
+    train_annotations: world/classification/train.json
+    eval_annotations: world/classification/val.json     # optional
+    image_root: world
+    output_dir: runs/vision_init
+    preset: tiny
+    vision: {stem: conv}
+    train: {steps: 3000, batch_size: 64}
+    optim: {lr: 1.0e-3}
 
 A finetuning config (YAML) names the pretrained checkpoint, the training shards, the output
 folder, the task preset with changes, and the shared ``train`` / ``optim`` sections::
@@ -31,6 +44,8 @@ from codis.config import ConfigError
 TASKS = ("retrieval", "vqa", "nlvr", "ve")
 PAPER_PRESETS = {"retrieval": "coco", "vqa": "vqa", "nlvr": "nlvr", "ve": "ve"}
 FINETUNE_KEYS = {"pretrained", "train_shards", "output_dir", "preset", "task", "train", "optim"}
+VISION_INIT_KEYS = {"train_annotations", "eval_annotations", "image_root", "output_dir", "preset",
+                    "vision", "train", "optim"}
 
 
 def _task_module(task: str):
@@ -65,25 +80,49 @@ def _load_yaml(path: str) -> dict[str, Any]:
     return data
 
 
-def _finetune(args: argparse.Namespace) -> int:
+def _load_run_config(path: str, known: set[str], required: tuple[str, ...]) -> tuple[dict, Any, Any]:
+    """A command's YAML config checked for unknown and missing fields, with its ``train`` and
+    ``optim`` sections built (errors name the field)."""
     from codis.config import from_dict
     from codis.train import OptimConfig, TrainConfig
 
-    data = _load_yaml(args.config)
-    unknown = sorted(set(data) - FINETUNE_KEYS)
+    data = _load_yaml(path)
+    unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"{args.config}: {unknown[0]}: unknown field "
-                          f"(known: {', '.join(sorted(FINETUNE_KEYS))})")
-    for key in ("pretrained", "train_shards", "output_dir"):
+        raise ConfigError(f"{path}: {unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
+    for key in required:
         if key not in data:
-            raise ConfigError(f"{args.config}: {key}: required")
+            raise ConfigError(f"{path}: {key}: required")
     train = from_dict(TrainConfig, data.get("train", {}), prefix="train.")
     optim = from_dict(OptimConfig, data.get("optim", {}), prefix="optim.")
+    return data, train, optim
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    data, train, optim = _load_run_config(args.config, FINETUNE_KEYS,
+                                          ("pretrained", "train_shards", "output_dir"))
     config = _task_config(args.task, data.get("preset"), data.get("task"))
     module = _task_module(args.task)
     print(module.finetune(data["pretrained"], data["train_shards"], data["output_dir"], config,
                           train=train, optim=optim, progress=not args.no_progress,
                           resume=not args.no_resume, stop_after=args.stop_after))
+    return 0
+
+
+def _pretrain_vision(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from codis.config import VisionConfig, from_dict, preset
+    from codis.vision_init import pretrain_vision
+
+    data, train, optim = _load_run_config(args.config, VISION_INIT_KEYS,
+                                          ("train_annotations", "image_root", "output_dir"))
+    base = dataclasses.asdict(preset(data.get("preset", "tiny")).vision)
+    vision = from_dict(VisionConfig, {**base, **data.get("vision", {})}, prefix="vision.")
+    print(pretrain_vision(vision, data["train_annotations"], data["image_root"], data["output_dir"],
+                          train=train, optim=optim, eval_annotations=data.get("eval_annotations"),
+                          progress=not args.no_progress, resume=not args.no_resume,
+                          stop_after=args.stop_after))
     return 0
 
 
@@ -103,7 +142,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="codis", description="CODIS / ALBEF pretraining, "
-                                     "finetuning and evaluation")
+                                     "finetuning and evaluation", epilog=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     pretrain = commands.add_parser("pretrain", help="pretrain from a run config (YAML)")
@@ -115,7 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     finetune.add_argument("--config", required=True, help="finetuning config (YAML, see --help)")
     finetune.set_defaults(run=_finetune)
 
-    for command in (pretrain, finetune):
+    vision_init = commands.add_parser(
+        "pretrain-vision", help="supervised initialisation of the ViT on labelled images")
+    vision_init.add_argument("--config", required=True, help="vision initialisation config (YAML, see --help)")
+    vision_init.set_defaults(run=_pretrain_vision)
+
+    for command in (pretrain, finetune, vision_init):
         command.add_argument("--no-resume", action="store_true",
                              help="ignore checkpoints in output_dir and start from step 0")
         command.add_argument("--stop-after", type=int, default=None,

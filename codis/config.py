@@ -35,6 +35,7 @@ def _positive(obj: Any, prefix: str, *names: str) -> None:
 
 
 VISION_STEMS = ("patch", "conv")
+VISION_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,8 @@ class VisionConfig:
     ``"conv"`` replaces it by timm's ``ConvStem`` of log2(patch_size) 3x3 stride-2 convolutions
     (Xiao et al. 2021, "Early convolutions help transformers see better"), for ViTs trained from
     scratch on little data: trained on the demo world's shape labels, the tiny ViT learns them far
-    faster with it (notes/TINY_PRESET.md, finding 7). No preset uses it.
+    faster with it (notes/TINY_PRESET.md, finding 7). No preset uses it. Hub weights have a
+    patchify stem; a local weights file saved from a conv-stem ViT of this config loads.
     """
 
     timm_model: str = "vit_base_patch16_224"
@@ -69,8 +71,9 @@ class VisionConfig:
             _check(self.patch_size >= 2 and self.patch_size & (self.patch_size - 1) == 0,
                    "vision.patch_size", f"the conv stem halves the image per layer, so the patch size "
                    f"must be a power of two >= 2, got {self.patch_size}")
-            _check(self.pretrained is None, "vision.pretrained",
-                   "pretrained ViT weights have a patchify stem; use stem 'patch' with them")
+            _check(self.pretrained is None or self.pretrained.endswith(VISION_WEIGHT_SUFFIXES),
+                   "vision.pretrained", "hub ViT weights have a patchify stem; use stem 'patch' "
+                   "with them (a local weights file of a conv-stem ViT loads)")
         _check(self.image_size % self.patch_size == 0, "vision.image_size",
                f"{self.image_size} is not a multiple of vision.patch_size={self.patch_size}")
         _check(self.width % self.heads == 0, "vision.width",

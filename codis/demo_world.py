@@ -3,7 +3,8 @@
 No real image-text corpus can be downloaded where the demo runs, so this module renders scenes of
 one to four coloured shapes on varied backgrounds and writes, for those scenes, the files that
 ALBEF's data code reads: pretraining pairs (and an img2dataset url list), retrieval, VQA, NLVR² and
-SNLI-VE annotations. The demo then exercises the same download, sharding, loading and evaluation
+SNLI-VE annotations, and labelled images (shapes and colours present) for the image encoder's
+supervised initialisation, the demo's ImageNet (:mod:`codis.vision_init`). The demo then exercises the same download, sharding, loading and evaluation
 code as a real run.
 
 The tasks are built so that neither modality alone solves them:
@@ -124,6 +125,10 @@ class DemoWorldConfig:
     nlvr_pairs: dict[str, int] = field(default_factory=_default_splits(500, 100, 100, "dev"), hash=False)
     ve_images: dict[str, int] = field(default_factory=_default_splits(300, 100, 100, "dev"), hash=False)
     hypotheses_per_image: int = 3
+    # Labelled images for the image encoder's supervised initialisation (codis.vision_init), the
+    # demo's stand-in for ImageNet: which shapes and which colours each scene holds.
+    classification_images: dict[str, int] = field(
+        default_factory=lambda: {"train": 300, "val": 100}, hash=False)
     dead_urls: int = 3
     non_image_urls: int = 2
     jpeg_quality: int = 90
@@ -141,7 +146,8 @@ class DemoWorldConfig:
         for name, splits in (("retrieval_images", ("train", "val", "test")),
                              ("vqa_images", ("train", "val", "test")),
                              ("nlvr_pairs", ("train", "dev", "test")),
-                             ("ve_images", ("train", "dev", "test"))):
+                             ("ve_images", ("train", "dev", "test")),
+                             ("classification_images", ("train", "val"))):
             value = getattr(self, name)
             if not isinstance(value, Mapping) or set(value) != set(splits):
                 raise ConfigError(f"demo_world.{name}: must map exactly {', '.join(splits)} to counts, "
@@ -791,6 +797,16 @@ class _World:
             rows.insert(round((j + 1) * len(rows) / (len(bad) + 1)), row)
         return pairs, rows
 
+    def classification(self, split: str, n: int) -> list[dict]:
+        rows = []
+        for index in range(n):
+            rng = self.rng("classification", split, index)
+            scene = self.new_scene(rng)
+            path = self.save(scene, f"images/classification_{split}/{index:06d}.jpg")
+            labels = sorted({o.shape for o in scene.objects}) + sorted({o.color for o in scene.objects})
+            rows.append({"image": path, "labels": labels})
+        return rows
+
     def retrieval(self, split: str, n: int) -> list[dict]:
         rows = []
         for index in range(n):
@@ -981,7 +997,7 @@ def generate_demo_world(root: str | Path, config: DemoWorldConfig = DemoWorldCon
 
     total_images = (config.pretrain_images + sum(config.retrieval_images.values())
                     + sum(config.vqa_images.values()) + 2 * sum(config.nlvr_pairs.values())
-                    + sum(config.ve_images.values()))
+                    + sum(config.ve_images.values()) + sum(config.classification_images.values()))
     files: dict[str, Any] = {}
 
     def write(relative: str, rows: Any) -> None:
@@ -1004,6 +1020,9 @@ def generate_demo_world(root: str | Path, config: DemoWorldConfig = DemoWorldCon
         nlvr = {s: world.nlvr(s, config.nlvr_pairs[s]) for s in ("test", "dev", "train")}
         ve = {s: world.ve(s, config.ve_images[s]) for s in ("test", "dev", "train")}
         pairs, url_rows = world.pretrain()
+        # Last, so that adding it left every earlier split's scenes as they were.
+        classification = {s: world.classification(s, config.classification_images[s])
+                          for s in ("val", "train")}
 
     write("pretrain/captions.json", pairs)
     table = pa.table({"url": [r["url"] for r in url_rows], "caption": [r["caption"] for r in url_rows]})
@@ -1019,6 +1038,8 @@ def generate_demo_world(root: str | Path, config: DemoWorldConfig = DemoWorldCon
     for split in ("train", "dev", "test"):
         write(f"nlvr/{split}.json", nlvr[split])
         write(f"ve/{split}.json", ve[split])
+    for split in ("train", "val"):
+        write(f"classification/{split}.json", classification[split])
     write("meta/scenes.json", dict(sorted(world.scenes.items())))
     write("meta/vqa_question_types.json", question_types)
 

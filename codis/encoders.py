@@ -19,10 +19,8 @@ from transformers import BertConfig, BertForMaskedLM, BertModel
 from transformers.models.bert.modeling_bert import BertLayer, BertOnlyMLMHead
 
 from codis import _compat  # noqa: F401  - before timm builds anything with torchvision
-from codis.config import ConfigError, TextConfig, VisionConfig
+from codis.config import VISION_WEIGHT_SUFFIXES, ConfigError, TextConfig, VisionConfig
 from codis.text import resolve_pretrained
-
-_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
 
 
 def build_image_encoder(config: VisionConfig) -> nn.Module:
@@ -35,13 +33,13 @@ def build_image_encoder(config: VisionConfig) -> nn.Module:
                      embed_dim=config.width, depth=config.depth, num_heads=config.heads,
                      mlp_ratio=config.mlp_ratio, num_classes=0)
     pretrained = config.pretrained
-    if config.stem == "conv":  # VisionConfig allows it only without pretrained weights
+    if config.stem == "conv":  # VisionConfig allows it only with local (conv-stem) weights
         layers = config.patch_size.bit_length() - 1
         stem = ConvStem(depth=layers, channels=config.width, stride=(2,) * layers)
         size_args.update(patch_size=1, embed_layer=partial(HybridEmbed, backbone=stem))
     if pretrained is None:
         return timm.create_model(config.timm_model, pretrained=False, **size_args)
-    if pretrained.endswith(_WEIGHT_SUFFIXES) or Path(pretrained).exists():
+    if pretrained.endswith(VISION_WEIGHT_SUFFIXES) or Path(pretrained).exists():
         if not Path(pretrained).is_file():
             raise FileNotFoundError(f"vision.pretrained: no weights file at {pretrained}")
         return timm.create_model(config.timm_model, pretrained=True,

@@ -318,11 +318,13 @@ def task_loader(shards: str | list[str], kind: str, *, image_size: int, batch_si
                 train: bool = False, tokenizer: PreTrainedTokenizerBase | None = None,
                 max_words: int = 30, max_length: int = 30, num_workers: int = 0, seed: int = 0,
                 epoch: int = 0, shuffle_buffer: int = 1000, hflip: bool = True,
-                drop_last: bool | None = None, skips: SkipCounter | None = None) -> ShardLoader:
+                augment: bool = True, drop_last: bool | None = None,
+                skips: SkipCounter | None = None) -> ShardLoader:
     """A downstream-task loader over shards written by write_shards with ``kind``.
 
     ``train=False`` (evaluation): eval transform, shard and record order, every batch kept, errors
-    raised. ``train=True``: finetuning transform (``hflip`` as in :mod:`codis.transforms`), shard
+    raised. ``train=True``: finetuning transform (``hflip`` as in :mod:`codis.transforms`; with
+    ``augment`` False the evaluation transform, no crops or RandAugment), shard
     and sample shuffles seeded by ``(seed, epoch)``, shards split across ranks and workers, full
     batches only (unless ``drop_last=False``), broken data skipped and counted in ``skips``.
     With a tokenizer, the task's text (caption / question / sentence) becomes ``input_ids`` and
@@ -333,7 +335,8 @@ def task_loader(shards: str | list[str], kind: str, *, image_size: int, batch_si
         raise ValueError(f"kind: must be one of {', '.join(k for k in _TASKS if k != 'pretrain')}; "
                          f"got {kind!r}")
     task = _TASKS[kind]
-    transform = train_transform(image_size, hflip=hflip) if train else eval_transform(image_size)
+    augmenting = train and augment
+    transform = train_transform(image_size, hflip=hflip) if augmenting else eval_transform(image_size)
     return _build(shard_urls(shards, task.kinds), task, transform, batch_size=batch_size,
                   tokenizer=tokenizer, max_words=max_words, max_length=max_length,
                   num_workers=num_workers, train=train, resample=False, seed=seed, epoch=epoch,

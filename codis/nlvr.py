@@ -279,7 +279,7 @@ def finetune(pretrained: str | Path, train_shards: str | list[str], output_dir: 
                            max_words=config.max_words,
                            max_length=backbone.model_config.text.max_length,
                            num_workers=num_workers, seed=train.seed, epoch=epoch,
-                           hflip=config.hflip, skips=skips)
+                           hflip=config.hflip, augment=config.augment, skips=skips)
 
     return finetune_classifier(
         student, backbone, _nlvr_inputs, open_epoch, config,

@@ -51,7 +51,10 @@ class ClassifierConfig:
     :func:`training_configs` for the TrainConfig / OptimConfig that :func:`finetune` runs with.
     ``distill``: momentum distillation with weight ``alpha`` against an EMA teacher of momentum
     ``momentum``; ``alpha_warmup`` is ALBEF's ``warm_up`` (alpha ramped from 0 over the first epoch).
-    ``hflip``: random horizontal flips of training images. ``max_words``: ALBEF's pre_caption cut.
+    ``hflip``: random horizontal flips of training images. ``augment``: ALBEF's random crops
+    (scale >= 0.5) and RandAugment on training images; false trains on the evaluation transform
+    (the demo: crops cut the small objects that statements name out of 64 px scenes).
+    ``max_words``: ALBEF's pre_caption cut.
     """
 
     image_size: int = 384
@@ -63,6 +66,7 @@ class ClassifierConfig:
     alpha_warmup: bool = False
     momentum: float = 0.995
     hflip: bool = True
+    augment: bool = True
     max_words: int = 30
 
     task: ClassVar[str] = "classifier"
@@ -71,7 +75,7 @@ class ClassifierConfig:
         for name in ("image_size", "batch_size", "epochs", "max_words"):
             self._check_int(name)
         self._check_positive("lr")
-        for name in ("distill", "alpha_warmup", "hflip"):
+        for name in ("distill", "alpha_warmup", "hflip", "augment"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{self.task}.{name}: must be true or false, got {getattr(self, name)!r}")
         if not _is_number(self.alpha) or not 0.0 <= self.alpha <= 1.0:
@@ -499,7 +503,8 @@ def finetune(pretrained: str | Path, train_shards: str | list[str], output_dir: 
         return ve_loader(urls, train=True, tokenizer=backbone.tokenizer, image_size=config.image_size,
                          batch_size=train.batch_size, max_words=config.max_words,
                          max_length=backbone.model_config.text.max_length, num_workers=num_workers,
-                         seed=train.seed, epoch=epoch, hflip=config.hflip, skips=skips)
+                         seed=train.seed, epoch=epoch, hflip=config.hflip, augment=config.augment,
+                         skips=skips)
 
     return finetune_classifier(
         student, backbone, _ve_inputs, open_epoch, config,

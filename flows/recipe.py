@@ -33,7 +33,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, StringConstra
                       ValidationError, create_model, field_validator, model_validator)
 
 import codis  # noqa: F401  - the torchvision shim first
-from codis.config import PRESETS, ModelConfig, merge_dicts
+from codis.config import PRESETS, ModelConfig, VisionConfig, merge_dicts
 from codis.demo_world import DemoWorldConfig
 from codis.download import DownloadConfig
 from codis.train import DataConfig, OptimConfig, PretrainConfig, TrainConfig
@@ -160,6 +160,20 @@ class PretrainSpec(_Spec):
         return self
 
 
+class VisionInitSpec(_Spec):
+    """The image encoder's supervised initialisation (:func:`codis.vision_init.pretrain_vision`),
+    run once before pretraining: every variant's ViT starts from its weights, as ALBEF's and
+    CODIS's start from DeiT's ImageNet weights, for recipes that cannot load those from the hub
+    (the demo). ``annotations`` / ``eval_annotations``: ``{image, labels}`` JSON lists under
+    ``image_root``. The ViT is the variants' (they must agree, without ``vision.pretrained``)."""
+
+    annotations: str
+    eval_annotations: str | None = None
+    image_root: str
+    train: TrainConfig = TrainConfig()
+    optim: OptimConfig = OptimConfig()
+
+
 # ---- downstream tasks ----------------------------------------------------------------------------
 class TextAssignmentSpec(_Spec):
     """ALBEF's NLVR² text-assignment pre-step on the pretraining data: overrides of the schedule
@@ -249,6 +263,7 @@ class Recipe(_Spec):
     demo_world: DemoWorldConfig | None = None
     pretrain_data: list[PretrainSource] = Field(min_length=1)
     variants: dict[Name, VariantSpec] = Field(min_length=1)
+    vision_init: VisionInitSpec | None = None
     pretrain: PretrainSpec = PretrainSpec()
     tasks: list[TaskSpec] = []
     report: ReportSpec = ReportSpec()
@@ -268,6 +283,8 @@ class Recipe(_Spec):
             model_config(variant, where=f"{where}.model")
             pretrain_train_config(self.pretrain, variant, self.steps_scale, where)
             pretrain_optim_config(self.pretrain, variant, self.steps_scale, where)
+        if self.vision_init is not None:
+            vision_init_config(self)
         seen: set[str] = set()
         for index, task in enumerate(self.tasks):
             where = f"tasks.{index}"
@@ -473,6 +490,28 @@ def model_config(variant: VariantSpec, where: str = "model") -> ModelConfig:
     return _build(ModelConfig, merge_dicts(PRESETS[variant.preset]().to_dict(), variant.model), where)
 
 
+def build_vision_config(data: dict[str, Any], where: str = "vision") -> VisionConfig:
+    """A :class:`VisionConfig` from its fields (a flow parameter), errors naming the field."""
+    return _build(VisionConfig, data, where)
+
+
+def vision_init_config(recipe: Recipe) -> VisionConfig:
+    """The ViT that ``recipe.vision_init`` trains: the variants' vision config, which must be one
+    and have no ``pretrained`` weights of its own (the initialisation provides them)."""
+    configs = {name: model_config(variant, f"variants.{name}.model").vision
+               for name, variant in recipe.variants.items()}
+    for name, vision in configs.items():
+        if vision.pretrained is not None:
+            raise ValueError(f"variants.{name}.model.vision.pretrained: {vision.pretrained!r} is set, "
+                             "but vision_init provides the ViT's weights; remove one of the two")
+    first, *others = configs.items()
+    for name, vision in others:
+        if vision != first[1]:
+            raise ValueError(f"vision_init: variants {first[0]} and {name} have different ViTs "
+                             "(model.vision); one initialisation serves one architecture")
+    return first[1]
+
+
 def scale_schedule(train: TrainConfig, optim: OptimConfig, factor: float,
                    ) -> tuple[TrainConfig, OptimConfig]:
     """Multiply every step count of a schedule by ``factor`` (the recipe's ``steps_scale``): total
@@ -661,6 +700,12 @@ def _path_fields(recipe: Recipe) -> list[tuple[str, str]]:
 
     for index, item in enumerate(recipe.pretrain_data):
         source(f"pretrain_data.{index}", item)
+    if recipe.vision_init is not None:
+        init = recipe.vision_init
+        found.append(("vision_init.annotations", init.annotations))
+        if init.eval_annotations is not None:
+            found.append(("vision_init.eval_annotations", init.eval_annotations))
+        found.append(("vision_init.image_root", init.image_root))
     for index, task in enumerate(recipe.tasks):
         for part, item in enumerate(task.train_data):
             source(f"tasks.{index}.train_data.{part}", item)

@@ -39,7 +39,7 @@ from flows.recipe import Recipe, RecipeError, TaskSpec, UrlSource
 from flows.stages import (StageContext, analyze_task, download_task, evaluate_task,
                           finetune_task, generate_demo_task, pretrain_task, register_task,
                           report_stage, report_task, resolve_tracking_uri, run_logger,
-                          shard_task, stage_label, text_assignment_task)
+                          shard_task, stage_label, text_assignment_task, vision_init_task)
 from flows.store import StageResult, Store
 from flows.tracking import Tracker, default_artifact_location
 
@@ -156,6 +156,13 @@ def _reproduce(spec: Recipe, ctx: StageContext, summary: dict[str, Any], parent:
         data_stages.append(_record(summary, result))
         eval_folders[spec_task.label] = str(result.file("shards"))
 
+    vision_weights = None
+    if spec.vision_init is not None:
+        init = _record(summary, retried(vision_init_task)(
+            ctx, spec.vision_init, recipes.vision_init_config(spec), world_dir, spec.steps_scale))
+        summary["vision_init"] = {"key": init.key, "path": init.path}
+        vision_weights = str(init.file("weights"))
+
     # ---- variants --------------------------------------------------------------------------------
     pretrained: dict[str, StageResult] = {}
     evaluations: dict[str, list[tuple[TaskSpec, bool, StageResult]]] = {}
@@ -166,7 +173,8 @@ def _reproduce(spec: Recipe, ctx: StageContext, summary: dict[str, Any], parent:
         record: dict[str, Any] = {"evaluations": [], "registered": {}}
         summary["variants"][name] = record
         pre = _record(summary, retried(pretrain_task)(ctx, name, variant, spec.pretrain,
-                                                      pretrain_folders, spec.steps_scale))
+                                                      pretrain_folders, spec.steps_scale,
+                                                      vision_weights))
         pretrained[name] = pre
         record["pretrain"] = {"stage": pre.stage, "key": pre.key, "path": pre.path}
         checkpoint = str(pre.file("model"))

@@ -53,11 +53,13 @@ from codis import demo_world as codis_demo_world
 from codis import download as codis_download
 from codis import shards as codis_shards
 from codis import train as codis_train
+from codis import vision_init as codis_vision_init
+from codis.config import VisionConfig
 from codis.demo_world import DemoWorldConfig
 from codis.files import atomic_write_json
 from flows import recipe as recipes
 from flows.recipe import (AnalysisSpec, AnnotationSource, PretrainSpec, Recipe, TaskSpec,
-                          UrlSource, VariantSpec)
+                          UrlSource, VariantSpec, VisionInitSpec)
 from flows.store import MARKER, StageOutput, StageResult, Store
 from flows.tracking import Tracker, default_artifact_location, default_tracking_uri
 
@@ -73,7 +75,8 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter:
 
 
 _STAGE_ROOTS = {"generate_demo": "codis.demo_world", "shard": "codis.shards",
-                "pretrain": "codis.train", "text_assignment": "codis.nlvr", "report": "codis.report",
+                "pretrain": "codis.train", "vision_init": "codis.vision_init",
+                "text_assignment": "codis.nlvr", "report": "codis.report",
                 "analyze": "codis.analysis"}
 # Data stages hash their own module only: editing codis/config.py must not re-shard COCO. The
 # download stage hashes no codis code at all (re-downloading millions of images for an edit of
@@ -390,15 +393,55 @@ def _tail(path: Path, lines: int = 30) -> str:
     return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
 
 
+def vision_init_stage(ctx: StageContext, spec: VisionInitSpec, vision: VisionConfig,
+                      world: str | None = None, steps_scale: float = 1.0) -> StageResult:
+    """Train the variants' ViT on labelled images (:func:`codis.vision_init.pretrain_vision`);
+    its weights file initialises every variant's image encoder."""
+    annotations = recipes.resolve_path(spec.annotations, world, "vision_init.annotations")
+    held_out = (None if spec.eval_annotations is None else
+                recipes.resolve_path(spec.eval_annotations, world, "vision_init.eval_annotations"))
+    image_root = recipes.resolve_path(spec.image_root, world, "vision_init.image_root")
+    train, optim = recipes.scale_schedule(spec.train, spec.optim, steps_scale)
+    params = {"vision": dataclasses.asdict(vision), "train": dataclasses.asdict(train),
+              "optim": dataclasses.asdict(optim)}
+    inputs = {"annotations": annotations, "image_root": image_root,
+              **({"eval_annotations": held_out} if held_out is not None else {})}
+
+    def work(folder: Path, run: Any) -> StageOutput:
+        sink = MetricsSink(run, "vision_init", "vision_init", train.steps)
+        sink.jsonl = folder / "metrics.jsonl"
+        codis_vision_init.pretrain_vision(vision, annotations, image_root, folder, train=train,
+                                          optim=optim, eval_annotations=held_out, callback=sink,
+                                          progress=ctx.progress)
+        scores = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+        return StageOutput(
+            outputs={"weights": codis_vision_init.WEIGHTS, "metrics": "metrics.json"},
+            metrics={**sink.final(), **{f"vision_init.{k}": float(v) for k, v in scores.items()
+                                        if k.startswith("balanced_accuracy")}})
+
+    return run_stage(ctx, "vision_init", "vision_init", params, inputs, work)
+
+
 def pretrain_stage(ctx: StageContext, name: str, variant: VariantSpec, spec: PretrainSpec,
-                   shards: Sequence[str], steps_scale: float = 1.0) -> StageResult:
-    """Pretrain one model variant on the tar files of ``shards`` (folders of shard stages)."""
+                   shards: Sequence[str], steps_scale: float = 1.0,
+                   vision_weights: str | None = None) -> StageResult:
+    """Pretrain one model variant on the tar files of ``shards`` (folders of shard stages);
+    ``vision_weights`` (a vision_init stage's weights file) initialises its ViT."""
     tars = shard_files(shards)
     config = recipes.pretrain_config(spec, variant, tars, "<stage folder>", steps_scale,
                                      where=f"variants.{name}")
+    if vision_weights is not None:
+        vision = dataclasses.replace(config.model.vision, pretrained=str(vision_weights))
+        config = dataclasses.replace(config, model=config.model.replace(vision=vision))
     run_config = config.to_dict()
     run_config.pop("output_dir")
     run_config["data"].pop("shards")  # the inputs' identities stand for them in the key
+    run_config["model"]["vision"].pop("pretrained")  # a hub tag, or the vision_init input below
+    inputs: dict[str, Any] = {"shards": tars}
+    if vision_weights is not None:
+        inputs["vision_init"] = Path(vision_weights)
+    else:
+        run_config["model"]["vision"]["pretrained"] = config.model.vision.pretrained
     world_size = spec.nodes * spec.gpus_per_node
     params = {"run": run_config, "world_size": world_size,
               "global_batch": recipes.global_batch(config.train, spec.nodes, spec.gpus_per_node),
@@ -438,7 +481,7 @@ def pretrain_stage(ctx: StageContext, name: str, variant: VariantSpec, spec: Pre
                                     "metrics": "metrics.jsonl"},
                            metrics=sink.final() or _final_from_jsonl(jsonl, "pretrain"))
 
-    return run_stage(ctx, "pretrain", name, params, {"shards": tars}, work,
+    return run_stage(ctx, "pretrain", name, params, inputs, work,
                      tags={"codis.variant": name, "codis.mode": config.model.mode,
                            "codis.launcher": recipes.launcher(spec)})
 
@@ -707,6 +750,8 @@ generate_demo_task = task(generate_demo_stage, name="generate_demo", task_run_na
 download_task = task(download_stage, name="download", task_run_name="download[{source.name}]",
                      **_TASK_OPTIONS)
 shard_task = task(shard_stage, name="shard", task_run_name="shard[{label}]", **_TASK_OPTIONS)
+vision_init_task = task(vision_init_stage, name="vision_init", task_run_name="vision_init",
+                        **_TASK_OPTIONS)
 pretrain_task = task(pretrain_stage, name="pretrain", task_run_name="pretrain[{name}]", **_TASK_OPTIONS)
 text_assignment_task = task(text_assignment_stage, name="text_assignment",
                             task_run_name="text_assignment[{spec.name}/{variant}]", **_TASK_OPTIONS)
@@ -763,13 +808,23 @@ def shard(source: AnnotationSource,
                       label=source.name or kind).to_dict()
 
 
+@flow(name="vision_init")
+def vision_init(settings: VisionInitSpec, vision: dict[str, Any], world: str | None = None,
+                steps_scale: float = 1.0, options: StageOptions = StageOptions()) -> dict[str, Any]:
+    """Train a ViT (``vision``: :class:`codis.config.VisionConfig` fields) on labelled images; its
+    weights file is the ``vision_weights`` of the pretrain flow."""
+    config = recipes.build_vision_config(vision)
+    return vision_init_task(make_context(options), settings, config, world, steps_scale).to_dict()
+
+
 @flow(name="pretrain")
 def pretrain(variant: VariantSpec, settings: PretrainSpec, shards: list[str],
-             name: str = "codis", steps_scale: float = 1.0,
+             name: str = "codis", steps_scale: float = 1.0, vision_weights: str | None = None,
              options: StageOptions = StageOptions()) -> dict[str, Any]:
-    """Pretrain one model variant on shard folders (outputs of the download / shard flows)."""
+    """Pretrain one model variant on shard folders (outputs of the download / shard flows);
+    ``vision_weights``: the vision_init flow's weights file for its ViT."""
     return pretrain_task(make_context(options), name, variant, settings, shards,
-                         steps_scale).to_dict()
+                         steps_scale, vision_weights).to_dict()
 
 
 @flow(name="register")
@@ -815,5 +870,5 @@ def report(summary: str, options: StageOptions = StageOptions()) -> dict[str, An
     return report_from_summary(make_context(options), summary).to_dict()
 
 
-STAGE_FLOWS = (generate_demo, download, shard, pretrain, register, finetune, evaluate, analyze,
-               report)
+STAGE_FLOWS = (generate_demo, download, shard, vision_init, pretrain, register, finetune, evaluate,
+               analyze, report)

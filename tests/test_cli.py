@@ -56,3 +56,20 @@ def test_bad_finetune_config_fails_naming_the_field(world, capsys):
     assert "train.stepz: unknown field" in capsys.readouterr().err
     assert main(["finetune", "--task", "retrieval", "--config", str(world / "missing.yaml")]) == 2
     assert "no config at" in capsys.readouterr().err
+
+
+def test_pretrain_vision_from_the_command_line(world, capsys):
+    config = {"train_annotations": str(world / "world/classification/train.json"),
+              "eval_annotations": str(world / "world/classification/val.json"),
+              "image_root": str(world / "world"), "output_dir": str(world / "vision_init"),
+              "preset": "tiny", "vision": {"stem": "conv"},
+              "train": {"steps": 2, "batch_size": 8, "log_every": 1}, "optim": {"warmup_steps": 1}}
+    (world / "vision.yaml").write_text(yaml.safe_dump(config))
+    assert main(["pretrain-vision", "--config", str(world / "vision.yaml"), "--no-progress"]) == 0
+    weights = world / "vision_init" / "vision.safetensors"
+    assert capsys.readouterr().out.strip() == str(weights) and weights.is_file()
+    metrics = json.loads((world / "vision_init" / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and metrics["eval_images"] == 100
+    (world / "vision_bad.yaml").write_text(yaml.safe_dump({**config, "vision": {"stme": "conv"}}))
+    assert main(["pretrain-vision", "--config", str(world / "vision_bad.yaml")]) == 2
+    assert "vision.stme: unknown field" in capsys.readouterr().err

@@ -38,7 +38,7 @@ def test_modes_map_to_the_papers_rows(mode, intra, codebook):
     (lambda: VisionConfig(image_size=250, patch_size=16), "vision.image_size"),
     (lambda: VisionConfig(stem="cnn"), "vision.stem"),
     (lambda: VisionConfig(stem="conv", image_size=48, patch_size=12), "vision.patch_size"),
-    (lambda: VisionConfig(stem="conv", pretrained="deit.safetensors"), "vision.pretrained"),
+    (lambda: VisionConfig(stem="conv", pretrained="deit_base_patch16_224.fb_in1k"), "vision.pretrained"),
     (lambda: OTConfig(solver="emd"), "codebook.ot.solver"),
     (lambda: ModelConfig.from_dict({**preset("tiny").to_dict(), "embed_dims": 3}), "embed_dims"),
     (lambda: ModelConfig.from_dict({"codebook": {"size": 1}}), "codebook.size"),

@@ -29,7 +29,7 @@ SMALL = dict(seed=3, image_size=40, pretrain_images=60, captions_per_pretrain_im
              vqa_images={"train": 60, "val": 40, "test": 20}, questions_per_image=3,
              nlvr_pairs={"train": 60, "dev": 24, "test": 24},
              ve_images={"train": 60, "dev": 30, "test": 20}, hypotheses_per_image=3,
-             dead_urls=3, non_image_urls=2)
+             classification_images={"train": 30, "val": 20}, dead_urls=3, non_image_urls=2)
 
 COLOR_WORDS = {"red": "red", "green": "green", "blue": "blue", "yellow": "yellow", "purple": "purple",
                "orange": "orange", "white": "white", "black": "black", "gray": "gray", "grey": "gray"}
@@ -89,7 +89,8 @@ def load(root: Path) -> dict:
     for rel in ("pretrain/captions.json", "vqa/answer_list.json"):
         world[rel] = read(rel)
     for task, splits in (("retrieval", ("train", "val", "test")), ("vqa", ("train", "val", "test")),
-                         ("nlvr", ("train", "dev", "test")), ("ve", ("train", "dev", "test"))):
+                         ("nlvr", ("train", "dev", "test")), ("ve", ("train", "dev", "test")),
+                         ("classification", ("train", "val"))):
         for split in splits:
             world[f"{task}/{split}.json"] = read(f"{task}/{split}.json")
     return world
@@ -142,6 +143,7 @@ def test_manifest_lists_files_with_hashes_and_no_temporaries(world: dict) -> Non
                 "meta/scenes.json", "meta/vqa_question_types.json"}
     expected |= {f"{t}/{s}.json" for t in ("retrieval", "vqa") for s in ("train", "val", "test")}
     expected |= {f"{t}/{s}.json" for t in ("nlvr", "ve") for s in ("train", "dev", "test")}
+    expected |= {f"classification/{s}.json" for s in ("train", "val")}
     assert set(manifest["files"]) == expected
     for rel, entry in manifest["files"].items():
         assert hashlib.sha256((root / rel).read_bytes()).hexdigest() == entry["sha256"], rel
@@ -261,7 +263,7 @@ def test_nlvr_and_ve_formats(world: dict) -> None:
 def referenced_images(world: dict) -> set[str]:
     images = {p["image"] for p in world["pretrain/captions.json"]}
     for key, rows in world.items():
-        if key.endswith(".json") and key.split("/")[0] in ("retrieval", "vqa", "nlvr", "ve") \
+        if key.endswith(".json") and key.split("/")[0] in ("retrieval", "vqa", "nlvr", "ve", "classification") \
                 and not key.endswith("answer_list.json"):
             for row in rows:
                 images.update(row["images"] if "images" in row else [row["image"]])
@@ -442,6 +444,26 @@ def ve_parse(sentence: str) -> tuple[str, str | None, tuple]:
     raise AssertionError(f"unparsed hypothesis: {sentence}")
 
 
+def test_classification_labels_are_the_shapes_and_colours_present(world: dict) -> None:
+    for split, count in (("train", 30), ("val", 20)):
+        rows = world[f"classification/{split}.json"]
+        assert len(rows) == count
+        for row in rows:
+            assert row["image"].startswith(f"images/classification_{split}/")
+            objs = objects(world, row["image"])
+            assert sorted(row["labels"]) == sorted({o["shape"] for o in objs} | {o["color"] for o in objs})
+
+
+def test_classification_images_leave_the_other_splits_unchanged(world_root: Path, tmp_path: Path) -> None:
+    generate_demo_world(tmp_path, DemoWorldConfig(**{**SMALL, "classification_images": {"train": 5, "val": 3}}),
+                        progress=False)
+    first, second = tree(world_root), tree(tmp_path)
+    changed = {name for name in first.keys() & second.keys() if first[name] != second[name]}
+    assert changed == {"manifest.json", "meta/scenes.json", "classification/train.json",
+                       "classification/val.json"}
+    assert {n for n in first.keys() ^ second.keys() if not n.startswith("images/classification_")} == set()
+
+
 def test_ve_labels_follow_from_the_scene(world: dict) -> None:
     for split in ("train", "dev", "test"):
         for row in world[f"ve/{split}.json"]:
@@ -580,6 +602,7 @@ def test_texts_use_the_builtin_vocabulary(world: dict) -> None:
     ({"vqa_images": {"train": 5, "val": 0, "test": 5}}, "vqa_images"),
     ({"nlvr_pairs": {"train": 5, "val": 5, "test": 5}}, "nlvr_pairs"),
     ({"ve_images": {"train": 5, "dev": 2.5, "test": 5}}, "ve_images"),
+    ({"classification_images": {"train": 5}}, "classification_images"),
     ({"questions_per_image": 0}, "questions_per_image"),
     ({"hypotheses_per_image": 7}, "hypotheses_per_image"),
     ({"dead_urls": -1}, "dead_urls"),

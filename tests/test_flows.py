@@ -25,6 +25,7 @@ import codis.retrieval
 import codis.shards
 import codis.train
 import codis.ve
+import codis.vision_init
 import codis.vqa
 import flows  # noqa: F401  - sets PREFECT_SERVER_ANALYTICS_ENABLED before prefect is imported
 from flows import recipe as recipes
@@ -120,6 +121,16 @@ class Fakes:
         out.write_text(_digest("pretrain", config.model.to_dict(), config.train.steps))
         return out
 
+    def pretrain_vision(self, vision, train_annotations, image_root, output_dir, *, train, optim,
+                        eval_annotations=None, callback=None, progress=True, **kwargs):
+        self._call("pretrain_vision", vision=vision, annotations=Path(train_annotations),
+                   eval_annotations=eval_annotations, train=train)
+        callback(train.steps, {"loss": 0.3})
+        out = Path(output_dir)
+        (out / "metrics.json").write_text(json.dumps({"steps": train.steps, "balanced_accuracy": 70.0}))
+        (out / "vision.safetensors").write_text(_digest("vision", vision.stem, train.steps))
+        return out / "vision.safetensors"
+
     def task_functions(self, task: str) -> dict[str, Any]:
         def finetune(pretrained, train_shards, output_dir, config, *, train, optim, callback=None,
                      progress=True, **kwargs):
@@ -167,6 +178,7 @@ def fakes(monkeypatch) -> Fakes:
     monkeypatch.setattr(codis.download, "download_demo", fake.download_demo)
     monkeypatch.setattr(codis.shards, "write_shards", fake.write_shards)
     monkeypatch.setattr(codis.train, "pretrain", fake.pretrain)
+    monkeypatch.setattr(codis.vision_init, "pretrain_vision", fake.pretrain_vision)
     monkeypatch.setattr(codis.report, "build_report", fake.build_report)
     for task, module in (("retrieval", codis.retrieval), ("vqa", codis.vqa),
                          ("nlvr", codis.nlvr), ("ve", codis.ve)):
@@ -452,6 +464,60 @@ def test_prefect_retries_a_failed_stage_within_the_run(first, fakes, tmp_path) -
                              "nlvr.finetune", "nlvr.evaluate", "build_report"]
 
 
+def vision_init_data() -> dict:
+    data = recipe_data()
+    data["vision_init"] = {"annotations": "demo://retrieval/train.json",
+                           "eval_annotations": "demo://retrieval/test.json", "image_root": "demo://",
+                           "train": {"steps": 4, "batch_size": 8, "checkpoint_every": 2}}
+    for variant in data["variants"].values():
+        variant["model"]["vision"] = {"stem": "conv"}
+    return data
+
+
+def test_vision_init_runs_once_and_initialises_every_variant(fakes, tmp_path) -> None:
+    summary = run(tmp_path, data=vision_init_data())
+    assert summary["status"] == "completed"
+    assert fakes.names()[len(DATA)] == "pretrain_vision"  # after the data, before pretraining
+    assert fakes.names().count("pretrain_vision") == 1
+    init = fakes.calls[len(DATA)][1]
+    assert init["vision"].stem == "conv" and init["vision"].pretrained is None
+    assert init["train"].steps == 4 and init["annotations"].name == "train.json"
+    weights = Path(summary["vision_init"]["path"]) / "vision.safetensors"
+    pretrains = [args["config"] for name, args in fakes.calls if name == "pretrain"]
+    assert [c.model.vision.pretrained for c in pretrains] == [str(weights)] * 2
+    assert all(c.model.vision.stem == "conv" for c in pretrains)
+    store = Store(tmp_path / "runs" / "store")
+    marked = [r for r in store.completed() if r.stage == "pretrain"]
+    assert {r.marker["inputs"]["vision_init"].split("/")[0] for r in marked} == {"vision_init"}
+    vision_stage = next(r for r in store.completed() if r.stage == "vision_init")
+    assert vision_stage.metrics["vision_init.balanced_accuracy"] == 70.0
+
+    # Another initialisation re-runs it and both pretrainings (their keys name its output) ...
+    fakes.calls.clear()
+    run(tmp_path, data=vision_init_data(), overrides=["vision_init.train.steps=6"])
+    assert fakes.names().count("pretrain_vision") == 1 and fakes.names().count("pretrain") == 2
+    # ... the same one re-runs nothing.
+    fakes.calls.clear()
+    run(tmp_path, data=vision_init_data(), overrides=["vision_init.train.steps=6"])
+    assert fakes.names() == []
+
+
+def test_vision_init_recipe_errors_name_the_field(fakes, tmp_path) -> None:
+    data = vision_init_data()
+    data["variants"]["albef"]["model"]["vision"] = {"stem": "patch"}
+    with pytest.raises(RecipeError, match="vision_init: variants codis and albef have different ViTs"):
+        run(tmp_path, data=data)
+    data = vision_init_data()
+    data["variants"]["codis"]["model"]["vision"]["pretrained"] = "deit.safetensors"
+    with pytest.raises(RecipeError, match="variants.codis.model.vision.pretrained"):
+        run(tmp_path, data=data)
+    data = vision_init_data()
+    data["vision_init"]["annotations"] = str(tmp_path / "nowhere.json")
+    with pytest.raises(RecipeError, match="vision_init.annotations"):
+        run(tmp_path, data=data)
+    assert fakes.calls == []
+
+
 def test_an_invalid_recipe_fails_before_any_work(fakes, tmp_path) -> None:
     data = recipe_data()
     data["tasks"][0]["train"] = {"stepz": 3}
@@ -569,6 +635,15 @@ def test_stage_flows_take_typed_parameters(fakes, tmp_path) -> None:
     again = stages.shard(source=source, kind="ve", world=str(world), options=options)
     assert not first["cached"] and again["cached"] and again["key"] == first["key"]
     assert fakes.names() == ["generate_demo_world", "write_shards"]
+    settings = {"annotations": "demo://ve/train.json", "image_root": "demo://",
+                "train": {"steps": 2, "batch_size": 4}}
+    init = stages.vision_init(settings=settings, vision={"image_size": 32, "patch_size": 8, "width": 16,
+                                                         "depth": 1, "heads": 2}, world=str(world),
+                              options=options)
+    assert Path(init["path"], init["outputs"]["weights"]).is_file()
+    assert fakes.calls[-1][1]["vision"].width == 16 and fakes.calls[-1][1]["train"].steps == 2
+    with pytest.raises(Exception, match="vision.widht"):
+        stages.vision_init(settings=settings, vision={"widht": 16}, world=str(world), options=options)
     from prefect.utilities.callables import parameter_schema
 
     schema = parameter_schema(stages.pretrain.fn).model_dump()

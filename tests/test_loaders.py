@@ -237,6 +237,25 @@ def test_nlvr_and_ve_loaders(image_root: Path, tmp_path: Path, tokenizer) -> Non
     assert first[0]["sentence"][0] == "hypothesis 0"
 
 
+def test_training_without_augmentation_sees_the_evaluation_images(image_root: Path, tmp_path: Path) -> None:
+    labels = ["contradiction", "entailment", "neutral", "entailment"]
+    ve = [{"image": f"{i}.jpg", "sentence": f"Hypothesis {i}.", "label": label}
+          for i, label in enumerate(labels)]
+    write_shards(ve, image_root, tmp_path / "ve", kind="ve", samples_per_shard=4, progress=False)
+    evaluation = {k: img for b in all_batches(ve_loader(str(tmp_path / "ve"), image_size=16, batch_size=4))
+                  for k, img in zip(b["key"], b["image"])}
+
+    def training(augment: bool) -> dict:
+        loader = ve_loader(str(tmp_path / "ve"), image_size=16, batch_size=2, train=True, seed=1,
+                           augment=augment, shuffle_buffer=4)
+        return {k: img for b in all_batches(loader) for k, img in zip(b["key"], b["image"])}
+
+    plain, augmented = training(False), training(True)
+    assert set(plain) == set(evaluation)
+    assert all(torch.equal(plain[k], evaluation[k]) for k in plain)
+    assert any(not torch.equal(augmented[k], evaluation[k]) for k in augmented)
+
+
 def test_retrieval_train_loader_is_seeded(image_root: Path, tmp_path: Path, tokenizer) -> None:
     records = [{"image": f"{i % N_IMAGES}.jpg", "caption": f"caption {i}", "image_id": i // 2}
                for i in range(16)]

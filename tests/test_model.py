@@ -178,6 +178,12 @@ def test_conv_stem_replaces_the_patchify_projection_and_round_trips(tmp_path):
     loaded = load_model(save_model(model, tmp_path / "model.pt")).train(False)
     assert loaded.config.vision.stem == "conv"
     torch.testing.assert_close(loaded.encode_image(images)[0], model.encode_image(images)[0])
+    # A conv-stem ViT's weights file is a valid warm start for the same config.
+    save_file(model.visual_encoder.state_dict(), tmp_path / "conv_vit.safetensors")
+    warm = build_image_encoder(dataclasses.replace(config.vision, pretrained=str(tmp_path / "conv_vit.safetensors")))
+    with torch.no_grad():
+        torch.testing.assert_close(warm.eval().forward_features(images),
+                                   model.visual_encoder.forward_features(images))
 
 
 def test_text_encoder_loads_a_local_bert_folder_into_text_and_fusion_layers(tmp_path):

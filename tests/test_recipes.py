@@ -62,6 +62,12 @@ def test_demo_recipe_compares_codis_with_albef_on_cpu() -> None:
     paper = load_recipe(REPO / "pipelines" / "codis-4m.yaml")
     paper_config = recipes.pretrain_config(paper.pretrain, paper.variants["codis"], ["x.tar"], "/out")
     assert paper_config.data.crop_min_scale == pytest.approx(0.2)
+    # the demo's ViT starts from its vision_init (conv stem); the paper recipes from DeiT
+    assert recipe.vision_init is not None and recipe.vision_init.annotations.startswith("demo://")
+    assert recipes.vision_init_config(recipe).stem == "conv"
+    assert paper.vision_init is None and paper_config.model.vision.pretrained.startswith("deit_")
+    nlvr = next(t for t in recipe.tasks if t.task == "nlvr")
+    assert recipes.task_config(nlvr).augment is False
 
 
 def test_paper_recipes_use_albefs_settings() -> None:

@@ -1,15 +1,12 @@
 import os
 import sys, torch
 import codis
-from codis.model import CodisModel
-from codis.config import ModelConfig
+from codis.model import load_model
 from codis import retrieval as R
 torch.set_num_threads(1)
 shards = os.environ["RETRIEVAL_TEST_SHARDS"]
 for ck in sys.argv[1:]:
-    st = torch.load(ck, map_location="cpu", weights_only=False)
-    st = st if "model" in st else None
-    model = CodisModel(ModelConfig.from_dict(st["config"]["model"])); model.load_state_dict(st["model"]); model.eval()
+    model = load_model(ck).eval()
     enc = R.encode_eval_set(model, shards, R.retrieval_config("demo"), progress=False)
     n = len(enc.text_to_image)
     pos_img = enc.text_to_image
