@@ -436,12 +436,10 @@ def pretrain_stage(ctx: StageContext, name: str, variant: VariantSpec, spec: Pre
     run_config = config.to_dict()
     run_config.pop("output_dir")
     run_config["data"].pop("shards")  # the inputs' identities stand for them in the key
-    run_config["model"]["vision"].pop("pretrained")  # a hub tag, or the vision_init input below
     inputs: dict[str, Any] = {"shards": tars}
-    if vision_weights is not None:
+    if vision_weights is not None:  # likewise the vision_init stage's weights file
+        run_config["model"]["vision"].pop("pretrained")
         inputs["vision_init"] = Path(vision_weights)
-    else:
-        run_config["model"]["vision"]["pretrained"] = config.model.vision.pretrained
     world_size = spec.nodes * spec.gpus_per_node
     params = {"run": run_config, "world_size": world_size,
               "global_batch": recipes.global_batch(config.train, spec.nodes, spec.gpus_per_node),
