@@ -27,8 +27,8 @@ from PIL import Image
 import codis  # noqa: F401  - torchvision compat shim first
 import torch
 
-from codis.loaders import pretrain_loader
-from codis.shards import write_shards
+from codis.data.loaders import pretrain_loader
+from codis.data.shards import write_shards
 from codis.text import load_tokenizer
 
 

@@ -7,11 +7,11 @@ Builds the tiny model and a synthetic evaluation set (random images at the model
 random captions over a shape-and-colour vocabulary), encodes it once, then re-ranks the ITC
 candidates three ways and times each (best of ``--repeats``, taken in turns):
 
-* ``per-query``: :func:`codis.retrieval.rerank_per_query`, one query and its k candidates per
+* ``per-query``: :func:`codis.tasks.retrieval.rerank_per_query`, one query and its k candidates per
   fusion pass (ALBEF's ``evaluation()``);
-* ``batched``: :func:`codis.retrieval.rerank` with ``share_work=False``, the candidates of many
+* ``batched``: :func:`codis.tasks.retrieval.rerank` with ``share_work=False``, the candidates of many
   queries stacked into one pass through ``text_encoder.fuse``;
-* ``batched+shared``: :func:`codis.retrieval.rerank` as ``evaluate`` runs it, which also computes
+* ``batched+shared``: :func:`codis.tasks.retrieval.rerank` as ``evaluate`` runs it, which also computes
   each distinct image's cross-attention keys and values and each distinct text's first
   self-attention once per pass, and the last layer on [CLS] only.
 
@@ -37,7 +37,7 @@ import torch
 
 from codis.config import preset
 from codis.model import CodisModel
-from codis.retrieval import (EncodedEvalSet, encode_images, encode_texts, rerank,
+from codis.tasks.retrieval import (EncodedEvalSet, encode_images, encode_texts, rerank,
                              rerank_per_query, retrieval_metrics)
 from codis.text import tokenize
 

@@ -5,7 +5,7 @@
     codis evaluate --task retrieval --checkpoint model.pt --shards data/test [--preset demo]
     codis pretrain-vision --config vision_init.yaml
 
-A vision initialisation config (YAML; :mod:`codis.vision_init`) names the labelled images, the
+A vision initialisation config (YAML; :mod:`codis.train.vision_init`) names the labelled images, the
 output folder, the ViT (a model preset's ``vision`` with changes) and its schedule::
 
     train_annotations: world/classification/train.json
@@ -51,7 +51,7 @@ VISION_INIT_KEYS = {"train_annotations", "eval_annotations", "image_root", "outp
 def _task_module(task: str):
     if task not in TASKS:
         raise ConfigError(f"task: unknown task {task!r} (known: {', '.join(TASKS)})")
-    return importlib.import_module(f"codis.{task}")
+    return importlib.import_module(f"codis.tasks.{task}")
 
 
 def _task_config(task: str, preset: str | None, changes: dict[str, Any] | None):
@@ -113,7 +113,7 @@ def _pretrain_vision(args: argparse.Namespace) -> int:
     import dataclasses
 
     from codis.config import VisionConfig, from_dict, preset
-    from codis.vision_init import pretrain_vision
+    from codis.train.vision_init import pretrain_vision
 
     data, train, optim = _load_run_config(args.config, VISION_INIT_KEYS,
                                           ("train_annotations", "image_root", "output_dir"))

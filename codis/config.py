@@ -7,6 +7,7 @@ a bad value fails before any weights are built or data is read.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -22,16 +23,61 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
-def _check(condition: bool, field_name: str, message: str) -> None:
+# ---- validators: the one set every config in the package uses -----------------------------------
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool: YAML's ``true`` must not pass as 1)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check(condition: bool, field_name: str, message: str) -> None:
+    """Raise ConfigError("<field_name>: <message>") unless ``condition``."""
     if not condition:
         raise ConfigError(f"{field_name}: {message}")
 
 
+def check_int(value: Any, field_name: str, minimum: int | None = None) -> None:
+    """An integer (not a bool), at least ``minimum`` when given."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and (minimum is None or value >= minimum)
+    bound = "" if minimum is None else f" >= {minimum}"
+    check(ok, field_name, f"must be an integer{bound}, got {value!r}")
+
+
+def check_number(value: Any, field_name: str, low: float | None = None, high: float | None = None, *,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """A finite number inside [low, high] (ends open where asked; None: unbounded)."""
+    ok = is_number(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if low is None and high is None:
+        rule = "a finite number"
+    elif high is None:
+        rule = f"a number {'>' if low_open else '>='} {low}"
+    elif low is None:
+        rule = f"a number {'<' if high_open else '<='} {high}"
+    else:
+        rule = f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    check(ok, field_name, f"must be {rule}, got {value!r}")
+
+
+def check_positive(value: Any, field_name: str) -> None:
+    check(is_number(value) and value > 0, field_name, f"must be a positive number, got {value!r}")
+
+
+def check_bool(value: Any, field_name: str) -> None:
+    check(isinstance(value, bool), field_name, f"must be true or false, got {value!r}")
+
+
+def check_choice(value: Any, field_name: str, choices: tuple[Any, ...]) -> None:
+    check(value in choices, field_name,
+          f"must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+
 def _positive(obj: Any, prefix: str, *names: str) -> None:
     for name in names:
-        value = getattr(obj, name)
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
-               f"{prefix}.{name}" if prefix else name, f"must be a positive number, got {value!r}")
+        check_positive(getattr(obj, name), f"{prefix}.{name}" if prefix else name)
 
 
 VISION_STEMS = ("patch", "conv")
@@ -65,18 +111,18 @@ class VisionConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "vision", "image_size", "patch_size", "width", "depth", "heads", "mlp_ratio")
-        _check(self.stem in VISION_STEMS, "vision.stem",
+        check(self.stem in VISION_STEMS, "vision.stem",
                f"must be one of {', '.join(VISION_STEMS)}, got {self.stem!r}")
         if self.stem == "conv":
-            _check(self.patch_size >= 2 and self.patch_size & (self.patch_size - 1) == 0,
+            check(self.patch_size >= 2 and self.patch_size & (self.patch_size - 1) == 0,
                    "vision.patch_size", f"the conv stem halves the image per layer, so the patch size "
                    f"must be a power of two >= 2, got {self.patch_size}")
-            _check(self.pretrained is None or self.pretrained.endswith(VISION_WEIGHT_SUFFIXES),
+            check(self.pretrained is None or self.pretrained.endswith(VISION_WEIGHT_SUFFIXES),
                    "vision.pretrained", "hub ViT weights have a patchify stem; use stem 'patch' "
                    "with them (a local weights file of a conv-stem ViT loads)")
-        _check(self.image_size % self.patch_size == 0, "vision.image_size",
+        check(self.image_size % self.patch_size == 0, "vision.image_size",
                f"{self.image_size} is not a multiple of vision.patch_size={self.patch_size}")
-        _check(self.width % self.heads == 0, "vision.width",
+        check(self.width % self.heads == 0, "vision.width",
                f"{self.width} is not divisible by vision.heads={self.heads}")
 
 
@@ -105,14 +151,14 @@ class TextConfig:
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        _check(0.0 <= self.dropout < 1.0, "text.dropout", f"must be in [0, 1), got {self.dropout}")
+        check(0.0 <= self.dropout < 1.0, "text.dropout", f"must be in [0, 1), got {self.dropout}")
         _positive(self, "text", "init_std")
         _positive(self, "text", "hidden_size", "text_layers", "fusion_layers", "heads",
                   "intermediate_size", "max_length")
-        _check(self.hidden_size % self.heads == 0, "text.hidden_size",
+        check(self.hidden_size % self.heads == 0, "text.hidden_size",
                f"{self.hidden_size} is not divisible by text.heads={self.heads}")
-        _check(self.max_length >= 4, "text.max_length", "must leave room for [CLS], [SEP] and words")
-        _check(self.pretrained is not None or self.tokenizer is not None, "text.tokenizer",
+        check(self.max_length >= 4, "text.max_length", "must leave room for [CLS], [SEP] and words")
+        check(self.pretrained is not None or self.tokenizer is not None, "text.tokenizer",
                "must be set when text.pretrained is None")
 
 
@@ -133,7 +179,7 @@ class OTConfig:
     log_domain: bool = True
 
     def __post_init__(self) -> None:
-        _check(self.solver in ("ipot", "sinkhorn"), "codebook.ot.solver",
+        check(self.solver in ("ipot", "sinkhorn"), "codebook.ot.solver",
                f"must be 'ipot' or 'sinkhorn', got {self.solver!r}")
         _positive(self, "codebook.ot", "epsilon", "iterations", "inner_iterations")
 
@@ -153,7 +199,7 @@ class CodebookConfig:
     ot: OTConfig = field(default_factory=OTConfig)
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.size, int) and self.size >= 2, "codebook.size",
+        check(isinstance(self.size, int) and self.size >= 2, "codebook.size",
                f"must be an integer >= 2, got {self.size!r}")
         _positive(self, "codebook", "temperature")
 
@@ -171,7 +217,7 @@ class LossWeights:
     def __post_init__(self) -> None:
         for name in ("ica", "itm", "mlm", "code"):
             value = getattr(self, name)
-            _check(isinstance(value, (int, float)) and value >= 0, f"loss_weights.{name}",
+            check(isinstance(value, (int, float)) and value >= 0, f"loss_weights.{name}",
                    f"must be a number >= 0, got {value!r}")
 
 
@@ -194,14 +240,14 @@ class ModelConfig:
     loss_weights: LossWeights = field(default_factory=LossWeights)
 
     def __post_init__(self) -> None:
-        _check(self.mode in MODES, "mode", f"must be one of {', '.join(MODES)}; got {self.mode!r}")
+        check(self.mode in MODES, "mode", f"must be one of {', '.join(MODES)}; got {self.mode!r}")
         _positive(self, "", "embed_dim", "queue_size", "temperature")
-        _check(0.0 <= self.momentum < 1.0, "momentum", f"must be in [0, 1), got {self.momentum}")
-        _check(0.0 <= self.alpha <= 1.0, "alpha", f"must be in [0, 1], got {self.alpha}")
-        _check(0.0 < self.temperature_min <= self.temperature <= self.temperature_max,
+        check(0.0 <= self.momentum < 1.0, "momentum", f"must be in [0, 1), got {self.momentum}")
+        check(0.0 <= self.alpha <= 1.0, "alpha", f"must be in [0, 1], got {self.alpha}")
+        check(0.0 < self.temperature_min <= self.temperature <= self.temperature_max,
                "temperature", f"must lie in [temperature_min, temperature_max] = "
                f"[{self.temperature_min}, {self.temperature_max}], got {self.temperature}")
-        _check(0.0 < self.mlm_probability < 1.0, "mlm_probability",
+        check(0.0 < self.mlm_probability < 1.0, "mlm_probability",
                f"must be in (0, 1), got {self.mlm_probability}")
 
     @property

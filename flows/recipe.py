@@ -7,7 +7,7 @@ and where MLflow records it all. ``pipelines/README.md`` documents the fields.
 
 Validation happens in full before any work: the schema is pydantic with ``extra="forbid"``, and
 codis's own frozen dataclasses (:class:`~codis.train.TrainConfig`, :class:`~codis.train.OptimConfig`,
-:class:`~codis.download.DownloadConfig`, :class:`~codis.demo_world.DemoWorldConfig`) are embedded
+:class:`~codis.data.download.DownloadConfig`, :class:`~codis.data.demo_world.DemoWorldConfig`) are embedded
 as field types, so their fields are not repeated here and their ``__post_init__`` checks run at
 load time. Overrides given as partial mappings (a variant's model changes, a task's train / optim
 changes) are merged onto their base and validated the same way. Every error names the field.
@@ -34,13 +34,14 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, StringConstra
 
 import codis  # noqa: F401  - the torchvision shim first
 from codis.config import PRESETS, ModelConfig, VisionConfig, merge_dicts
-from codis.demo_world import DemoWorldConfig
-from codis.download import DownloadConfig
-from codis.train import DataConfig, OptimConfig, PretrainConfig, TrainConfig
+from codis.data.demo_world import DemoWorldConfig
+from codis.data.download import DownloadConfig
+from codis.train import (DataConfig, OptimConfig, PretrainConfig, TrainConfig, global_batch,
+                         scale_schedule, scaled_lr)
 
 TASKS: tuple[str, ...] = ("retrieval", "vqa", "nlvr", "ve")
 DEMO_SCHEME = "demo://"
-SHARD_KINDS = {  # (train, eval) kinds of codis.shards.write_shards per task
+SHARD_KINDS = {  # (train, eval) kinds of codis.data.shards.write_shards per task
     "retrieval": ("retrieval_train", "retrieval_eval"), "vqa": ("vqa", "vqa"),
     "nlvr": ("nlvr", "nlvr"), "ve": ("ve", "ve"),
 }
@@ -66,7 +67,7 @@ class UrlSource(_Spec):
 
     ``url_list`` under ``demo://`` holds paths relative to the demo world, which the download
     stage serves over loopback HTTP. ``base_url`` prefixes urls without a scheme. ``download``:
-    codis's :class:`~codis.download.DownloadConfig` (img2dataset's distributor, processes,
+    codis's :class:`~codis.data.download.DownloadConfig` (img2dataset's distributor, processes,
     threads, image size ...); the distributor, process and thread counts change only speed, so
     they are not part of the stage key."""
 
@@ -78,7 +79,7 @@ class UrlSource(_Spec):
 
 class AnnotationSource(_Spec):
     """Annotation file(s) in ALBEF's format (a JSON list of records) whose image paths are relative
-    to ``image_root``; written to webdataset shards by :func:`codis.shards.write_shards`. Several
+    to ``image_root``; written to webdataset shards by :func:`codis.data.shards.write_shards`. Several
     files are concatenated in order (e.g. ALBEF's VQA training set: vqa_train + vqa_val)."""
 
     name: Name | None = None
@@ -108,7 +109,7 @@ class VariantSpec(_Spec):
     """A model to pretrain: a codis preset plus nested overrides of :class:`~codis.config.ModelConfig`
     (``mode``, ``codebook: {size: ...}``, ``loss_weights: {code: ...}``), and optional overrides of
     the recipe's pretraining ``train`` / ``optim`` for this variant. ``paper``: the method name
-    of the paper's tables (:mod:`codis.paper`) that this variant reproduces, for the report."""
+    of the paper's tables (:mod:`codis.report.paper`) that this variant reproduces, for the report."""
 
     preset: Literal["tiny", "small", "base"]
     model: dict[str, Any] = {}
@@ -161,7 +162,7 @@ class PretrainSpec(_Spec):
 
 
 class VisionInitSpec(_Spec):
-    """The image encoder's supervised initialisation (:func:`codis.vision_init.pretrain_vision`),
+    """The image encoder's supervised initialisation (:func:`codis.train.vision_init.pretrain_vision`),
     run once before pretraining: every variant's ViT starts from its weights, as ALBEF's and
     CODIS's start from DeiT's ImageNet weights, for recipes that cannot load those from the hub
     (the demo). ``annotations`` / ``eval_annotations``: ``{image, labels}`` JSON lists under
@@ -177,7 +178,7 @@ class VisionInitSpec(_Spec):
 # ---- downstream tasks ----------------------------------------------------------------------------
 class TextAssignmentSpec(_Spec):
     """ALBEF's NLVR² text-assignment pre-step on the pretraining data: overrides of the schedule
-    that :func:`codis.nlvr.ta_training_configs` derives from the task config's ``ta_*`` fields."""
+    that :func:`codis.tasks.nlvr.ta_training_configs` derives from the task config's ``ta_*`` fields."""
 
     train: dict[str, Any] = {}
     optim: dict[str, Any] = {}
@@ -219,7 +220,7 @@ class TaskSpec(_Spec):
 
 
 class AnalysisSpec(_Spec):
-    """The ``analyze`` stage of every variant (:func:`codis.analysis.analyze_checkpoint`) on the
+    """The ``analyze`` stage of every variant (:func:`codis.report.analysis.analyze_checkpoint`) on the
     evaluation shards of the recipe's first retrieval task: codebook usage, ``examples`` caption
     queries with their ``top_k`` images by ITC similarity, and a Grad-CAM figure of up to
     ``gradcam_words`` words of each query on its own image."""
@@ -512,43 +513,6 @@ def vision_init_config(recipe: Recipe) -> VisionConfig:
     return first[1]
 
 
-def scale_schedule(train: TrainConfig, optim: OptimConfig, factor: float,
-                   ) -> tuple[TrainConfig, OptimConfig]:
-    """Multiply every step count of a schedule by ``factor`` (the recipe's ``steps_scale``): total
-    steps, warm-ups, checkpoint and log intervals; each stays >= 1 (warm-ups >= 0)."""
-    if factor == 1.0:
-        return train, optim
-
-    def scaled(value: int, least: int) -> int:
-        return max(least, int(round(value * factor)))
-
-    steps = scaled(train.steps, 1)
-    train = dataclasses.replace(
-        train, steps=steps, alpha_warmup_steps=scaled(train.alpha_warmup_steps, 0),
-        itm_uniform_negative_steps=scaled(train.itm_uniform_negative_steps, 0),
-        checkpoint_every=min(steps, scaled(train.checkpoint_every, 1)),
-        log_every=min(steps, scaled(train.log_every, 1)))
-    optim = dataclasses.replace(optim, warmup_steps=min(steps, scaled(optim.warmup_steps, 0)))
-    return train, optim
-
-
-def global_batch(train: TrainConfig, nodes: int = 1, gpus_per_node: int = 1) -> int:
-    """Samples per optimiser step: batch_size (per process) x grad_accumulation x processes."""
-    return train.batch_size * train.grad_accumulation * nodes * gpus_per_node
-
-
-def scaled_lr(lr: float, reference_batch: int | None, batch: int) -> float:
-    """The linear scaling rule (Goyal et al., 2017): ``lr`` was tuned for a global batch of
-    ``reference_batch`` and is used at ``batch``, so it becomes lr x batch / reference_batch
-    (ALBEF: 1e-4 at 512 -> 2e-4 at 1024 on 16 GPUs, salesforce/ALBEF#39). Warm-up and minimum
-    learning rates are not scaled (salesforce/ALBEF#92). ``reference_batch`` None: unchanged."""
-    if reference_batch is None:
-        return lr
-    if reference_batch <= 0 or batch <= 0:
-        raise ValueError(f"batch sizes must be positive, got reference {reference_batch}, batch {batch}")
-    return lr * batch / reference_batch
-
-
 def pretrain_train_config(spec: PretrainSpec, variant: VariantSpec, steps_scale: float = 1.0,
                           where: str = "variant") -> TrainConfig:
     """The pretraining TrainConfig: ``spec.train`` with the variant's overrides, then
@@ -621,7 +585,7 @@ def task_module(task: str) -> Any:
     """``codis.<task>`` (imported on first use: the task modules are heavy)."""
     if task not in TASKS:
         raise ValueError(f"task: must be one of {', '.join(TASKS)}, got {task!r}")
-    return importlib.import_module(f"codis.{task}")
+    return importlib.import_module(f"codis.tasks.{task}")
 
 
 def task_config(spec: TaskSpec, where: str = "task") -> Any:
@@ -659,7 +623,7 @@ def task_schedule(spec: TaskSpec, train_samples: int, steps_scale: float = 1.0,
                                                                    processes)
     elif spec.task == "vqa":
         train, optim = config.train_config(train_samples, processes), config.optim_config()
-    else:  # nlvr and ve share the classifier schedule of codis.ve
+    else:  # nlvr and ve share the classifier schedule of codis.tasks.ve
         train, optim = task_module("ve").training_configs(config, train_samples,
                                                           world_size=processes)
     train = dataclasses.replace(train, grad_accumulation=processes)

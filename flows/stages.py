@@ -3,14 +3,14 @@ function on paths, and one deployable flow per stage with typed parameters.
 
 Stages, the one call each makes, and what its folder holds:
 
-* ``generate_demo``: :func:`codis.demo_world.generate_demo_world` -> ``world/`` (with its manifest)
-* ``download``: :func:`codis.download.download` (``download_demo`` for the demo world) -> ``shards/``
-* ``shard``: :func:`codis.shards.write_shards` -> ``shards/`` (tar files and manifest)
+* ``generate_demo``: :func:`codis.data.demo_world.generate_demo_world` -> ``world/`` (with its manifest)
+* ``download``: :func:`codis.data.download.download` (``download_demo`` for the demo world) -> ``shards/``
+* ``shard``: :func:`codis.data.shards.write_shards` -> ``shards/`` (tar files and manifest)
 * ``pretrain``: :func:`codis.train.pretrain`, or torchrun -> ``model.pt``, ``run.yaml``, ``metrics.jsonl``
-* ``text_assignment``: :func:`codis.nlvr.text_assignment` -> ``model.pt``, ``metrics.jsonl``
+* ``text_assignment``: :func:`codis.tasks.nlvr.text_assignment` -> ``model.pt``, ``metrics.jsonl``
 * ``finetune``: ``codis.<task>.finetune`` -> ``model.pt``, ``metrics.jsonl``
 * ``evaluate``: ``codis.<task>.evaluate`` -> ``metrics.json``
-* ``analyze``: :func:`codis.analysis.analyze_checkpoint` -> ``analysis.json``, ``gradcam_*.png``,
+* ``analyze``: :func:`codis.report.analysis.analyze_checkpoint` -> ``analysis.json``, ``gradcam_*.png``,
   ``images/`` (codebook usage, retrieval examples and Grad-CAM figures for the report)
 * ``register``: :meth:`flows.tracking.Tracker.register_checkpoint` -> a model version in MLflow
 * ``report``: :func:`codis.report.build_report` -> ``report.md``, ``report.html``, ``results.json``
@@ -49,13 +49,13 @@ from prefect.exceptions import MissingContextError
 from pydantic import BaseModel, ConfigDict
 
 import codis  # noqa: F401  - the torchvision shim before anything imports timm
-from codis import demo_world as codis_demo_world
-from codis import download as codis_download
-from codis import shards as codis_shards
+from codis.data import demo_world as codis_demo_world
+from codis.data import download as codis_download
+from codis.data import shards as codis_shards
 from codis import train as codis_train
-from codis import vision_init as codis_vision_init
+from codis.train import vision_init as codis_vision_init
 from codis.config import VisionConfig
-from codis.demo_world import DemoWorldConfig
+from codis.data.demo_world import DemoWorldConfig
 from codis.files import atomic_write_json
 from flows import recipe as recipes
 from flows.recipe import (AnalysisSpec, AnnotationSource, PretrainSpec, Recipe, TaskSpec,
@@ -74,13 +74,13 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter:
         return _FALLBACK_LOG
 
 
-_STAGE_ROOTS = {"generate_demo": "codis.demo_world", "shard": "codis.shards",
-                "pretrain": "codis.train", "vision_init": "codis.vision_init",
-                "text_assignment": "codis.nlvr", "report": "codis.report",
-                "analyze": "codis.analysis"}
+_STAGE_ROOTS = {"generate_demo": "codis.data.demo_world", "shard": "codis.data.shards",
+                "pretrain": "codis.train", "vision_init": "codis.train.vision_init",
+                "text_assignment": "codis.tasks.nlvr", "report": "codis.report",
+                "analyze": "codis.report.analysis"}
 # Data stages hash their own module only: editing codis/config.py must not re-shard COCO. The
 # download stage hashes no codis code at all (re-downloading millions of images for an edit of
-# codis/download.py would be absurd): img2dataset's version stands for what it writes.
+# codis/data/download.py would be absurd): img2dataset's version stands for what it writes.
 _OWN_MODULE_ONLY = {"generate_demo", "shard"}
 _SOURCE_CACHE: dict[str, tuple[str, tuple[str, ...]]] = {}
 
@@ -89,7 +89,10 @@ def _module_source(name: str) -> tuple[str, tuple[str, ...]] | None:
     """(sha256[:12] of the source, codis modules it imports) of a codis module, or None if
     ``name`` is not a module (e.g. a name imported from the ``codis`` package)."""
     if name not in _SOURCE_CACHE:
-        spec = importlib.util.find_spec(name)
+        try:
+            spec = importlib.util.find_spec(name)
+        except ModuleNotFoundError:
+            spec = None
         if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
             return None
         source = Path(spec.origin).read_bytes()
@@ -97,8 +100,9 @@ def _module_source(name: str) -> tuple[str, tuple[str, ...]] | None:
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and \
                     (node.module == "codis" or node.module.startswith("codis.")):
-                if node.module == "codis":  # "from codis import losses" names a module
-                    imported += [f"codis.{alias.name}" for alias in node.names]
+                # "from codis import losses", "from codis.data import shards" name modules
+                if importlib.util.find_spec(node.module).submodule_search_locations is not None:
+                    imported += [f"{node.module}.{alias.name}" for alias in node.names]
                 imported.append(node.module)
             elif isinstance(node, ast.Import):
                 imported += [a.name for a in node.names if a.name.split(".")[0] == "codis"]
@@ -116,7 +120,7 @@ def code_fingerprint(stage: str, task: str | None = None) -> dict[str, str]:
         from importlib.metadata import version
 
         return {"img2dataset": version("img2dataset")}
-    root = f"codis.{task}" if stage in ("finetune", "evaluate") else _STAGE_ROOTS.get(stage)
+    root = f"codis.tasks.{task}" if stage in ("finetune", "evaluate") else _STAGE_ROOTS.get(stage)
     if root is None:
         return {}
     if stage in _OWN_MODULE_ONLY:
@@ -272,7 +276,7 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, float]]]:
 # ---- shard folders -------------------------------------------------------------------------------
 def shard_listing(folder: str | Path) -> tuple[list[str], int]:
     """The tar files (in manifest order) and sample count of a folder written by
-    :func:`codis.shards.write_shards` or :func:`codis.download.download`."""
+    :func:`codis.data.shards.write_shards` or :func:`codis.data.download.download`."""
     folder = Path(folder)
     manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
     names = [entry["name"] for entry in manifest["shards"]]
@@ -395,7 +399,7 @@ def _tail(path: Path, lines: int = 30) -> str:
 
 def vision_init_stage(ctx: StageContext, spec: VisionInitSpec, vision: VisionConfig,
                       world: str | None = None, steps_scale: float = 1.0) -> StageResult:
-    """Train the variants' ViT on labelled images (:func:`codis.vision_init.pretrain_vision`);
+    """Train the variants' ViT on labelled images (:func:`codis.train.vision_init.pretrain_vision`);
     its weights file initialises every variant's image encoder."""
     annotations = recipes.resolve_path(spec.annotations, world, "vision_init.annotations")
     held_out = (None if spec.eval_annotations is None else
@@ -580,7 +584,7 @@ def analyze_stage(ctx: StageContext, spec: TaskSpec, checkpoint: str, eval_shard
     label = f"{spec.label}/{variant}" if variant else spec.label
 
     def work(folder: Path, run: Any) -> StageOutput:
-        from codis import analysis as codis_analysis
+        from codis.report import analysis as codis_analysis
 
         found = codis_analysis.analyze_checkpoint(
             checkpoint, eval_shards, folder, config=config, examples=settings.examples,
@@ -633,7 +637,7 @@ def report_stage(ctx: StageContext, recipe: Recipe, pretrained: dict[str, StageR
                  analyses: dict[str, StageResult] | None = None) -> StageResult:
     """Build the Markdown/HTML report comparing the variants (:func:`codis.report.build_report`);
     ``analyses``: the variants' analyze stages (codebook, retrieval examples, Grad-CAM)."""
-    from codis import analysis as codis_analysis
+    from codis.report import analysis as codis_analysis
     from codis import report as codis_report
 
     params = {"recipe": recipe.name, "report": recipe.report.model_dump(mode="json"),

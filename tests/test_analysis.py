@@ -1,4 +1,4 @@
-"""codis.analysis on random tiny checkpoints over a small demo world (files, codebook usage per
+"""codis.report.analysis on random tiny checkpoints over a small demo world (files, codebook usage per
 mode, ITC ranking checked against the model's own encoders, Grad-CAM PNGs, the report sections
 they fill), and the flows' ``analyze`` stage with the codis call replaced by a fake (one per
 variant, cached on a second run, re-run when its settings change, its outputs in ReportInputs)."""
@@ -17,22 +17,22 @@ import yaml
 from PIL import Image
 
 import codis  # noqa: F401
-import codis.analysis
-import codis.demo_world
-import codis.download
+import codis.report.analysis
+import codis.data.demo_world
+import codis.data.download
 import codis.report
-import codis.retrieval
-import codis.shards
+import codis.tasks.retrieval
+import codis.data.shards
 import codis.train
 import flows  # noqa: F401  - sets PREFECT_SERVER_ANALYTICS_ENABLED before prefect is imported
-from codis.analysis import (COLOUR_SHAPE_WORDS, analyze_checkpoint, gradcam_words, query_rows,
+from codis.report.analysis import (COLOUR_SHAPE_WORDS, analyze_checkpoint, gradcam_words, query_rows,
                             read_analysis)
 from codis.config import preset
-from codis.demo_world import DemoWorldConfig, generate_demo_world
+from codis.data.demo_world import DemoWorldConfig, generate_demo_world
 from codis.model import CodisModel, save_model
 from codis.report import (Figure, MachineInfo, ReportInputs, RetrievalExample, VariantResults,
                           build_report)
-from codis.shards import write_shards
+from codis.data.shards import write_shards
 from codis.text import clean_caption, tokenize
 from codis.transforms import eval_transform
 from flows import stages
@@ -88,11 +88,11 @@ def _own_image(world: dict[str, Any], query: str) -> Path:
     return world["root"] / "world" / matches[0]
 
 
-# ---- codis.analysis ------------------------------------------------------------------------------
+# ---- codis.report.analysis ------------------------------------------------------------------------------
 def test_analysis_writes_its_files(world, analyses) -> None:
     for mode in ("codis", "albef"):
         folder = world["root"] / f"out-{mode}"
-        data = json.loads((folder / codis.analysis.ANALYSIS_FILE).read_text())
+        data = json.loads((folder / codis.report.analysis.ANALYSIS_FILE).read_text())
         assert data["mode"] == mode and data["images"] == TEST_IMAGES
         assert data["texts"] == TEST_IMAGES * CAPTIONS_PER_IMAGE
         assert "ITC" in data["ranking"] and data["top_k"] == 4
@@ -118,7 +118,7 @@ def test_codebook_usage_for_codis_and_none_for_albef(analyses) -> None:
 def test_examples_are_the_top_images_by_itc(world, analyses) -> None:
     """Each example's images are the query's top 4 by the model's own image and text encoders
     (eval transform on the original JPEGs), and "correct" marks exactly the query's own image."""
-    model = codis.retrieval.load_retrieval_model(world["checkpoints"]["codis"])
+    model = codis.tasks.retrieval.load_retrieval_model(world["checkpoints"]["codis"])
     files = sorted((world["root"] / "world" / "images" / "retrieval_test").glob("*.jpg"))
     assert len(files) == TEST_IMAGES
     transform = eval_transform(model.config.vision.image_size)
@@ -143,7 +143,7 @@ def test_examples_are_the_top_images_by_itc(world, analyses) -> None:
 
 
 def test_gradcam_figures_are_pngs_of_colour_and_shape_words(world, analyses) -> None:
-    data = json.loads((world["root"] / "out-codis" / codis.analysis.ANALYSIS_FILE).read_text())
+    data = json.loads((world["root"] / "out-codis" / codis.report.analysis.ANALYSIS_FILE).read_text())
     examples = analyses["codis"]["retrieval_examples"]
     for figure, record, example in zip(analyses["codis"]["gradcam_figures"],
                                        data["gradcam_figures"], examples):
@@ -276,12 +276,12 @@ class Fakes:
             (output_dir / name).write_bytes(buffer.getvalue())
         mode = Path(checkpoint).read_text().split()[-1]
         usage = codis.report.codebook_usage(torch.full((2, 4), 0.25))
-        data = {"format": codis.analysis.FORMAT,
+        data = {"format": codis.report.analysis.FORMAT,
                 "codebook": {"image": usage, "text": usage} if mode == "codis" else None,
                 "retrieval_examples": [{"query": f"query of {mode}", "images": ["images/0.png"],
                                         "correct": [True]}] * examples,
                 "gradcam_figures": [{"caption": f"grad-cam of {mode}", "path": "gradcam_1.png"}]}
-        (output_dir / codis.analysis.ANALYSIS_FILE).write_text(json.dumps(data))
+        (output_dir / codis.report.analysis.ANALYSIS_FILE).write_text(json.dumps(data))
         return read_analysis(output_dir)
 
     def build_report(self, results, output_dir, plot_backend="auto"):
@@ -295,12 +295,12 @@ class Fakes:
 @pytest.fixture
 def fakes(monkeypatch, prefect_api) -> Fakes:
     fake = Fakes()
-    monkeypatch.setattr(codis.demo_world, "generate_demo_world", fake.generate_demo_world)
-    monkeypatch.setattr(codis.download, "download_demo", fake.download_demo)
-    monkeypatch.setattr(codis.shards, "write_shards", fake.write_shards)
+    monkeypatch.setattr(codis.data.demo_world, "generate_demo_world", fake.generate_demo_world)
+    monkeypatch.setattr(codis.data.download, "download_demo", fake.download_demo)
+    monkeypatch.setattr(codis.data.shards, "write_shards", fake.write_shards)
     monkeypatch.setattr(codis.train, "pretrain", fake.pretrain)
-    monkeypatch.setattr(codis.retrieval, "evaluate", fake.evaluate)
-    monkeypatch.setattr(codis.analysis, "analyze_checkpoint", fake.analyze_checkpoint)
+    monkeypatch.setattr(codis.tasks.retrieval, "evaluate", fake.evaluate)
+    monkeypatch.setattr(codis.report.analysis, "analyze_checkpoint", fake.analyze_checkpoint)
     monkeypatch.setattr(codis.report, "build_report", fake.build_report)
     return fake
 
@@ -344,7 +344,7 @@ def test_analyze_stage_runs_per_variant_is_cached_and_reaches_the_report(fakes, 
         manifest = json.loads((Path(args["eval_shards"]) / "manifest.json").read_text())
         assert manifest["kind"] == "retrieval_eval"
         assert (args["examples"], args["top_k"], args["gradcam_words"]) == (2, 5, 3)
-        assert args["config"] == codis.retrieval.retrieval_config("demo")  # as the evaluation reads
+        assert args["config"] == codis.tasks.retrieval.retrieval_config("demo")  # as the evaluation reads
     evaluated = [args for name, args in fakes.calls if name == "retrieval.evaluate"]
     assert [a["checkpoint"] for a in evaluated] == [a["checkpoint"] for a in analyzed]
 

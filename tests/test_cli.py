@@ -6,9 +6,9 @@ import yaml
 
 from codis.cli import main
 from codis.config import preset
-from codis.demo_world import DemoWorldConfig, generate_demo_world
+from codis.data.demo_world import DemoWorldConfig, generate_demo_world
 from codis.model import CodisModel, save_model
-from codis.shards import write_shards
+from codis.data.shards import write_shards
 
 
 @pytest.fixture(scope="module")

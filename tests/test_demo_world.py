@@ -21,7 +21,7 @@ import pytest
 from PIL import Image, UnidentifiedImageError
 
 from codis.config import ConfigError
-from codis.demo_world import DemoWorldConfig, generate_demo_world
+from codis.data.demo_world import DemoWorldConfig, generate_demo_world
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(seed=3, image_size=40, pretrain_images=60, captions_per_pretrain_image=2,
@@ -118,7 +118,7 @@ def tree(root: Path) -> dict[str, bytes]:
 def test_same_config_is_byte_identical_in_another_process(world_root: Path, tmp_path: Path) -> None:
     # Another interpreter with another hash seed: set iteration order must not leak into the files.
     other = tmp_path / "again"
-    code = ("import codis, json, sys; from codis.demo_world import DemoWorldConfig, generate_demo_world;"
+    code = ("import codis, json, sys; from codis.data.demo_world import DemoWorldConfig, generate_demo_world;"
             "generate_demo_world(sys.argv[1], DemoWorldConfig(**json.loads(sys.argv[2])), progress=False)")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     subprocess.run([sys.executable, "-c", code, str(other), json.dumps(SMALL)], check=True, cwd=REPO,
@@ -162,7 +162,7 @@ def test_a_failed_generation_does_not_look_complete(tmp_path: Path, monkeypatch:
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
-    monkeypatch.setattr("codis.demo_world._World.ve", crash)
+    monkeypatch.setattr("codis.data.demo_world._World.ve", crash)
     with pytest.raises(OSError, match="disk full"):
         generate_demo_world(tmp_path, config, progress=False)
     assert not (tmp_path / "manifest.json").exists()

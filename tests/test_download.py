@@ -1,4 +1,4 @@
-"""codis.download: real img2dataset runs over a loopback HTTP server (a couple of dozen tiny images)."""
+"""codis.data.download: real img2dataset runs over a loopback HTTP server (a couple of dozen tiny images)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from PIL import Image
 import codis  # noqa: F401  - first, as everywhere: its torch/torchvision shims
 import webdataset as wds
 from codis.config import ConfigError
-from codis.download import (
+from codis.data.download import (
     DownloadConfig,
     LoopbackImageServer,
     download,
@@ -74,7 +74,7 @@ def _samples(out: Path, names: list[str]) -> list[dict]:
 def _forbid_subprocess(monkeypatch: pytest.MonkeyPatch) -> None:
     def popen(*args, **kwargs):
         raise AssertionError("img2dataset was started")
-    monkeypatch.setattr("codis.download.subprocess.Popen", popen)
+    monkeypatch.setattr("codis.data.download.subprocess.Popen", popen)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ def test_demo_download_manifest_and_shards(world: World, demo_download: tuple[Pa
 
 
 def test_pretraining_loader_reads_the_download_folder(demo_download: tuple[Path, dict]) -> None:
-    from codis.loaders import pretrain_loader
+    from codis.data.loaders import pretrain_loader
     from codis.text import load_tokenizer
 
     out, manifest = demo_download
@@ -161,7 +161,7 @@ def test_resume_redoes_only_unfinished_shards(world: World, demo_download: tuple
     kept = {p: p.stat().st_mtime_ns for p in out.glob("00000*")}
     assert len(kept) == 3
 
-    with caplog.at_level(logging.INFO, logger="codis.download"):
+    with caplog.at_level(logging.INFO, logger="codis.data.download"):
         second = download_demo(world.root, out, _config(), progress=False)
     assert "resuming: 1 of 3 shards already done" in caplog.text
     assert {p: p.stat().st_mtime_ns for p in kept} == kept  # finished shard not rewritten
@@ -299,13 +299,13 @@ def test_img2dataset_failures_raise_with_log_tail(world: World, tmp_path: Path,
     path = tmp_path / "list.parquet"
     pd.DataFrame(world.rows, columns=["url", "caption"]).to_parquet(path)
     crash = _fake_img2dataset(tmp_path, 'echo "early line"; echo "Traceback: boom" >&2; exit 3')
-    monkeypatch.setattr("codis.download.img2dataset_executable", lambda: crash)
+    monkeypatch.setattr("codis.data.download.img2dataset_executable", lambda: crash)
     with pytest.raises(RuntimeError, match=r"(?s)status 3.*Traceback: boom"):
         download(path, tmp_path / "out", _config(), progress=False)
     assert not (tmp_path / "out" / "manifest.json").exists()
 
     quits = _fake_img2dataset(tmp_path, "echo interrupted; exit 0")
-    monkeypatch.setattr("codis.download.img2dataset_executable", lambda: quits)
+    monkeypatch.setattr("codis.data.download.img2dataset_executable", lambda: quits)
     with pytest.raises(RuntimeError, match=r"(?s)3 of 3 shards are missing.*download again"):
         download(path, tmp_path / "out", _config(), progress=False)
     assert not (tmp_path / "out" / "manifest.json").exists()

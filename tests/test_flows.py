@@ -17,16 +17,16 @@ import pytest
 import yaml
 
 import codis  # noqa: F401
-import codis.demo_world
-import codis.download
-import codis.nlvr
+import codis.data.demo_world
+import codis.data.download
+import codis.tasks.nlvr
 import codis.report
-import codis.retrieval
-import codis.shards
+import codis.tasks.retrieval
+import codis.data.shards
 import codis.train
-import codis.ve
-import codis.vision_init
-import codis.vqa
+import codis.tasks.ve
+import codis.train.vision_init
+import codis.tasks.vqa
 import flows  # noqa: F401  - sets PREFECT_SERVER_ANALYTICS_ENABLED before prefect is imported
 from flows import recipe as recipes
 from flows import stages
@@ -174,14 +174,14 @@ class Fakes:
 @pytest.fixture
 def fakes(monkeypatch) -> Fakes:
     fake = Fakes()
-    monkeypatch.setattr(codis.demo_world, "generate_demo_world", fake.generate_demo_world)
-    monkeypatch.setattr(codis.download, "download_demo", fake.download_demo)
-    monkeypatch.setattr(codis.shards, "write_shards", fake.write_shards)
+    monkeypatch.setattr(codis.data.demo_world, "generate_demo_world", fake.generate_demo_world)
+    monkeypatch.setattr(codis.data.download, "download_demo", fake.download_demo)
+    monkeypatch.setattr(codis.data.shards, "write_shards", fake.write_shards)
     monkeypatch.setattr(codis.train, "pretrain", fake.pretrain)
-    monkeypatch.setattr(codis.vision_init, "pretrain_vision", fake.pretrain_vision)
+    monkeypatch.setattr(codis.train.vision_init, "pretrain_vision", fake.pretrain_vision)
     monkeypatch.setattr(codis.report, "build_report", fake.build_report)
-    for task, module in (("retrieval", codis.retrieval), ("vqa", codis.vqa),
-                         ("nlvr", codis.nlvr), ("ve", codis.ve)):
+    for task, module in (("retrieval", codis.tasks.retrieval), ("vqa", codis.tasks.vqa),
+                         ("nlvr", codis.tasks.nlvr), ("ve", codis.tasks.ve)):
         for name, function in fake.task_functions(task).items():
             monkeypatch.setattr(module, name, function)
     return fake
@@ -241,13 +241,13 @@ def first(tmp_path_factory) -> dict[str, Any]:
     monkeypatch = pytest.MonkeyPatch()
     fake = Fakes()
     try:
-        monkeypatch.setattr(codis.demo_world, "generate_demo_world", fake.generate_demo_world)
-        monkeypatch.setattr(codis.download, "download_demo", fake.download_demo)
-        monkeypatch.setattr(codis.shards, "write_shards", fake.write_shards)
+        monkeypatch.setattr(codis.data.demo_world, "generate_demo_world", fake.generate_demo_world)
+        monkeypatch.setattr(codis.data.download, "download_demo", fake.download_demo)
+        monkeypatch.setattr(codis.data.shards, "write_shards", fake.write_shards)
         monkeypatch.setattr(codis.train, "pretrain", fake.pretrain)
         monkeypatch.setattr(codis.report, "build_report", fake.build_report)
-        for task, module in (("retrieval", codis.retrieval), ("vqa", codis.vqa),
-                             ("nlvr", codis.nlvr), ("ve", codis.ve)):
+        for task, module in (("retrieval", codis.tasks.retrieval), ("vqa", codis.tasks.vqa),
+                             ("nlvr", codis.tasks.nlvr), ("ve", codis.tasks.ve)):
             for name, function in fake.task_functions(task).items():
                 monkeypatch.setattr(module, name, function)
         root = tmp_path_factory.mktemp("first")
@@ -293,7 +293,7 @@ def test_stages_run_in_order_with_their_inputs(first) -> None:
     assert Path(nlvr_ft["pretrained"]).parent.parent.name == "text_assignment"  # NLVR starts from TA
     assert Path(nlvr_eval["checkpoint"]).parent.parent.name == "finetune"
     assert ve_ft["kwargs"] == {"num_workers": 0}
-    assert isinstance(ve_ft["config"], codis.ve.VEConfig) and ve_ft["train"].steps == 2
+    assert isinstance(ve_ft["config"], codis.tasks.ve.VEConfig) and ve_ft["train"].steps == 2
     assert zero_shot["shards"] == retrieval_eval["shards"]
     assert json.loads((Path(retrieval_eval["shards"]) / "manifest.json").read_text())["kind"] == "retrieval_eval"
 
@@ -418,8 +418,8 @@ def test_changing_the_data_reruns_everything_downstream(first, fakes, tmp_path) 
 
 def test_changed_codis_code_reruns_the_stages_that_run_it(first, fakes, tmp_path, monkeypatch) -> None:
     root = copy_runs(first, tmp_path)
-    digest, imports = stages._module_source("codis.retrieval")
-    monkeypatch.setitem(stages._SOURCE_CACHE, "codis.retrieval", ("edited" + digest[6:], imports))
+    digest, imports = stages._module_source("codis.tasks.retrieval")
+    monkeypatch.setitem(stages._SOURCE_CACHE, "codis.tasks.retrieval", ("edited" + digest[6:], imports))
     run(root)
     retrieval = ["retrieval.evaluate", "retrieval.finetune", "retrieval.evaluate"]
     assert fakes.names() == retrieval + retrieval + ["build_report"]
@@ -690,7 +690,7 @@ def test_compare_cli_tables_the_latest_reproduction(first, tmp_path, capsys) -> 
 def test_torchrun_pretraining_with_two_cpu_processes(tmp_path) -> None:
     """The real thing: torchrun starts two gloo processes of flows.pretrain_entry on real shards;
     rank 0's metrics reach the stage, the learning rate is scaled to the doubled global batch."""
-    from codis.demo_world import DemoWorldConfig, generate_demo_world
+    from codis.data.demo_world import DemoWorldConfig, generate_demo_world
     from codis.model import load_model
 
     one = {"train": 1, "val": 1, "test": 1}
@@ -699,7 +699,7 @@ def test_torchrun_pretraining_with_two_cpu_processes(tmp_path) -> None:
         nlvr_pairs={"train": 1, "dev": 1, "test": 1}, ve_images={"train": 1, "dev": 1, "test": 1},
         dead_urls=0, non_image_urls=0), progress=False)
     records = json.loads((tmp_path / "world" / "pretrain" / "captions.json").read_text())
-    codis.shards.write_shards(records, tmp_path / "world", tmp_path / "shards", kind="pretrain",
+    codis.data.shards.write_shards(records, tmp_path / "world", tmp_path / "shards", kind="pretrain",
                               samples_per_shard=12, progress=False)
     recipe = recipes.parse_recipe(recipe_data())
     spec = recipe.pretrain.model_copy(update={"gpus_per_node": 2, "launcher": "torchrun"})

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from codis.config import preset
-from codis.gradcam import default_layer, gradcam_figure, word_gradcam, word_map
+from codis.report.gradcam import default_layer, gradcam_figure, word_gradcam, word_map
 from codis.model import CodisModel
 from codis.text import load_tokenizer, tokenize
 

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 import codis  # noqa: F401
-from codis.loaders import (VE_LABELS, SkipCounter, nlvr_loader, pretrain_loader,
+from codis.data.loaders import (VE_LABELS, SkipCounter, nlvr_loader, pretrain_loader,
                            retrieval_eval_loader, retrieval_train_loader, ve_loader, vqa_loader)
-from codis.shards import write_shards
+from codis.data.shards import write_shards
 from codis.text import clean_caption, load_tokenizer
 
 N_IMAGES = 8
@@ -335,7 +335,7 @@ def test_loader_workers_survive_a_process_that_ran_a_prefect_flow(tmp_path):
     script = f"""
 import codis
 from prefect import flow
-from codis.loaders import pretrain_loader
+from codis.data.loaders import pretrain_loader
 from codis.text import load_tokenizer
 
 @flow

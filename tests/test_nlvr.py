@@ -10,15 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from codis.config import ConfigError, preset
-from codis.demo_world import DemoWorldConfig, generate_demo_world
-from codis.loaders import nlvr_loader
+from codis.data.demo_world import DemoWorldConfig, generate_demo_world
+from codis.data.loaders import nlvr_loader
 from codis.model import CodisModel, load_model, save_model
-from codis.nlvr import (TA_LABELS, NLVRConfig, evaluate, finetune, initial_nlvr_model,
+from codis.tasks.nlvr import (TA_LABELS, NLVRConfig, evaluate, finetune, initial_nlvr_model,
                         load_nlvr_model, nlvr_config, pair_fusion, ta_training_configs,
                         text_assignment, text_assignment_pairs)
-from codis.shards import write_shards
+from codis.data.shards import write_shards
 from codis.train import OptimConfig, TrainConfig
-from codis.ve import Distilled, accuracy, fuse, training_configs, ve_config
+from codis.tasks.ve import Distilled, accuracy, fuse, training_configs, ve_config
 
 ONE = {"train": 1, "val": 1, "test": 1}
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 import codis  # noqa: F401
-from codis.train import OptimConfig, TrainConfig
+from codis.train import OptimConfig, TrainConfig, schedules
 from flows import recipe as recipes
 from flows.recipe import RecipeError, load_recipe
 
@@ -79,7 +79,7 @@ def test_paper_recipes_use_albefs_settings() -> None:
         assert variant.preset == "base"
         config = recipes.pretrain_config(spec, variant, ["x.tar"], "/out")
         assert (spec.nodes, spec.gpus_per_node, config.train.batch_size) == (1, 8, 64)
-        assert recipes.global_batch(config.train, spec.nodes, spec.gpus_per_node) == 512
+        assert schedules.global_batch(config.train, spec.nodes, spec.gpus_per_node) == 512
         assert config.optim.lr == pytest.approx(1e-4)
         assert config.model.vision.image_size == 256
         assert recipes.launcher(spec) == "torchrun"
@@ -178,18 +178,18 @@ def test_missing_inputs_are_named_before_any_work(tmp_path: Path, monkeypatch) -
 
 # ---- learning rate and batch -------------------------------------------------------------------
 def test_scaled_lr_is_linear_in_the_global_batch() -> None:
-    assert recipes.scaled_lr(1e-4, 512, 512) == pytest.approx(1e-4)
-    assert recipes.scaled_lr(1e-4, 512, 1024) == pytest.approx(2e-4)  # ALBEF on 16 GPUs
-    assert recipes.scaled_lr(1e-4, 512, 128) == pytest.approx(2.5e-5)
-    assert recipes.scaled_lr(3e-4, None, 4096) == 3e-4  # no reference: unchanged
+    assert schedules.scaled_lr(1e-4, 512, 512) == pytest.approx(1e-4)
+    assert schedules.scaled_lr(1e-4, 512, 1024) == pytest.approx(2e-4)  # ALBEF on 16 GPUs
+    assert schedules.scaled_lr(1e-4, 512, 128) == pytest.approx(2.5e-5)
+    assert schedules.scaled_lr(3e-4, None, 4096) == 3e-4  # no reference: unchanged
     with pytest.raises(ValueError):
-        recipes.scaled_lr(1e-4, 0, 512)
+        schedules.scaled_lr(1e-4, 0, 512)
 
 
 def test_global_batch_counts_accumulation_nodes_and_gpus() -> None:
     train = TrainConfig(batch_size=64, grad_accumulation=2)
-    assert recipes.global_batch(train) == 128
-    assert recipes.global_batch(train, nodes=2, gpus_per_node=8) == 64 * 2 * 16
+    assert schedules.global_batch(train) == 128
+    assert schedules.global_batch(train, nodes=2, gpus_per_node=8) == 64 * 2 * 16
 
 
 def test_pretrain_optim_scales_lr_only(tmp_path: Path) -> None:
@@ -217,12 +217,12 @@ def test_steps_scale_shortens_every_schedule() -> None:
 
 
 def test_scale_schedule_keeps_everything_valid() -> None:
-    train, optim = recipes.scale_schedule(TrainConfig(steps=1000, alpha_warmup_steps=100,
+    train, optim = schedules.scale_schedule(TrainConfig(steps=1000, alpha_warmup_steps=100,
                                                       checkpoint_every=500, log_every=10),
                                           OptimConfig(warmup_steps=200), 0.001)
     assert (train.steps, train.alpha_warmup_steps, train.checkpoint_every, train.log_every) == (1, 0, 1, 1)
     assert optim.warmup_steps == 0
-    halved, _ = recipes.scale_schedule(TrainConfig(steps=1800, itm_uniform_negative_steps=900),
+    halved, _ = schedules.scale_schedule(TrainConfig(steps=1800, itm_uniform_negative_steps=900),
                                        OptimConfig(), 0.5)
     assert (halved.steps, halved.itm_uniform_negative_steps) == (900, 450)
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from codis import paper
+from codis.report import paper
 from codis.report import (NOT_RUN, TASKS, Figure, MachineInfo, ReportInputs, RetrievalExample,
                           TrivialBaseline, VariantResults, build_report, chart, codebook_usage,
                           trivial_baselines)

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from codis.config import ConfigError, preset
-from codis.demo_world import DemoWorldConfig, generate_demo_world
+from codis.data.demo_world import DemoWorldConfig, generate_demo_world
 from codis.model import CodisModel, save_model
-from codis.retrieval import (EncodedEvalSet, RetrievalConfig, RetrievalObjective, encode_images,
+from codis.tasks.retrieval import (EncodedEvalSet, RetrievalConfig, RetrievalObjective, encode_images,
                              encode_texts, evaluate, finetune, image_key, image_keys,
                              load_retrieval_model, rerank, rerank_per_query, retrieval_config,
                              retrieval_metrics, retrieval_schedule, shared_match_logits)
-from codis.shards import write_shards
+from codis.data.shards import write_shards
 from codis.text import tokenize
 from codis.train import OptimConfig, TrainConfig
 

@@ -13,8 +13,8 @@ import webdataset as wds
 from PIL import Image
 
 import codis  # noqa: F401
-from codis import shards as shards_module
-from codis.shards import MANIFEST, PROGRESS, TEXT_FIELD, write_shards
+from codis.data import shards as shards_module
+from codis.data.shards import MANIFEST, PROGRESS, TEXT_FIELD, write_shards
 
 
 def make_images(root: Path, names: list[str], seed: int = 0) -> None:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from codis.config import ConfigError, LossWeights, preset
 from codis.model import CodisModel, load_model
-from codis.shards import write_shards
+from codis.data.shards import write_shards
 from codis.train import (DataConfig, OptimConfig, PretrainConfig, TrainConfig, distillation_alpha,
                          latest_checkpoint, learning_rate, pretrain)
 

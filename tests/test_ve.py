@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from codis.config import ConfigError, preset
-from codis.demo_world import DemoWorldConfig, generate_demo_world
-from codis.loaders import VE_LABELS, ve_loader
+from codis.data.demo_world import DemoWorldConfig, generate_demo_world
+from codis.data.loaders import VE_LABELS, ve_loader
 from codis.model import CodisModel, save_model
-from codis.shards import write_shards
+from codis.data.shards import write_shards
 from codis.train import OptimConfig, TrainConfig
-from codis.ve import (Distilled, FusionClassifier, VEConfig, accuracy, classification_loss,
+from codis.tasks.ve import (Distilled, FusionClassifier, VEConfig, accuracy, classification_loss,
                       evaluate, finetune, load_ve_model, mlp_head, pretrained_backbone,
                       training_configs, ve_config)
 

@@ -1,4 +1,4 @@
-"""The image encoder's supervised initialisation (codis.vision_init) on the demo world's labelled
+"""The image encoder's supervised initialisation (codis.train.vision_init) on the demo world's labelled
 images: what it learns, the weights file it writes, resuming, and bad input."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from codis.config import ConfigError, VisionConfig, preset
-from codis.demo_world import COLORS, DemoWorldConfig, generate_demo_world
+from codis.data.demo_world import COLORS, DemoWorldConfig, generate_demo_world
 from codis.encoders import build_image_encoder
 from codis.train import OptimConfig, TrainConfig
-from codis.vision_init import balanced_accuracy, pretrain_vision, read_labelled_images
+from codis.train.vision_init import balanced_accuracy, pretrain_vision, read_labelled_images
 
 VISION = dataclasses.replace(preset("tiny").vision, image_size=32)  # 4 x 4 patches of 8 px
 TRAIN = TrainConfig(steps=500, batch_size=32, checkpoint_every=500, log_every=50, seed=1)

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from codis.config import ConfigError, preset
-from codis.demo_world import DemoWorldConfig, generate_demo_world
+from codis.data.demo_world import DemoWorldConfig, generate_demo_world
 from codis.model import CodisModel, save_model
-from codis.shards import write_shards
+from codis.data.shards import write_shards
 from codis.text import tokenize
 from codis.train import OptimConfig, TrainConfig
-from codis.vqa import (VQAConfig, VQAModel, answer_loss, evaluate, finetune, load_answer_list,
+from codis.tasks.vqa import (VQAConfig, VQAModel, answer_loss, evaluate, finetune, load_answer_list,
                        load_vqa_model, normalize_answer, predict, rank_answers, sequence_log_likelihood,
                        vqa_accuracy, vqa_config)
 

@@ -4,7 +4,7 @@ import json, re, sys, glob, torch, torch.nn.functional as F, codis
 from codis.model import load_model
 from codis.text import tokenize, clean_caption
 from codis.transforms import eval_transform
-from codis.demo_world import COLORS, SHAPES
+from codis.data.demo_world import COLORS, SHAPES
 from codis import losses as L
 from PIL import Image
 torch.manual_seed(0); torch.set_num_threads(2)

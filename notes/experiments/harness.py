@@ -4,7 +4,7 @@ import argparse, time, math, json, dataclasses, torch, torch.nn.functional as F
 import codis
 from codis.config import preset, LossWeights
 from codis.model import CodisModel
-from codis.loaders import retrieval_eval_loader, shard_urls
+from codis.data.loaders import retrieval_eval_loader, shard_urls
 from codis.text import tokenize, clean_caption
 from codis.transforms import eval_transform, _augmenting
 from codis.train import learning_rate, distillation_alpha, OptimConfig

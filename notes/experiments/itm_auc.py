@@ -2,7 +2,7 @@ import os
 import sys, torch
 import codis
 from codis.model import load_model
-from codis import retrieval as R
+from codis.tasks import retrieval as R
 torch.set_num_threads(1)
 shards = os.environ["RETRIEVAL_TEST_SHARDS"]
 for ck in sys.argv[1:]:

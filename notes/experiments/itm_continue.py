@@ -6,7 +6,7 @@ so that the downstream scripts can start from it.
 """
 import os, sys, torch, torch.nn.functional as F, webdataset as wds
 import codis
-from codis.loaders import shard_urls
+from codis.data.loaders import shard_urls
 from codis.losses import hard_negative_indices
 from codis.model import load_model, save_model
 from codis.text import clean_caption, tokenize

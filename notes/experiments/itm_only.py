@@ -1,7 +1,7 @@
 import os
 import sys, time, torch, torch.nn.functional as F, codis, webdataset as wds
 from codis.model import load_model
-from codis.loaders import shard_urls
+from codis.data.loaders import shard_urls
 from codis.text import tokenize, clean_caption
 from codis.transforms import eval_transform
 import codis.losses as L

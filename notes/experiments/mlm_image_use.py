@@ -1,13 +1,13 @@
 import os
 import sys, torch, codis
 from codis.model import load_model
-from codis import retrieval as R
+from codis.tasks import retrieval as R
 from codis.text import mask_tokens
 torch.manual_seed(0); torch.set_num_threads(2)
 m = load_model(sys.argv[1]); m.eval()
 enc = R.encode_eval_set(m, os.environ["RETRIEVAL_TEST_SHARDS"], R.retrieval_config("demo"), progress=False)
 # re-tokenize not available: use encoded text tokens? need ids -> rebuild from loader
-from codis.loaders import retrieval_eval_loader
+from codis.data.loaders import retrieval_eval_loader
 b = next(iter(retrieval_eval_loader(os.environ["RETRIEVAL_TEST_SHARDS"], image_size=64, batch_size=100, tokenizer=m.tokenizer)))
 ids, mask, t2i = b["input_ids"], b["attention_mask"], b["text_image_index"]
 img_tok = m.image_tokens(b["image"])

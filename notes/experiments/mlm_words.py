@@ -7,8 +7,8 @@ better with the own image.
 """
 import os, sys, torch, torch.nn.functional as F
 import codis
-from codis.demo_world import COLORS, SHAPES
-from codis.loaders import retrieval_eval_loader
+from codis.data.demo_world import COLORS, SHAPES
+from codis.data.loaders import retrieval_eval_loader
 from codis.model import load_model
 
 torch.set_num_threads(2)

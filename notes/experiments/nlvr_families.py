@@ -1,7 +1,7 @@
 import sys, torch, collections, re
 import codis
-from codis import nlvr as N
-from codis.loaders import nlvr_loader
+from codis.tasks import nlvr as N
+from codis.data.loaders import nlvr_loader
 torch.set_num_threads(2)
 ck, shards = sys.argv[1], sys.argv[2]
 model = N.load_nlvr_model(ck); model.eval()

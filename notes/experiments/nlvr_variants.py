@@ -1,4 +1,4 @@
-"""NLVR² finetuning variants on the demo world, through codis.nlvr (finetune + evaluate) with
+"""NLVR² finetuning variants on the demo world, through codis.tasks.nlvr (finetune + evaluate) with
 monkeypatched pieces; prints train and test accuracy.
 
     NLVR_TRAIN=... NLVR_TEST=... [PRETRAIN_SHARDS=...] python notes/experiments/nlvr_variants.py MODEL OUT STEPS LR
@@ -14,12 +14,12 @@ Environment knobs (default: what the demo recipe runs):
 """
 import os, sys, torch
 import codis
-import codis.loaders as loaders
+import codis.data.loaders as loaders
 import codis.transforms as transforms
-from codis import nlvr
-from codis.loaders import nlvr_loader
+from codis.tasks import nlvr
+from codis.data.loaders import nlvr_loader
 from codis.train import OptimConfig, TrainConfig
-from codis.ve import FusionClassifier, evaluate_classifier, fuse, mlp_head, pretrained_backbone
+from codis.tasks.ve import FusionClassifier, evaluate_classifier, fuse, mlp_head, pretrained_backbone
 
 torch.set_num_threads(1)
 pretrained, out, steps, lr = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
@@ -64,7 +64,7 @@ if int(os.environ.get("TA_STEPS", "0")):
         train=TrainConfig(steps=ta, batch_size=16, alpha_warmup_steps=0, checkpoint_every=ta, log_every=50),
         optim=OptimConfig(lr=float(os.environ.get("TA_LR", "1e-4")), weight_decay=0.02, warmup_lr=1e-5,
                           warmup_steps=min(100, ta // 10), min_lr=1e-5))
-# The demo recipe's NLVR schedule (codis.ve.schedule over 1500 pairs, batch 16, steps from the recipe).
+# The demo recipe's NLVR schedule (codis.tasks.ve.schedule over 1500 pairs, batch 16, steps from the recipe).
 train = TrainConfig(steps=steps, batch_size=16, alpha_warmup_steps=93, checkpoint_every=93, log_every=50)
 optim = OptimConfig(lr=lr, weight_decay=0.02, warmup_lr=1e-5, warmup_steps=93, min_lr=1e-6)
 path = nlvr.finetune(pretrained, train_shards, out, config, train=train, optim=optim, progress=False)

@@ -5,8 +5,8 @@ demo's, byte for byte) and PAIRS NLVR² training pairs; writes its NLVR² train 
 """
 import json, sys, time
 import codis
-from codis.demo_world import DemoWorldConfig, generate_demo_world
-from codis.shards import write_shards
+from codis.data.demo_world import DemoWorldConfig, generate_demo_world
+from codis.data.shards import write_shards
 
 pairs, root, start = int(sys.argv[1]), sys.argv[2], time.time()
 # Splits generated before NLVR² (retrieval, VQA) keep the demo recipe's sizes; later ones are cut.

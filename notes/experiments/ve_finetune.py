@@ -5,7 +5,7 @@ prints test accuracy. The demo's hypotheses are built so that text alone reaches
 """
 import dataclasses, glob, os, sys, torch
 import codis
-from codis import ve
+from codis.tasks import ve
 
 torch.set_num_threads(1)
 pretrained, out, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])

@@ -1,5 +1,5 @@
 """A supervised warm start for the tiny ViT, the demo's stand-in for DeiT's ImageNet weights
-(the experiment behind codis.vision_init, whose classifier, loss and metric it uses):
+(the experiment behind codis.train.vision_init, whose classifier, loss and metric it uses):
 multi-label "which shapes and which colours does the image hold" (BCE on the max-pooled patch
 tokens) on the world's pretraining images (labels from `meta/scenes.json`), the last 300 held out;
 prints their balanced accuracy and saves the ViT's weights as safetensors, loadable as
@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 import codis
 from codis.config import tiny
 from codis.transforms import eval_transform
-from codis.vision_init import LabelClassifier, balanced_accuracy, multilabel_bce
+from codis.train.vision_init import LabelClassifier, balanced_accuracy, multilabel_bce
 
 torch.manual_seed(0); torch.set_num_threads(int(sys.argv[5]) if len(sys.argv) > 5 else 1)
 world, stem, steps, out = sys.argv[1].rstrip("/") + "/", sys.argv[2], int(sys.argv[3]), sys.argv[4]

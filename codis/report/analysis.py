@@ -2,7 +2,7 @@
 "Codebook usage", "Retrieval examples" and "Grad-CAM" sections show.
 
 :func:`analyze_checkpoint` encodes the ``retrieval_eval`` shards once
-(:func:`codis.retrieval.encode_eval_set`) and from that encoding derives
+(:func:`codis.tasks.retrieval.encode_eval_set`) and from that encoding derives
 
 * codebook usage (:func:`codis.report.codebook_usage`) of the image and of the text features
   (:meth:`codis.model.CodisModel.codeword_assignments`); None for a mode without a codebook;
@@ -10,7 +10,7 @@
   similarity alone (no ITM re-ranking: the examples illustrate the joint embedding space that the
   codebook shapes, and cost no fusion pass). The query images are spread evenly over the set
   rather than picked by outcome, so hits and misses show up as often as they happen;
-* word-level Grad-CAM figures (:func:`codis.gradcam.word_gradcam`, default fusion layer) of each
+* word-level Grad-CAM figures (:func:`codis.report.gradcam.word_gradcam`, default fusion layer) of each
   example caption on its own image, for its colour and shape words (the demo world's vocabulary;
   other words of the caption fill in where a caption names fewer).
 
@@ -34,13 +34,13 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from codis.demo_world import COLORS, SHAPES
+from codis.data.demo_world import COLORS, SHAPES
 from codis.files import atomic_write_bytes, atomic_write_json
-from codis.gradcam import gradcam_figure, word_gradcam
-from codis.loaders import IMAGE_MEMBERS, shard_urls
+from codis.report.gradcam import gradcam_figure, word_gradcam
+from codis.data.loaders import IMAGE_MEMBERS, shard_urls
 from codis.model import CodisModel
 from codis.report import Figure, RetrievalExample, codebook_usage
-from codis.retrieval import (RetrievalConfig, encode_eval_set, load_retrieval_model,
+from codis.tasks.retrieval import (RetrievalConfig, encode_eval_set, load_retrieval_model,
                              prepare_model)
 from codis.text import clean_caption
 from codis.transforms import eval_transform
@@ -75,7 +75,7 @@ def _image_member(sample: dict[str, Any]) -> tuple[str, bytes]:
 
 def _eval_records(urls: Sequence[str]) -> dict[int, list[str]]:
     """``{image_index: raw captions}`` of every sample (the key is the record position, as
-    :func:`codis.retrieval.encode_eval_set` orders them)."""
+    :func:`codis.tasks.retrieval.encode_eval_set` orders them)."""
     return {int(s["__key__"]): json.loads(s["json"])["caption"] for s in _raw_samples(urls)}
 
 
@@ -123,7 +123,7 @@ def analyze_checkpoint(checkpoint: str | Path, eval_shards: str | Path | list[st
     model's own image size, in this process. ``examples``: queries (one caption of each of that many
     images spread over the set; fewer if the set is smaller), each with its ``top_k`` images by ITC
     and a Grad-CAM figure of up to ``gradcam_words`` words on its own image (fusion layer
-    ``gradcam_layer``, default :func:`codis.gradcam.default_layer`). ``device``: default the GPU if
+    ``gradcam_layer``, default :func:`codis.report.gradcam.default_layer`). ``device``: default the GPU if
     there is one.
 
     Returns :func:`read_analysis` of ``output_dir``: ``codebook`` (``{"image": usage, "text":

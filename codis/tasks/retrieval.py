@@ -41,7 +41,8 @@ from tqdm.auto import tqdm
 from codis.config import ConfigError, ModelConfig, from_dict
 from codis.encoders import _extended_mask
 from codis.files import atomic_torch_save
-from codis.loaders import SkipCounter, retrieval_eval_loader, retrieval_train_loader, shard_urls
+from codis.metrics import RECALL_AT, retrieval_metrics
+from codis.data.loaders import SkipCounter, retrieval_eval_loader, retrieval_train_loader, shard_urls
 from codis.model import CHECKPOINT_FORMAT, CodisModel, PretrainOutput
 from codis.queue import FeatureQueue
 from codis.text import tokenize
@@ -52,7 +53,6 @@ TASK = "retrieval"
 TASK_CHECKPOINT_FORMAT = 1
 NOT_A_CANDIDATE = -100.0
 """Score of a pair outside both top-k candidate lists (ALBEF's fill value)."""
-RECALL_AT = (1, 5, 10)
 
 
 # ---- configuration -------------------------------------------------------------------------------
@@ -549,55 +549,6 @@ def rerank_per_query(model: CodisModel, encoded: EncodedEvalSet, similarity: tor
 
 
 # ---- evaluation: metrics -------------------------------------------------------------------------
-def retrieval_metrics(score_i2t: torch.Tensor, score_t2i: torch.Tensor,
-                      text_to_image: torch.Tensor) -> dict[str, float]:
-    """ALBEF's ``itm_eval``: recall at 1, 5 and 10, in percent.
-
-    Text retrieval (an image queries the captions): the rank of the best-ranked of its captions;
-    image retrieval (a caption queries the images): the rank of its image. A query counts at k if
-    that rank is below k. Ties count against the query: a rank is the number of wrong candidates
-    scoring at least as high as the best right one, so constant scores earn nothing (ALBEF's
-    argsort leaves ties to the sort; without ties both agree).
-    """
-    score_i2t, score_t2i = torch.as_tensor(score_i2t), torch.as_tensor(score_t2i)
-    text_to_image = torch.as_tensor(text_to_image)
-    if score_i2t.dim() != 2:
-        raise ValueError(f"score_i2t: expected (images, texts), got shape {tuple(score_i2t.shape)}")
-    n_img, n_txt = score_i2t.shape
-    if tuple(score_t2i.shape) != (n_txt, n_img):
-        raise ValueError(f"score_t2i: expected shape {(n_txt, n_img)} (texts, images), "
-                         f"got {tuple(score_t2i.shape)}")
-    if tuple(text_to_image.shape) != (n_txt,) or text_to_image.is_floating_point():
-        raise ValueError(f"text_to_image: expected {n_txt} integer image rows, got "
-                         f"{tuple(text_to_image.shape)} {text_to_image.dtype}")
-    if n_txt and (int(text_to_image.min()) < 0 or int(text_to_image.max()) >= n_img):
-        raise ValueError(f"text_to_image: image rows must lie in [0, {n_img}), got "
-                         f"[{int(text_to_image.min())}, {int(text_to_image.max())}]")
-    for name, score in (("score_i2t", score_i2t), ("score_t2i", score_t2i)):
-        if torch.isnan(score).any():
-            raise ValueError(f"{name}: contains NaN")
-    text_to_image = text_to_image.long().cpu()
-    score_i2t, score_t2i = score_i2t.double().cpu(), score_t2i.double().cpu()
-    positive = torch.zeros(n_img, n_txt, dtype=torch.bool)
-    positive[text_to_image, torch.arange(n_txt)] = True
-    captionless = (~positive.any(dim=1)).nonzero().flatten()
-    if len(captionless):
-        raise ValueError(f"text_to_image: image {int(captionless[0])} has no caption")
-
-    best_right = score_i2t.masked_fill(~positive, -math.inf).max(dim=1, keepdim=True).values
-    txt_rank = (score_i2t.masked_fill(positive, -math.inf) >= best_right).sum(dim=1)
-    right = score_t2i.gather(1, text_to_image[:, None])
-    img_rank = (score_t2i >= right).sum(dim=1) - 1  # minus the right image itself
-
-    metrics = {}
-    for name, rank in (("txt", txt_rank), ("img", img_rank)):
-        for k in RECALL_AT:
-            metrics[f"{name}_r{k}"] = 100.0 * float((rank < k).double().mean())
-        metrics[f"{name}_r_mean"] = sum(metrics[f"{name}_r{k}"] for k in RECALL_AT) / len(RECALL_AT)
-    metrics["r_mean"] = (metrics["txt_r_mean"] + metrics["img_r_mean"]) / 2
-    return metrics
-
-
 # ---- evaluation: entry points --------------------------------------------------------------------
 @torch.no_grad()
 def evaluate_model(model: CodisModel, shards: str | Path | list[str], config: RetrievalConfig, *,

@@ -25,9 +25,10 @@ from typing import Any, Literal
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from codis import paper
+from codis.report import paper
 from codis.config import MODES, ModelConfig
 from codis.files import atomic_write_bytes, atomic_write_text
+from codis.metrics import codebook_usage
 
 NOT_RUN = "not run"
 
@@ -88,7 +89,7 @@ class RetrievalExample:
 
 @dataclass(frozen=True)
 class Figure:
-    """A picture file (PNG, JPEG, ...) and its caption, e.g. a :func:`codis.gradcam.gradcam_figure`."""
+    """A picture file (PNG, JPEG, ...) and its caption, e.g. a :func:`codis.report.gradcam.gradcam_figure`."""
 
     caption: str
     path: Path
@@ -165,7 +166,7 @@ class ReportInputs:
 
 
 def trivial_baselines(manifest: dict[str, Any]) -> dict[str, list[TrivialBaseline]]:
-    """The demo world manifest's ``baselines`` (:func:`codis.demo_world.generate_demo_world`) as
+    """The demo world manifest's ``baselines`` (:func:`codis.data.demo_world.generate_demo_world`) as
     ``ReportInputs.baselines``: chance retrieval, the majority / question-type-prior VQA answer, and
     the majority NLVR2 / SNLI-VE label."""
     if "baselines" not in manifest:
@@ -191,33 +192,6 @@ def trivial_baselines(manifest: dict[str, Any]) -> dict[str, list[TrivialBaselin
 
 
 # ---------------------------------------------------------------------------------- codebook
-
-
-def codebook_usage(assignments: torch.Tensor) -> dict[str, Any]:
-    """Usage of K codewords by N samples from their assignment distributions (N, K).
-
-    ``used``: distinct argmax codewords; ``entropy``: entropy of the mean assignment divided by
-    log K (0: everything on one codeword, 1: spread evenly); ``perplexity``: exp of that entropy
-    unnormalised (the effective number of codewords); ``histogram``: argmax counts per codeword.
-    """
-    if not isinstance(assignments, torch.Tensor) or assignments.ndim != 2:
-        got = (tuple(assignments.shape) if isinstance(assignments, torch.Tensor)
-               else type(assignments).__name__)
-        raise ValueError(f"assignments: expected an (N, K) tensor, got {got}")
-    samples, codewords = assignments.shape
-    if samples < 1 or codewords < 2:
-        raise ValueError(f"assignments: need N >= 1 samples and K >= 2 codewords, "
-                         f"got ({samples}, {codewords})")
-    values = assignments.detach().double().cpu()
-    if not torch.isfinite(values).all() or (values < 0).any():
-        raise ValueError("assignments: entries must be finite and non-negative")
-    if not torch.allclose(values.sum(1), torch.ones(samples, dtype=torch.float64), atol=1e-4):
-        raise ValueError("assignments: every row must sum to 1 (a distribution over codewords)")
-    histogram = torch.bincount(values.argmax(1), minlength=codewords)
-    entropy = torch.special.entr(values.mean(0)).sum().item()
-    return {"codewords": codewords, "samples": samples, "used": int((histogram > 0).sum()),
-            "entropy": entropy / math.log(codewords), "perplexity": math.exp(entropy),
-            "histogram": histogram.tolist()}
 
 
 # ---------------------------------------------------------------------------------- charts
@@ -614,7 +588,7 @@ def _retrieval_examples(inputs: ReportInputs) -> _Section:
 
 def _gradcam(inputs: ReportInputs) -> _Section:
     blocks: list[_Block] = [
-        "Word-level Grad-CAM on the fusion encoder's cross-attention (codis.gradcam, as the "
+        "Word-level Grad-CAM on the fusion encoder's cross-attention (codis.report.gradcam, as the "
         "paper's and ALBEF's qualitative figures): where each word of the caption looks."]
     for variant, results in inputs.variants.items():
         if not results.gradcam_figures:

@@ -29,7 +29,7 @@ from transformers import PreTrainedTokenizerBase
 from webdataset.shardlists import expand_urls
 from webdataset.utils import make_seed
 
-from codis.shards import MANIFEST, PROGRESS
+from codis.data.shards import MANIFEST, PROGRESS
 from codis.text import clean_caption, tokenize
 from codis.transforms import eval_transform, pretrain_transform, train_transform
 
@@ -100,7 +100,7 @@ def _drop_inherited_thread_exit_handlers(worker_id: int) -> None:
 
 def shard_urls(shards: str | Path | list[str], kinds: tuple[str, ...] | None = None) -> list[str]:
     """Expand a shard spec: a list of paths, a brace pattern (``data/shard-{000000..000009}.tar``),
-    a folder written by :func:`codis.shards.write_shards` (its manifest's shards, whose kind must be
+    a folder written by :func:`codis.data.shards.write_shards` (its manifest's shards, whose kind must be
     in ``kinds``), or any other folder of ``*.tar`` files (e.g. img2dataset's output)."""
     if isinstance(shards, (list, tuple)):
         urls = [str(s) for s in shards]

@@ -50,9 +50,10 @@ from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer, Be
 from codis.config import ConfigError, ModelConfig, from_dict
 from codis.encoders import TextFusionEncoder, build_image_encoder
 from codis.files import atomic_torch_save, atomic_write_json
-from codis.loaders import SkipCounter, shard_urls, vqa_loader
+from codis.metrics import normalize_answer, vqa_accuracy
+from codis.data.loaders import SkipCounter, shard_urls, vqa_loader
 from codis.model import CodisModel, PretrainOutput, load_model
-from codis.shards import MANIFEST
+from codis.data.shards import MANIFEST
 from codis.text import load_tokenizer, tokenize
 from codis.train import (OptimConfig, TrainConfig, distillation_alpha, fit, init_runtime,
                          seed_everything)
@@ -61,84 +62,6 @@ TASK = "vqa"
 CHECKPOINT_FORMAT = 1
 
 # ---- answer normalisation and the metric ---------------------------------------------------------
-
-_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<",
-                "@", "`", ",", "?", "!")
-_DIGIT_COMMA = re.compile(r"\d,\d")
-_PERIOD = re.compile(r"\.(?!\d)")  # a period not followed by a digit (so "2.5" keeps its own)
-_NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
-                 "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-_ARTICLES = frozenset({"a", "an", "the"})
-_CONTRACTED = (
-    "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't "
-    "haven't he'd he'd've he'll he's how'd how'll how's i'd i'd've i'll i'm i've isn't it'd it'd've "
-    "it'll it's let's ma'am mightn't mightn't've might've mustn't must've needn't not've o'clock "
-    "oughtn't shan't she'd she'd've she'll she's should've shouldn't shouldn't've somebody'd "
-    "somebody'd've somebody'll somebody's someone'd someone'd've someone'll someone's something'd "
-    "something'd've something'll something's that's there'd there'd've there're there's they'd "
-    "they'd've they'll they're they've wasn't we'd we'd've we'll we're we've weren't what'll what're "
-    "what's what've when's where'd where's where've who'd who'd've who'll who're who's who've why'll "
-    "why're why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've "
-    "you'll you're you've").split()
-# Dropping the apostrophes of these gives ordinary words, which must stay as they are.
-_PLAIN_WORDS = frozenset({"its", "well", "were", "wed", "hell", "shell", "ill", "id", "shed", "lets",
-                          "whore", "wholl"})
-
-
-def _contractions() -> dict[str, str]:
-    """Every spelling of each contraction with some of its apostrophes left out -> the contraction
-    ("dont", "couldnt've", "couldn'tve" -> "couldn't've"), as the VQA evaluation maps them."""
-    table: dict[str, str] = {}
-    for word in _CONTRACTED:
-        marks = [i for i, char in enumerate(word) if char == "'"]
-        for count in range(1, len(marks) + 1):
-            for dropped in combinations(marks, count):
-                variant = "".join(c for i, c in enumerate(word) if i not in dropped)
-                if variant not in _PLAIN_WORDS:
-                    table.setdefault(variant, word)
-    return table
-
-
-_CONTRACTIONS = _contractions()
-
-
-def normalize_answer(text: str) -> str:
-    """The VQA evaluation's answer normalisation: lower-case; punctuation removed where it touches a
-    space or in numbers like "1,000", else turned into a space ("t-shirt" -> "t shirt"); periods
-    dropped unless a digit follows; number words -> digits ("two" -> "2", "none" -> "0"); articles
-    removed; contractions written without apostrophes get them back ("dont" -> "don't").
-
-    Unlike the official script (which normalises only when the annotators disagree) every answer is
-    normalised, so "Two" and "2" always match."""
-    if not isinstance(text, str):
-        raise TypeError(f"answer: expected a string, got {type(text).__name__}")
-    original = " ".join(text.lower().split())
-    remove_all = _DIGIT_COMMA.search(original) is not None
-    cleaned = original
-    for mark in _PUNCTUATION:
-        touches_space = f"{mark} " in original or f" {mark}" in original
-        cleaned = cleaned.replace(mark, "" if touches_space or remove_all else " ")
-    cleaned = _PERIOD.sub("", cleaned)
-    words = [_NUMBER_WORDS.get(word, word) for word in cleaned.split()]
-    words = [_CONTRACTIONS.get(word, word) for word in words if word not in _ARTICLES]
-    return " ".join(words)
-
-
-def vqa_accuracy(predicted: str, annotator_answers: Sequence[str], *, official: bool = False) -> float:
-    """VQA accuracy of one answer in [0, 1]: min(#annotators who gave it / 3, 1) after
-    :func:`normalize_answer`. ``official``: the evaluation server's variant, the mean over the n
-    subsets of n - 1 annotators of min(#matches in the subset / 3, 1)."""
-    if isinstance(annotator_answers, str) or not annotator_answers:
-        raise ValueError("annotator_answers: expected a non-empty list of answers")
-    guess = normalize_answer(predicted)
-    matches = sum(normalize_answer(answer) == guess for answer in annotator_answers)
-    if not official:
-        return min(matches / 3.0, 1.0)
-    total = len(annotator_answers)
-    # Leaving out one of the `matches` annotators who agree leaves matches - 1, any other leaves all.
-    return (matches * min((matches - 1) / 3.0, 1.0)
-            + (total - matches) * min(matches / 3.0, 1.0)) / total
-
 
 # ---- configuration -------------------------------------------------------------------------------
 

@@ -39,10 +39,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from codis.config import ConfigError, ModelConfig
-from codis.loaders import SkipCounter, nlvr_loader, pretrain_loader
+from codis.data.loaders import SkipCounter, nlvr_loader, pretrain_loader
 from codis.train import (MetricsCallback, OptimConfig, TrainConfig, fit, init_runtime,
                          seed_everything)
-from codis.ve import (Backbone, ClassifierConfig, ClassifierOutput, FusionClassifier, attach,
+from codis.tasks.ve import (Backbone, ClassifierConfig, ClassifierOutput, FusionClassifier, attach,
                       check_image_size, empty_backbone, eval_config, evaluate_classifier,
                       expect_config, finetune_classifier, local_shards, mlp_head,
                       pretrained_backbone, read_checkpoint, read_task_checkpoint, run_config_for,
@@ -114,7 +114,7 @@ def ta_training_configs(config: NLVRConfig, pretrain_samples: int, *, world_size
 # ---- the two-image fusion encoder -----------------------------------------------------------------
 def pair_fusion(layers: Sequence[nn.Module]) -> nn.ModuleList:
     """ALBEF's NLVR² multimodal encoder from pretrained fusion layers: each layer becomes two
-    consecutive copies of itself (for the first and the second image, see :func:`codis.ve.fuse`),
+    consecutive copies of itself (for the first and the second image, see :func:`codis.tasks.ve.fuse`),
     whose cross-attentions share one key and one value projection."""
     blocks = []
     for layer in layers:
@@ -264,7 +264,7 @@ def finetune(pretrained: str | Path, train_shards: str | list[str], output_dir: 
              stop_after: int | None = None, num_workers: int = 0) -> Path:
     """Finetune on NLVR² shards (write_shards kind "nlvr") from a TA or pretraining checkpoint;
     returns the task checkpoint ``output_dir/model.pt``. The recipe's TrainConfig / OptimConfig:
-    :func:`codis.ve.training_configs`."""
+    :func:`codis.tasks.ve.training_configs`."""
     config = NLVRConfig() if config is None else config
     expect_config(config, NLVRConfig)
     urls = local_shards(train_shards, ("nlvr",))

@@ -4,7 +4,7 @@ No real image-text corpus can be downloaded where the demo runs, so this module 
 one to four coloured shapes on varied backgrounds and writes, for those scenes, the files that
 ALBEF's data code reads: pretraining pairs (and an img2dataset url list), retrieval, VQA, NLVR² and
 SNLI-VE annotations, and labelled images (shapes and colours present) for the image encoder's
-supervised initialisation, the demo's ImageNet (:mod:`codis.vision_init`). The demo then exercises the same download, sharding, loading and evaluation
+supervised initialisation, the demo's ImageNet (:mod:`codis.train.vision_init`). The demo then exercises the same download, sharding, loading and evaluation
 code as a real run.
 
 The tasks are built so that neither modality alone solves them:
@@ -125,7 +125,7 @@ class DemoWorldConfig:
     nlvr_pairs: dict[str, int] = field(default_factory=_default_splits(500, 100, 100, "dev"), hash=False)
     ve_images: dict[str, int] = field(default_factory=_default_splits(300, 100, 100, "dev"), hash=False)
     hypotheses_per_image: int = 3
-    # Labelled images for the image encoder's supervised initialisation (codis.vision_init), the
+    # Labelled images for the image encoder's supervised initialisation (codis.train.vision_init), the
     # demo's stand-in for ImageNet: which shapes and which colours each scene holds.
     classification_images: dict[str, int] = field(
         default_factory=lambda: {"train": 300, "val": 100}, hash=False)
@@ -1044,7 +1044,7 @@ def generate_demo_world(root: str | Path, config: DemoWorldConfig = DemoWorldCon
     write("meta/vqa_question_types.json", question_types)
 
     manifest = {
-        "generator": "codis.demo_world",
+        "generator": "codis.data.demo_world",
         "generator_version": GENERATOR_VERSION,
         "config": config.to_dict(),
         "image_size": config.image_size,

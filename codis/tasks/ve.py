@@ -1,5 +1,5 @@
 """SNLI-VE finetuning and evaluation (ALBEF's model_ve.py and VE.py), and the classifier plumbing
-that NLVR² (:mod:`codis.nlvr`) reuses.
+that NLVR² (:mod:`codis.tasks.nlvr`) reuses.
 
 A classifier is the pretrained ViT, the BERT text layers and the fusion layers with an MLP
 (Linear-ReLU-Linear, ALBEF's ``cls_head``) on the fused [CLS]. Finetuning follows ALBEF: the
@@ -8,7 +8,7 @@ weight alpha), under AdamW with a short warm-up and cosine decay, in the shared 
 :func:`codis.train.fit`. Evaluation reports the student's accuracy in percent (ALBEF evaluates the
 student, not the EMA model).
 
-SNLI-VE: (image, hypothesis) -> 3 classes with ALBEF's ids (:data:`codis.loaders.VE_LABELS`:
+SNLI-VE: (image, hypothesis) -> 3 classes with ALBEF's ids (:data:`codis.data.loaders.VE_LABELS`:
 entailment 2, neutral 1, contradiction 0).
 """
 
@@ -31,7 +31,8 @@ from codis import losses
 from codis.config import ConfigError, ModelConfig, from_dict
 from codis.encoders import TextFusionEncoder, _extended_mask, build_image_encoder
 from codis.files import atomic_torch_save
-from codis.loaders import VE_LABELS, SkipCounter, shard_urls, ve_loader
+from codis.metrics import accuracy
+from codis.data.loaders import VE_LABELS, SkipCounter, shard_urls, ve_loader
 from codis.model import load_model
 from codis.text import load_tokenizer
 from codis.train import (MetricsCallback, OptimConfig, Runtime, TrainConfig, distillation_alpha, fit,
@@ -186,17 +187,6 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor,
                          f"got {tuple(teacher_logits.shape)}")
     distill = losses.soft_cross_entropy(logits, F.softmax(teacher_logits.detach().float(), dim=-1))
     return (1.0 - alpha) * ce + alpha * distill, {"ce": ce, "distill": distill}
-
-
-def accuracy(predictions: torch.Tensor | Sequence[int], labels: torch.Tensor | Sequence[int]) -> float:
-    """Percentage of predicted class ids equal to the labels (ALBEF's NLVR² / SNLI-VE ``acc`` x 100)."""
-    predictions, labels = torch.as_tensor(predictions), torch.as_tensor(labels)
-    if predictions.dim() != 1 or predictions.shape != labels.shape:
-        raise ValueError(f"predictions {tuple(predictions.shape)} and labels {tuple(labels.shape)} "
-                         "must be 1-D and of equal length")
-    if predictions.numel() == 0:
-        raise ValueError("accuracy of no examples is undefined")
-    return 100.0 * float((predictions == labels).double().mean())
 
 
 def fuse(layers: Iterable[nn.Module], text_hidden: torch.Tensor, attention_mask: torch.Tensor,
@@ -396,7 +386,7 @@ def eval_config(saved: ClassifierConfig, given: ClassifierConfig | None) -> Clas
 
 
 def local_shards(shards: str | Path | list[str], kinds: tuple[str, ...]) -> list[str]:
-    """:func:`codis.loaders.shard_urls`, and a FileNotFoundError now for a local shard that is not
+    """:func:`codis.data.loaders.shard_urls`, and a FileNotFoundError now for a local shard that is not
     there (the loader would only find out, and skip it, once training has started)."""
     urls = shard_urls(shards, kinds)
     missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]

@@ -271,7 +271,7 @@ def _check_request(output_dir: Path, work_dir: Path, request: dict[str, Any],
     record = work_dir / REQUEST_FILE
     if has_shards:
         if not record.is_file():
-            raise ValueError(f"{output_dir}: holds shards that were not made by codis.download "
+            raise ValueError(f"{output_dir}: holds shards that were not made by codis.data.download "
                              f"(no {WORK_DIR}/{REQUEST_FILE}); use an empty output folder")
         previous = json.loads(record.read_text())
         changed = sorted(k for k in request if previous.get(k) != request[k])

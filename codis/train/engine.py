@@ -1,4 +1,4 @@
-"""The pretraining engine: ALBEF's optimisation recipe around :class:`codis.model.CodisModel`.
+"""The training engine: ALBEF's optimisation loop, shared by pretraining and every task.
 
 AdamW (no decay on biases and norms, via timm), linear warm-up then cosine decay, the distillation
 weight alpha ramped up over the first epoch, gradient accumulation and clipping, bf16 autocast on
@@ -29,154 +29,13 @@ from timm.optim import create_optimizer_v2
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from codis.config import ConfigError, ModelConfig, from_dict, merge_dicts, preset
-from codis.files import atomic_torch_save, atomic_write_text
-from codis.loaders import SkipCounter, pretrain_loader, shard_urls
-from codis.model import CodisModel, PretrainOutput, save_model
+from codis.config import ConfigError
+from codis.files import atomic_torch_save
+from codis.model import PretrainOutput
+from codis.train.schedules import OptimConfig, TrainConfig, learning_rate
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
 TRAIN_STATE_FORMAT = 1
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    """ALBEF's pretraining optimiser: AdamW lr 1e-4, weight decay 0.02, warm-up from 1e-5 over the
-    first 2,000 steps (its 20 warm-up "epochs" of 100 steps), cosine decay to 1e-5."""
-
-    lr: float = 1e-4
-    weight_decay: float = 0.02
-    warmup_lr: float = 1e-5
-    warmup_steps: int = 2000
-    min_lr: float = 1e-5
-
-    def __post_init__(self) -> None:
-        for name in ("lr", "warmup_lr", "min_lr"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value <= 0:
-                raise ConfigError(f"optim.{name}: must be a positive number, got {value!r}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"optim.weight_decay: must be >= 0, got {self.weight_decay}")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ConfigError(f"optim.warmup_steps: must be an integer >= 0, got {self.warmup_steps!r}")
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Pretraining shards: folders written by the shard or download stage, files, or brace patterns.
-
-    ``hflip``: ALBEF flips images at random; a dataset whose captions say "left" and "right" (the
-    demo world) should not. ``crop_min_scale``: the smallest random crop (ALBEF 0.2); captions that
-    describe every object and its position want crops that keep them. ``resample`` draws shards
-    with replacement (an endless stream, for multi-node runs whose ranks must never run dry at
-    different times)."""
-
-    shards: tuple[str, ...] = ()
-    num_workers: int = 2
-    shuffle_buffer: int = 1000
-    hflip: bool = True
-    crop_min_scale: float = 0.2
-    resample: bool = False
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.crop_min_scale, (int, float)) or not 0.0 < self.crop_min_scale <= 1.0:
-            raise ConfigError(f"data.crop_min_scale: must be in (0, 1], got {self.crop_min_scale!r}")
-        if not self.shards:
-            raise ConfigError("data.shards: at least one shard folder, file or pattern is needed")
-        if not isinstance(self.num_workers, int) or self.num_workers < 0:
-            raise ConfigError(f"data.num_workers: must be an integer >= 0, got {self.num_workers!r}")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """``batch_size`` is per process and micro-batch; the global batch is batch_size x
-    grad_accumulation x world size. ``alpha_warmup_steps``: ALBEF ramps alpha over one epoch.
-    ``itm_uniform_negative_steps``: ITM negatives drawn uniformly (not ALBEF's hard negatives) for
-    the first steps; 0 (ALBEF) for pretrained encoders. A fusion encoder trained from scratch never
-    learns ITM from hard negatives alone (notes/TINY_PRESET.md, finding 6)."""
-
-    steps: int = 1000
-    batch_size: int = 64
-    grad_accumulation: int = 1
-    alpha_warmup_steps: int = 1000
-    itm_uniform_negative_steps: int = 0
-    clip_grad_norm: float = 0.0
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    compile: bool = False
-    seed: int = 42
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 2
-    log_every: int = 10
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accumulation", "checkpoint_every",
-                     "keep_checkpoints", "log_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"train.{name}: must be an integer >= 1, got {value!r}")
-        for name in ("alpha_warmup_steps", "itm_uniform_negative_steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"train.{name}: must be an integer >= 0, got {value!r}")
-        if self.clip_grad_norm < 0:
-            raise ConfigError(f"train.clip_grad_norm: must be >= 0 (0 = off), got {self.clip_grad_norm}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"train.precision: must be auto, fp32 or bf16, got {self.precision!r}")
-
-
-@dataclass(frozen=True)
-class PretrainConfig:
-    """A whole pretraining run, as written to ``run.yaml`` and read by ``codis pretrain --config``."""
-
-    output_dir: str
-    data: DataConfig
-    model: ModelConfig = field(default_factory=lambda: preset("tiny"))
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PretrainConfig":
-        """Also accepts ``model: {preset: tiny, mode: albef, ...}``: a preset with top-level changes."""
-        data = dict(data)
-        model = data.get("model")
-        if isinstance(model, dict) and "preset" in model:
-            changes = {k: v for k, v in model.items() if k != "preset"}
-            base = preset(model["preset"]).to_dict()
-            data["model"] = merge_dicts(base, changes)
-        return from_dict(cls, data)
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> "PretrainConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no run config at {path}")
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        try:
-            return cls.from_dict(data)
-        except ConfigError as error:
-            raise ConfigError(f"{path}: {error}") from error
-
-
-# ---- schedules -----------------------------------------------------------------------------------
-def learning_rate(step: int, total_steps: int, config: OptimConfig) -> float:
-    """Linear warm-up from ``warmup_lr`` to ``lr``, then cosine from ``lr`` to ``min_lr``."""
-    if step < config.warmup_steps:
-        return config.warmup_lr + (config.lr - config.warmup_lr) * step / config.warmup_steps
-    span = max(1, total_steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / span)
-    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def distillation_alpha(step: int, alpha: float, warmup_steps: int) -> float:
-    """ALBEF's ramp: alpha * min(1, step / warmup_steps) (full alpha at once when warmup is 0)."""
-    return alpha if warmup_steps == 0 else alpha * min(1.0, step / warmup_steps)
 
 
 # ---- distributed set-up --------------------------------------------------------------------------
@@ -341,7 +200,7 @@ def fit(model: torch.nn.Module, step_loss: StepLoss, open_epoch: Callable[[int],
             broadcast_buffers=False)  # queues are filled identically on every rank by all-gather
     if train.compile:
         trained = torch.compile(trained)
-    autocast = _autocast(train.precision, runtime.device)
+    precision = autocast(train.precision, runtime.device)
     parameters = [p for p in model.parameters() if p.requires_grad]
 
     bar = tqdm(total=train.steps, initial=step, disable=not (progress and runtime.is_main),
@@ -358,7 +217,7 @@ def fit(model: torch.nn.Module, step_loss: StepLoss, open_epoch: Callable[[int],
         for micro in range(train.grad_accumulation):
             batch = _to_device(batches.next(), runtime.device)
             sync = micro == train.grad_accumulation - 1 or runtime.world_size == 1
-            with (nullcontext() if sync else trained.no_sync()), autocast:
+            with (nullcontext() if sync else trained.no_sync()), precision:
                 output = step_loss(trained, batch, step)
                 (output.loss / train.grad_accumulation).backward()
             for name, value in [("loss", output.loss.detach()), *output.parts.items()]:
@@ -395,52 +254,6 @@ def _batch_size(batch: dict) -> int:
     return next(len(v) for v in batch.values() if isinstance(v, (torch.Tensor, list)))
 
 
-def pretrain(config: PretrainConfig, *, resume: bool = True, callback: MetricsCallback | None = None,
-             progress: bool = True, stop_after: int | None = None) -> Path:
-    """Run (or continue) pretraining; returns the final model checkpoint (``model.pt``).
-
-    With ``resume`` the latest ``checkpoints/step-*.pt`` under ``output_dir`` is continued and
-    the result equals an uninterrupted run. ``stop_after`` ends this call after that many steps
-    (a resumable slice; the tests use it)."""
-    runtime = init_runtime()
-    run_dir = Path(config.output_dir)
-    if runtime.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config.save(run_dir / "run.yaml")
-    seed_everything(config.train.seed + runtime.rank)
-    model = CodisModel(config.model).to(runtime.device)
-    urls = shard_urls(list(config.data.shards) if len(config.data.shards) > 1
-                      else config.data.shards[0], ("pretrain", "retrieval_train"))
-    skips = SkipCounter()
-
-    def open_epoch(epoch: int):
-        data, model_config = config.data, config.model
-        return pretrain_loader(
-            urls, tokenizer=model.tokenizer, image_size=model_config.vision.image_size,
-            batch_size=config.train.batch_size, max_length=model_config.text.max_length,
-            num_workers=data.num_workers, resample=data.resample, seed=config.train.seed,
-            shuffle_buffer=data.shuffle_buffer, hflip=data.hflip,
-            crop_min_scale=data.crop_min_scale, epoch=epoch, skips=skips)
-
-    def step_loss(trained: torch.nn.Module, batch: dict, step: int):
-        alpha = distillation_alpha(step, config.model.alpha, config.train.alpha_warmup_steps)
-        output = trained(batch["image"], batch["input_ids"], batch["attention_mask"], alpha=alpha,
-                         hard_negatives=step >= config.train.itm_uniform_negative_steps)
-        output.parts.update(alpha=torch.tensor(alpha), temperature=model.temp.detach())
-        return output
-
-    step = fit(model, step_loss, open_epoch, run_config=config.to_dict(), train=config.train,
-               optim=config.optim, output_dir=run_dir, runtime=runtime, callback=callback,
-               progress=progress, resume=resume, stop_after=stop_after, desc="pretrain",
-               skipped=lambda: skips.count)
-    final = run_dir / "model.pt"
-    if runtime.is_main and step >= config.train.steps:
-        save_model(model, final, extra={"step": step, "run": config.to_dict()})
-    if runtime.world_size > 1:
-        dist.barrier()
-    return final
-
-
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     random.seed(seed)
@@ -466,7 +279,8 @@ def _check_resumable(state: dict, run_config: dict[str, Any], path: Path) -> Non
                               f"resume with the same run config or start a new output_dir")
 
 
-def _autocast(precision: str, device: torch.device):
+def autocast(precision: str, device: torch.device):
+    """bf16 autocast for ``precision`` "bf16", or "auto" on CUDA; no autocast otherwise."""
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()

@@ -1,0 +1,60 @@
+"""The four downstream tasks, one module each with the same contract.
+
+Every task module defines a config class derived from :class:`codis.tasks.base.TaskConfig`, its
+presets (``PRESETS``, built by ``config(preset, **changes)``), and::
+
+    finetune(pretrained, train_shards, output_dir, config, *, train, optim, callback=None,
+             progress=True, resume=True, stop_after=None) -> Path   # output_dir/model.pt
+    evaluate(checkpoint, shards, config, *, progress=True, **task_options) -> dict[str, float]
+
+:data:`TASKS` is the one table of what differs between them; the CLI, the flows and the report
+read it instead of knowing the task list themselves.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What the code around a task needs to know about it.
+
+    ``train_kind`` / ``eval_kind``: the shard kinds its finetuning and evaluation read;
+    ``headline_metric``: the metric that ranks models of the task; ``report_keys``: its rows in
+    the report (retrieval reports zero-shot and finetuned separately); ``paper_preset``: the preset
+    with the paper's (ALBEF's) settings."""
+
+    name: str
+    title: str
+    train_kind: str
+    eval_kind: str
+    headline_metric: str
+    report_keys: tuple[str, ...]
+    paper_preset: str
+
+    @property
+    def module_name(self) -> str:
+        return f"codis.tasks.{self.name}"
+
+    def module(self) -> ModuleType:
+        """The task's module (imported on first use: task modules are heavy)."""
+        return importlib.import_module(self.module_name)
+
+
+TASKS: dict[str, TaskInfo] = {
+    "retrieval": TaskInfo("retrieval", "Image-text retrieval", "retrieval_train", "retrieval_eval",
+                          "r_mean", ("retrieval_zero_shot", "retrieval_finetuned"), "coco"),
+    "vqa": TaskInfo("vqa", "VQA", "vqa", "vqa", "accuracy", ("vqa",), "vqa"),
+    "nlvr": TaskInfo("nlvr", "NLVR²", "nlvr", "nlvr", "accuracy", ("nlvr",), "nlvr"),
+    "ve": TaskInfo("ve", "SNLI-VE", "ve", "ve", "accuracy", ("ve",), "ve"),
+}
+
+
+def task_info(name: str) -> TaskInfo:
+    """``TASKS[name]``; an unknown task raises ValueError naming the known ones."""
+    if name not in TASKS:
+        raise ValueError(f"task: must be one of {', '.join(TASKS)}, got {name!r}")
+    return TASKS[name]

@@ -1,0 +1,126 @@
+"""Learning-rate and distillation schedules, and the configs they are built from.
+
+:func:`learning_rate` is ALBEF's linear warm-up then cosine; :func:`distillation_alpha` its alpha
+ramp. :func:`scale_schedule`, :func:`global_batch` and :func:`scaled_lr` are the policy a recipe
+applies to a schedule (step scaling, the linear learning-rate rule).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from codis.config import ConfigError
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """ALBEF's pretraining optimiser: AdamW lr 1e-4, weight decay 0.02, warm-up from 1e-5 over the
+    first 2,000 steps (its 20 warm-up "epochs" of 100 steps), cosine decay to 1e-5."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.02
+    warmup_lr: float = 1e-5
+    warmup_steps: int = 2000
+    min_lr: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "warmup_lr", "min_lr"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"optim.{name}: must be a positive number, got {value!r}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay: must be >= 0, got {self.weight_decay}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps: must be an integer >= 0, got {self.warmup_steps!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``batch_size`` is per process and micro-batch; the global batch is batch_size x
+    grad_accumulation x world size. ``alpha_warmup_steps``: ALBEF ramps alpha over one epoch.
+    ``itm_uniform_negative_steps``: ITM negatives drawn uniformly (not ALBEF's hard negatives) for
+    the first steps; 0 (ALBEF) for pretrained encoders. A fusion encoder trained from scratch never
+    learns ITM from hard negatives alone (notes/TINY_PRESET.md, finding 6)."""
+
+    steps: int = 1000
+    batch_size: int = 64
+    grad_accumulation: int = 1
+    alpha_warmup_steps: int = 1000
+    itm_uniform_negative_steps: int = 0
+    clip_grad_norm: float = 0.0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False
+    seed: int = 42
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accumulation", "checkpoint_every",
+                     "keep_checkpoints", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"train.{name}: must be an integer >= 1, got {value!r}")
+        for name in ("alpha_warmup_steps", "itm_uniform_negative_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"train.{name}: must be an integer >= 0, got {value!r}")
+        if self.clip_grad_norm < 0:
+            raise ConfigError(f"train.clip_grad_norm: must be >= 0 (0 = off), got {self.clip_grad_norm}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"train.precision: must be auto, fp32 or bf16, got {self.precision!r}")
+
+
+def learning_rate(step: int, total_steps: int, config: OptimConfig) -> float:
+    """Linear warm-up from ``warmup_lr`` to ``lr``, then cosine from ``lr`` to ``min_lr``."""
+    if step < config.warmup_steps:
+        return config.warmup_lr + (config.lr - config.warmup_lr) * step / config.warmup_steps
+    span = max(1, total_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def distillation_alpha(step: int, alpha: float, warmup_steps: int) -> float:
+    """ALBEF's ramp: alpha * min(1, step / warmup_steps) (full alpha at once when warmup is 0)."""
+    return alpha if warmup_steps == 0 else alpha * min(1.0, step / warmup_steps)
+
+
+
+def scale_schedule(train: TrainConfig, optim: OptimConfig, factor: float,
+                   ) -> tuple[TrainConfig, OptimConfig]:
+    """Multiply every step count of a schedule by ``factor`` (the recipe's ``steps_scale``): total
+    steps, warm-ups, checkpoint and log intervals; each stays >= 1 (warm-ups >= 0)."""
+    if factor == 1.0:
+        return train, optim
+
+    def scaled(value: int, least: int) -> int:
+        return max(least, int(round(value * factor)))
+
+    steps = scaled(train.steps, 1)
+    train = dataclasses.replace(
+        train, steps=steps, alpha_warmup_steps=scaled(train.alpha_warmup_steps, 0),
+        itm_uniform_negative_steps=scaled(train.itm_uniform_negative_steps, 0),
+        checkpoint_every=min(steps, scaled(train.checkpoint_every, 1)),
+        log_every=min(steps, scaled(train.log_every, 1)))
+    optim = dataclasses.replace(optim, warmup_steps=min(steps, scaled(optim.warmup_steps, 0)))
+    return train, optim
+
+
+def global_batch(train: TrainConfig, nodes: int = 1, gpus_per_node: int = 1) -> int:
+    """Samples per optimiser step: batch_size (per process) x grad_accumulation x processes."""
+    return train.batch_size * train.grad_accumulation * nodes * gpus_per_node
+
+
+def scaled_lr(lr: float, reference_batch: int | None, batch: int) -> float:
+    """The linear scaling rule (Goyal et al., 2017): ``lr`` was tuned for a global batch of
+    ``reference_batch`` and is used at ``batch``, so it becomes lr x batch / reference_batch
+    (ALBEF: 1e-4 at 512 -> 2e-4 at 1024 on 16 GPUs, salesforce/ALBEF#39). Warm-up and minimum
+    learning rates are not scaled (salesforce/ALBEF#92). ``reference_batch`` None: unchanged."""
+    if reference_batch is None:
+        return lr
+    if reference_batch <= 0 or batch <= 0:
+        raise ValueError(f"batch sizes must be positive, got reference {reference_batch}, batch {batch}")
+    return lr * batch / reference_batch
