@@ -18,46 +18,40 @@ output folder, the ViT (a model preset's ``vision`` with changes) and its schedu
     optim: {lr: 1.0e-3}
 
 A finetuning config (YAML) names the pretrained checkpoint, the training shards, the output
-folder, the task preset with changes, and the shared ``train`` / ``optim`` sections::
+folder and the task preset with changes. It trains with the task's schedule (ALBEF's epochs,
+batch, learning rates over the shards' sample count and the processes; the same function the flows
+use), and the optional ``train`` / ``optim`` sections replace fields of that schedule::
 
     pretrained: runs/pretrain/model.pt
     train_shards: runs/shards/retrieval_train
     output_dir: runs/retrieval
     preset: demo               # the task's preset (e.g. coco, flickr, vqa, nlvr, ve, demo)
-    task: {k_test: 16}         # changes to the preset's fields
-    train: {steps: 200, batch_size: 32}
+    task: {k_test: 16, epochs: 3}   # changes to the preset's fields
+    train: {log_every: 10}     # changes to the resulting schedule (optional)
     optim: {lr: 1.0e-4}
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import codis  # noqa: F401
 from codis.config import ConfigError
+from codis.tasks import TASKS
 
-TASKS = ("retrieval", "vqa", "nlvr", "ve")
-PAPER_PRESETS = {"retrieval": "coco", "vqa": "vqa", "nlvr": "nlvr", "ve": "ve"}
 FINETUNE_KEYS = {"pretrained", "train_shards", "output_dir", "preset", "task", "train", "optim"}
 VISION_INIT_KEYS = {"train_annotations", "eval_annotations", "image_root", "output_dir", "preset",
                     "vision", "train", "optim"}
 
 
-def _task_module(task: str):
-    if task not in TASKS:
-        raise ConfigError(f"task: unknown task {task!r} (known: {', '.join(TASKS)})")
-    return importlib.import_module(f"codis.tasks.{task}")
-
-
 def _task_config(task: str, preset: str | None, changes: dict[str, Any] | None):
-    module = _task_module(task)
-    make = getattr(module, f"{task}_config")
-    return make(preset or PAPER_PRESETS[task], **(changes or {}))
+    info = TASKS[task]
+    return info.module().config(preset or info.paper_preset, **(changes or {}))
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -80,12 +74,8 @@ def _load_yaml(path: str) -> dict[str, Any]:
     return data
 
 
-def _load_run_config(path: str, known: set[str], required: tuple[str, ...]) -> tuple[dict, Any, Any]:
-    """A command's YAML config checked for unknown and missing fields, with its ``train`` and
-    ``optim`` sections built (errors name the field)."""
-    from codis.config import from_dict
-    from codis.train import OptimConfig, TrainConfig
-
+def _load_run_config(path: str, known: set[str], required: tuple[str, ...]) -> dict[str, Any]:
+    """A command's YAML config checked for unknown and missing fields (errors name the field)."""
     data = _load_yaml(path)
     unknown = sorted(set(data) - known)
     if unknown:
@@ -93,19 +83,23 @@ def _load_run_config(path: str, known: set[str], required: tuple[str, ...]) -> t
     for key in required:
         if key not in data:
             raise ConfigError(f"{path}: {key}: required")
-    train = from_dict(TrainConfig, data.get("train", {}), prefix="train.")
-    optim = from_dict(OptimConfig, data.get("optim", {}), prefix="optim.")
-    return data, train, optim
+    return data
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    data, train, optim = _load_run_config(args.config, FINETUNE_KEYS,
-                                          ("pretrained", "train_shards", "output_dir"))
+    from codis.data.manifest import shard_samples
+    from codis.train import OptimConfig, TrainConfig, task_schedule, with_changes
+
+    data = _load_run_config(args.config, FINETUNE_KEYS, ("pretrained", "train_shards", "output_dir"))
     config = _task_config(args.task, data.get("preset"), data.get("task"))
-    module = _task_module(args.task)
-    print(module.finetune(data["pretrained"], data["train_shards"], data["output_dir"], config,
-                          train=train, optim=optim, progress=not args.no_progress,
-                          resume=not args.no_resume, stop_after=args.stop_after))
+    with_changes(TrainConfig(), OptimConfig(), data.get("train"), data.get("optim"))  # before any IO
+    shards = data["train_shards"]
+    samples = shard_samples(shards if isinstance(shards, list) else [shards])
+    train, optim = task_schedule(config, samples, int(os.environ.get("WORLD_SIZE", "1")),
+                                 train_changes=data.get("train"), optim_changes=data.get("optim"))
+    print(TASKS[args.task].module().finetune(
+        data["pretrained"], shards, data["output_dir"], config, train=train, optim=optim,
+        progress=not args.no_progress, resume=not args.no_resume, stop_after=args.stop_after))
     return 0
 
 
@@ -115,8 +109,12 @@ def _pretrain_vision(args: argparse.Namespace) -> int:
     from codis.config import VisionConfig, from_dict, preset
     from codis.train.vision_init import pretrain_vision
 
-    data, train, optim = _load_run_config(args.config, VISION_INIT_KEYS,
-                                          ("train_annotations", "image_root", "output_dir"))
+    from codis.train import OptimConfig, TrainConfig
+
+    data = _load_run_config(args.config, VISION_INIT_KEYS,
+                            ("train_annotations", "image_root", "output_dir"))
+    train = from_dict(TrainConfig, data.get("train", {}), prefix="train.")
+    optim = from_dict(OptimConfig, data.get("optim", {}), prefix="optim.")
     base = dataclasses.asdict(preset(data.get("preset", "tiny")).vision)
     vision = from_dict(VisionConfig, {**base, **data.get("vision", {})}, prefix="vision.")
     print(pretrain_vision(vision, data["train_annotations"], data["image_root"], data["output_dir"],
@@ -129,10 +127,11 @@ def _pretrain_vision(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     config = _task_config(args.task, args.preset, json.loads(args.set) if args.set else None)
     extra = {"answer_list": args.answer_list} if args.task == "vqa" and args.answer_list else {}
-    metrics = _task_module(args.task).evaluate(args.checkpoint, args.shards, config,
+    extra.update(json.loads(args.options) if args.options else {})
+    metrics = TASKS[args.task].module().evaluate(args.checkpoint, args.shards, config,
                                                progress=not args.no_progress, **extra)
     text = json.dumps(metrics, indent=2)
-    if args.output:
+    if args.output and int(os.environ.get("RANK", "0")) == 0:  # under torchrun: rank 0 writes
         from codis.files import atomic_write_text
 
         atomic_write_text(args.output, text + "\n")
@@ -174,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--preset", default=None, help="the task's preset (default: the paper's)")
     evaluate.add_argument("--set", default=None, help='JSON changes to the preset, e.g. \'{"k_test": 16}\'')
     evaluate.add_argument("--answer-list", default=None, help="VQA: answer_list.json")
+    evaluate.add_argument("--options", default=None,
+                          help='JSON keyword arguments of the task\'s evaluate, e.g. \'{"num_workers": 8}\'')
     evaluate.add_argument("--output", default=None, help="also write the metrics to this JSON file")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.set_defaults(run=_evaluate)

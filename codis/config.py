@@ -95,7 +95,7 @@ class VisionConfig:
     ``"conv"`` replaces it by timm's ``ConvStem`` of log2(patch_size) 3x3 stride-2 convolutions
     (Xiao et al. 2021, "Early convolutions help transformers see better"), for ViTs trained from
     scratch on little data: trained on the demo world's shape labels, the tiny ViT learns them far
-    faster with it (notes/TINY_PRESET.md, finding 7). No preset uses it. Hub weights have a
+    faster with it (docs/findings/tiny-preset.md, finding 7). No preset uses it. Hub weights have a
     patchify stem; a local weights file saved from a conv-stem ViT of this config loads.
     """
 
@@ -312,7 +312,7 @@ def merge_dicts(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]
 def tiny() -> ModelConfig:
     """Random init, 64 px images, 1 text + 2 fusion layers, width 64: tests and the CPU demo.
 
-    Measured on the demo world (notes/TINY_PRESET.md): at 32 px the small shapes are a few pixels
+    Measured on the demo world (docs/findings/tiny-preset.md): at 32 px the small shapes are a few pixels
     and nothing is learnt; BERT's init std 0.02 is made for width 768 (gain 0.02 x sqrt(768)) and at
     width 64 leaves the text [CLS] nearly blind to the caption, with dropout noise 50x larger than
     its content, so the tiny text encoder uses std 0.1 and no dropout. Momentum 0.95 lets the
@@ -321,7 +321,7 @@ def tiny() -> ModelConfig:
     teacher drifts so fast that features queued a few steps earlier sit apart from the current
     ones, and with 256 queued (mostly stale) negatives the cheapest way to lower L_itc was a shift
     shared by every feature, so both towers collapsed and cross-modal retrieval stayed at chance;
-    with a short queue the same runs learn (notes/TINY_PRESET.md, finding 3). Two fusion layers
+    with a short queue the same runs learn (docs/findings/tiny-preset.md, finding 3). Two fusion layers
     so that word-level Grad-CAM has a layer below the last.
     """
     return ModelConfig(

@@ -47,9 +47,27 @@ def build_image_encoder(config: VisionConfig) -> nn.Module:
     return timm.create_model(pretrained, pretrained=True, img_size=config.image_size, num_classes=0)
 
 
-def _extended_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, L) 0/1 mask -> additive (B, 1, 1, L) mask accepted by every BERT attention backend."""
+def set_image_size(visual_encoder: nn.Module, size: int) -> None:
+    """Resize the ViT's input (timm resamples the position embeddings, as ALBEF's
+    ``interpolate_pos_embed`` does between pretraining at 256 and finetuning at 384 px)."""
+    if tuple(visual_encoder.patch_embed.img_size) != (size, size):
+        visual_encoder.set_input_size(img_size=(size, size))
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, L) 0/1 padding mask -> additive (B, 1, 1, L) mask accepted by every BERT attention
+    backend: 0 where a key may be attended to, the dtype's minimum where it is padding."""
     return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+def causal_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, L) 0/1 padding mask -> additive (B, 1, L, L) mask: position i sees positions j <= i that
+    are not padding. Passed explicitly because transformers' attention ignores ``is_causal``
+    whenever a mask is given."""
+    length = mask.shape[1]
+    lower = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+    allowed = lower[None, None] & mask[:, None, None, :].bool()
+    return (~allowed).to(dtype) * torch.finfo(dtype).min
 
 
 class TextFusionEncoder(nn.Module):
@@ -153,8 +171,8 @@ class TextFusionEncoder(nn.Module):
     def fuse(self, text_hidden: torch.Tensor, attention_mask: torch.Tensor,
              image_hidden: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Fusion layers: text self-attention + cross-attention to image tokens -> (B, L, H)."""
-        self_mask = _extended_mask(attention_mask, text_hidden.dtype)
-        cross_mask = None if image_mask is None else _extended_mask(image_mask, text_hidden.dtype)
+        self_mask = additive_mask(attention_mask, text_hidden.dtype)
+        cross_mask = None if image_mask is None else additive_mask(image_mask, text_hidden.dtype)
         hidden = text_hidden
         for layer in self.fusion:
             hidden = layer(hidden, self_mask, image_hidden, encoder_attention_mask=cross_mask)

@@ -246,3 +246,52 @@ def mlm_loss(logits: Tensor, labels: Tensor, teacher_logits: Tensor | None = Non
         distill = soft_cross_entropy(student, F.softmax(teacher_logits.detach()[masked], dim=-1))
     total = (1.0 - alpha) * ce + alpha * distill
     return total, {"ce": ce, "distill": distill}
+
+
+# ---- finetuning ----------------------------------------------------------------------------------
+def classification_loss(logits: Tensor, labels: Tensor,
+                        teacher_logits: Tensor | None = None, alpha: float = 0.0,
+                        ) -> tuple[Tensor, dict[str, Tensor]]:
+    """ALBEF finetuning loss (1 - alpha) H(y, p) + alpha H(softmax(teacher), p) (model_ve/model_nlvr)."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must have shape (B, classes), got {tuple(logits.shape)}")
+    if labels.shape != (logits.shape[0],):
+        raise ValueError(f"labels must have shape ({logits.shape[0]},), got {tuple(labels.shape)}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if teacher_logits is None and alpha > 0:
+        raise ValueError(f"alpha={alpha} needs teacher_logits; pass alpha=0 when not distilling")
+    ce = F.cross_entropy(logits, labels.long())
+    if teacher_logits is None:
+        return ce, {"ce": ce}
+    if teacher_logits.shape != logits.shape:
+        raise ValueError(f"teacher_logits must have the shape of logits {tuple(logits.shape)}, "
+                         f"got {tuple(teacher_logits.shape)}")
+    distill = soft_cross_entropy(logits, F.softmax(teacher_logits.detach().float(), dim=-1))
+    return (1.0 - alpha) * ce + alpha * distill, {"ce": ce, "distill": distill}
+
+
+def answer_loss(logits: Tensor, answer_ids: Tensor, answer_mask: Tensor, weights: Tensor,
+                batch_size: int, teacher_logits: Tensor | None = None, alpha: float = 0.0,
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+    """ALBEF's VQA loss: sum_q sum_a w_qa [(1 - alpha) NLL(a | q) + alpha H(teacher, p)(a | q)] / B,
+    each term summed over the answer's tokens (its [CLS] is the given prefix, not a target)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if teacher_logits is None and alpha > 0:
+        raise ValueError(f"alpha={alpha} needs teacher_logits; pass alpha=0 when not distilling")
+    if weights.shape != answer_ids.shape[:1]:
+        raise ValueError(f"weights must have shape ({answer_ids.shape[0]},) (one per answer), "
+                         f"got {tuple(weights.shape)}")
+    scored = answer_mask[:, 1:].to(torch.float32)
+    log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -(log_probs.gather(-1, answer_ids[:, 1:, None]).squeeze(-1) * scored).sum(1)
+    weights = weights.to(nll.dtype)
+    parts = {"answer_nll": (weights * nll).sum() / batch_size}
+    per_answer = nll
+    if teacher_logits is not None and alpha > 0:
+        soft = F.softmax(teacher_logits[:, :-1].detach().float(), dim=-1)
+        distill = (-(soft * log_probs).sum(-1) * scored).sum(1)
+        per_answer = (1.0 - alpha) * nll + alpha * distill
+        parts["answer_distill"] = (weights * distill).sum() / batch_size
+    return (weights * per_answer).sum() / batch_size, parts

@@ -1,7 +1,7 @@
 """Evaluation metrics, as pure functions of predictions and references.
 
-VQA accuracy with the VQA evaluation's answer normalisation, ALBEF's retrieval recall (``itm_eval``),
-classification accuracy (NLVR², SNLI-VE) and codebook usage.
+VQA accuracy with the VQA evaluation's answer normalisation, ALBEF's retrieval recall (``itm_eval``)
+and its chance level, classification accuracy (NLVR², SNLI-VE) and codebook usage.
 """
 
 from __future__ import annotations
@@ -140,6 +140,27 @@ def retrieval_metrics(score_i2t: torch.Tensor, score_t2i: torch.Tensor,
     for name, rank in (("txt", txt_rank), ("img", img_rank)):
         for k in RECALL_AT:
             metrics[f"{name}_r{k}"] = 100.0 * float((rank < k).double().mean())
+        metrics[f"{name}_r_mean"] = sum(metrics[f"{name}_r{k}"] for k in RECALL_AT) / len(RECALL_AT)
+    metrics["r_mean"] = (metrics["txt_r_mean"] + metrics["img_r_mean"]) / 2
+    return metrics
+
+
+def retrieval_chance(images: int, captions_per_image: int = 5) -> dict[str, float]:
+    """The expected :func:`retrieval_metrics` of a random ranking of ``images`` images with
+    ``captions_per_image`` captions each (COCO and Flickr30K: 5), in percent."""
+    for name, value in (("images", images), ("captions_per_image", captions_per_image)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
+    captions = images * captions_per_image
+    metrics: dict[str, float] = {}
+    for k in RECALL_AT:
+        # Text retrieval hits when any of the image's captions is among the k drawn from all
+        # captions; image retrieval when its one image is among the k drawn.
+        miss = (math.comb(captions - captions_per_image, k) / math.comb(captions, k)
+                if k <= captions else 0.0)
+        metrics[f"txt_r{k}"] = 100.0 * (1.0 - miss)
+        metrics[f"img_r{k}"] = 100.0 * min(1.0, k / images)
+    for name in ("txt", "img"):
         metrics[f"{name}_r_mean"] = sum(metrics[f"{name}_r{k}"] for k in RECALL_AT) / len(RECALL_AT)
     metrics["r_mean"] = (metrics["txt_r_mean"] + metrics["img_r_mean"]) / 2
     return metrics

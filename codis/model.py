@@ -26,14 +26,12 @@ from codis import losses
 from codis.config import ConfigError, ModelConfig
 from transformers import BertConfig
 
-from codis.files import atomic_torch_save
+from codis.checkpoint import Checkpoint, config_differences, read_checkpoint, save_checkpoint
+from codis.ema import momentum_update
 from codis.encoders import TextFusionEncoder, build_image_encoder
 from codis.ot import transport_plan
 from codis.queue import FeatureQueue, gather_from_all_ranks
 from codis.text import load_tokenizer, mask_tokens
-
-CHECKPOINT_FORMAT = 1
-
 
 @dataclasses.dataclass
 class PairFeatures:
@@ -114,12 +112,9 @@ class CodisModel(nn.Module):
     def _teachers(self) -> list[nn.Module]:
         return [self.visual_encoder_m, self.vision_proj_m, self.text_encoder_m, self.text_proj_m]
 
-    @torch.no_grad()
     def momentum_update(self) -> None:
         """teacher <- m * teacher + (1 - m) * student, for every encoder and projection."""
-        student = [p for module in self._students() for p in module.parameters()]
-        teacher = [p for module in self._teachers() for p in module.parameters()]
-        torch._foreach_lerp_(teacher, student, 1.0 - self.config.momentum)
+        momentum_update(self._teachers(), self._students(), self.config.momentum)
 
     # ---- inference API --------------------------------------------------------------------------
     def image_tokens(self, image: torch.Tensor) -> torch.Tensor:
@@ -317,40 +312,27 @@ def _other_ranks(image_feat_m: torch.Tensor, text_feat_m: torch.Tensor,
 
 # ---- checkpoints ---------------------------------------------------------------------------------
 def save_model(model: CodisModel, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write config + weights (students, teachers, queues, codebook) atomically to ``path``."""
-    payload = {"format": CHECKPOINT_FORMAT, "config": model.config.to_dict(),
-               "text_architecture": model.text_encoder.architecture(),
-               "state_dict": model.state_dict(), "extra": extra or {}}
-    return atomic_torch_save(payload, path)
+    """Write config + weights (students, teachers, queues, codebook) atomically to ``path``
+    (a ``"pretrain"`` :mod:`codis.checkpoint`)."""
+    return save_checkpoint(path, Checkpoint(
+        kind="pretrain", model_config=model.config.to_dict(),
+        text_architecture=model.text_encoder.architecture(), state_dict=model.state_dict(),
+        extra=extra or {}))
 
 
 def load_model(path: str | Path, config: ModelConfig | None = None,
-               map_location: str | torch.device = "cpu") -> CodisModel:
-    """Rebuild a model from :func:`save_model`'s file. With ``config``, the checkpoint must have
-    been written by a model of that architecture; a mismatch names the differing fields."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    payload = torch.load(path, map_location=map_location, weights_only=False)
-    if payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: unknown checkpoint format {payload.get('format')!r}")
-    saved = ModelConfig.from_dict(payload["config"])
+               map_location: str | torch.device = "cpu", kinds: tuple[str, ...] = ("pretrain",),
+               ) -> CodisModel:
+    """Rebuild a model from :func:`save_model`'s file (or, with ``kinds``, from another checkpoint
+    holding a whole CodisModel, such as a finetuned retrieval one). With ``config``, the checkpoint
+    must have been written by a model of that architecture; a mismatch names every differing field."""
+    checkpoint = read_checkpoint(path, kinds, map_location)
+    saved = ModelConfig.from_dict(checkpoint.model_config)
     if config is not None:
-        differences = _config_differences(saved.to_dict(), config.to_dict())
+        differences = config_differences(saved.to_dict(), config.to_dict())
         if differences:
             raise ConfigError(f"{path} was saved with a different configuration: "
                               + "; ".join(differences))
-    model = CodisModel(saved, text_architecture=payload["text_architecture"])
-    model.load_state_dict(payload["state_dict"])
+    model = CodisModel(saved, text_architecture=checkpoint.text_architecture)
+    model.load_state_dict(checkpoint.state_dict)
     return model
-
-
-def _config_differences(saved: dict, wanted: dict, prefix: str = "") -> list[str]:
-    differences = []
-    for key in sorted(set(saved) | set(wanted)):
-        a, b = saved.get(key), wanted.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            differences += _config_differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            differences.append(f"{prefix}{key}: checkpoint {a!r}, requested {b!r}")
-    return differences

@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from flows.tracking import resolve_tracking_uri
+
 DEFAULT_METRICS = ("pretrain.loss", "*.r_mean", "*.txt_r1", "*.img_r1", "*.accuracy")
 """Shown unless ``--metrics`` says otherwise: the pretraining loss and each task's headline."""
 
@@ -124,8 +126,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --runs and/or --recipe")
 
     from mlflow import MlflowClient
-
-    from flows.stages import resolve_tracking_uri
 
     client = MlflowClient(tracking_uri=resolve_tracking_uri(args.tracking_uri, "runs"))
     runs = [client.get_run(run_id) for run_id in args.runs]

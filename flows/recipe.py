@@ -20,11 +20,9 @@ paths are relative to the working directory.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -33,13 +31,15 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, StringConstra
                       ValidationError, create_model, field_validator, model_validator)
 
 import codis  # noqa: F401  - the torchvision shim first
-from codis.config import PRESETS, ModelConfig, VisionConfig, merge_dicts
+from codis.config import PRESETS, ConfigError, ModelConfig, VisionConfig, merge_dicts
 from codis.data.demo_world import DemoWorldConfig
 from codis.data.download import DownloadConfig
+from codis.tasks import TASKS
+from codis.tasks.base import TaskConfig
+from codis.train import schedules
 from codis.train import (DataConfig, OptimConfig, PretrainConfig, TrainConfig, global_batch,
                          scale_schedule, scaled_lr)
 
-TASKS: tuple[str, ...] = ("retrieval", "vqa", "nlvr", "ve")
 DEMO_SCHEME = "demo://"
 SHARD_KINDS = {  # (train, eval) kinds of codis.data.shards.write_shards per task
     "retrieval": ("retrieval_train", "retrieval_eval"), "vqa": ("vqa", "vqa"),
@@ -136,8 +136,8 @@ class PretrainSpec(_Spec):
     scaled linearly to its actual global batch, batch_size x grad_accumulation x nodes x
     gpus_per_node (:func:`scaled_lr`); ``reference_batch`` None uses ``optim.lr`` unscaled.
     ``launcher``: ``inprocess`` runs :func:`codis.train.pretrain` inside the flow (one process),
-    ``torchrun`` starts :func:`torchrun_command` as a subprocess, ``auto`` picks in-process for
-    one process and torchrun otherwise. With ``nodes`` > 1 every node runs the same torchrun
+    ``torchrun`` starts :func:`flows.launch.torchrun_command` as a subprocess, ``auto`` picks
+    in-process for one process and torchrun otherwise. With ``nodes`` > 1 every node runs the same torchrun
     command (c10d rendezvous at ``rdzv_endpoint``); the flow starts the local one.
     """
 
@@ -177,12 +177,12 @@ class VisionInitSpec(_Spec):
 
 # ---- downstream tasks ----------------------------------------------------------------------------
 class TextAssignmentSpec(_Spec):
-    """ALBEF's NLVR² text-assignment pre-step on the pretraining data: overrides of the schedule
-    that :func:`codis.tasks.nlvr.ta_training_configs` derives from the task config's ``ta_*`` fields."""
+    """ALBEF's NLVR² text-assignment pre-step on the pretraining data: changes to the schedule
+    that :meth:`codis.tasks.nlvr.NLVRConfig.text_assignment` gives (the task config's ``ta_*``
+    fields)."""
 
     train: dict[str, Any] = {}
     optim: dict[str, Any] = {}
-    args: dict[str, Any] = {}
 
 
 class TaskSpec(_Spec):
@@ -190,11 +190,11 @@ class TaskSpec(_Spec):
 
     ``name`` labels the dataset (and split) in metric names: ``<task>.<name>.<metric>``, and
     ``retrieval.<name>.zs.<metric>`` for zero-shot. ``preset`` and ``config`` build the task config
-    (``codis.<task>.<task>_config(preset)`` with ``config``'s fields replaced). The training
-    schedule comes from the task module for the number of training samples (ALBEF's epochs, batch,
-    lr), then ``train`` / ``optim`` override fields of it. ``finetune_args`` / ``evaluate_args``
-    are further keyword arguments of ``codis.<task>.finetune`` / ``evaluate`` (strings under
-    ``demo://`` become paths). ``zero_shot`` (retrieval only) also evaluates the pretrained model;
+    (``codis.tasks.<task>.config(preset)`` with ``config``'s fields replaced). The training
+    schedule is :func:`codis.train.schedules.task_schedule` of that config over the number of
+    training samples (ALBEF's epochs, batch, lr; the same as ``codis finetune``), then ``train`` /
+    ``optim`` replace fields of it. ``evaluate_args`` are further keyword arguments of
+    ``codis.tasks.<task>.evaluate`` (strings under ``demo://`` become paths). ``zero_shot`` (retrieval only) also evaluates the pretrained model;
     ``finetune: false`` skips finetuning (zero-shot-only ablations). Finetuning runs in one
     process; ``grad_accumulation`` reaches ALBEF's 8-GPU global batch on one device (the schedule
     then counts an epoch in steps of batch x grad_accumulation samples)."""
@@ -210,7 +210,6 @@ class TaskSpec(_Spec):
     grad_accumulation: int = Field(default=1, ge=1)
     train: dict[str, Any] = {}
     optim: dict[str, Any] = {}
-    finetune_args: dict[str, Any] = {}
     evaluate_args: dict[str, Any] = {}
     text_assignment: TextAssignmentSpec | None = None
 
@@ -223,11 +222,14 @@ class AnalysisSpec(_Spec):
     """The ``analyze`` stage of every variant (:func:`codis.report.analysis.analyze_checkpoint`) on the
     evaluation shards of the recipe's first retrieval task: codebook usage, ``examples`` caption
     queries with their ``top_k`` images by ITC similarity, and a Grad-CAM figure of up to
-    ``gradcam_words`` words of each query on its own image."""
+    ``gradcam_words`` words of each query on its own image: the query's words in
+    ``gradcam_vocabulary`` first (a dataset's object and colour names, lower case), else its most
+    image-specific words."""
 
     examples: int = Field(default=3, ge=1, le=50)
     top_k: int = Field(default=5, ge=1, le=20)
     gradcam_words: int = Field(default=3, ge=1, le=10)
+    gradcam_vocabulary: list[Annotated[str, StringConstraints(pattern=r"^[a-z0-9'-]+$")]] | None = None
 
 
 class ReportSpec(_Spec):
@@ -301,16 +303,12 @@ class Recipe(_Spec):
             if task.finetune and not task.train_data:
                 raise ValueError(f"{where}.train_data: finetuning needs at least one training source")
             task_config(task, where=where)
-            _check_overrides(TrainConfig, task.train, f"{where}.train")
-            _check_overrides(OptimConfig, task.optim, f"{where}.optim")
-            module = task_module(task.task)
-            _check_arguments(module.finetune, task.finetune_args, f"{where}.finetune_args")
-            _check_arguments(module.evaluate, task.evaluate_args, f"{where}.evaluate_args")
+            _check_schedule_changes(task.train, task.optim, where)
+            _check_arguments(TASKS[task.task].module().evaluate, task.evaluate_args,
+                             f"{where}.evaluate_args")
             if task.text_assignment is not None:
                 ta = task.text_assignment
-                _check_overrides(TrainConfig, ta.train, f"{where}.text_assignment.train")
-                _check_overrides(OptimConfig, ta.optim, f"{where}.text_assignment.optim")
-                _check_arguments(module.text_assignment, ta.args, f"{where}.text_assignment.args")
+                _check_schedule_changes(ta.train, ta.optim, f"{where}.text_assignment")
         if self.report.analysis is not None and self.analysis_task is None:
             raise ValueError("report.analysis: needs a retrieval task (the analysis runs on its "
                              "eval_data)")
@@ -549,96 +547,54 @@ def pretrain_config(spec: PretrainSpec, variant: VariantSpec, shards: list[str] 
         optim=pretrain_optim_config(spec, variant, steps_scale, where))
 
 
-def launcher(spec: PretrainSpec) -> Literal["inprocess", "torchrun"]:
-    """``auto``: in-process for one process (metrics through the callback, no start-up cost),
-    torchrun for more."""
-    if spec.launcher != "auto":
-        return spec.launcher
-    return "inprocess" if spec.nodes * spec.gpus_per_node == 1 else "torchrun"
-
-
-def torchrun_command(spec: PretrainSpec, run_config: str | Path, *, metrics: str | Path | None = None,
-                     rdzv_id: str = "codis", python: str | None = None) -> list[str]:
-    """The pretraining command line for ``spec``'s nodes and processes: torchrun (run as
-    ``python -m torch.distributed.run``, the module behind the ``torchrun`` script, so it is the
-    same interpreter as the flow's) starting :mod:`flows.pretrain_entry` on ``run_config`` (the
-    ``codis pretrain`` command plus a metrics file). One node: ``--standalone``; several: c10d
-    rendezvous at ``rdzv_endpoint`` under ``rdzv_id``, the same command on every node."""
-    command = [python or sys.executable, "-m", "torch.distributed.run",
-               f"--nnodes={spec.nodes}", f"--nproc-per-node={spec.gpus_per_node}",
-               f"--max-restarts={spec.max_restarts}"]
-    if spec.nodes == 1:
-        command.append("--standalone")
-    else:
-        if not spec.rdzv_endpoint:
-            raise ValueError("pretrain.rdzv_endpoint: required when nodes > 1")
-        command += ["--rdzv-backend=c10d", f"--rdzv-endpoint={spec.rdzv_endpoint}",
-                    f"--rdzv-id={rdzv_id}"]
-    command += ["-m", "flows.pretrain_entry", "--config", str(run_config)]
-    if metrics is not None:
-        command += ["--metrics", str(metrics)]
-    return command
-
-
 # ---- tasks ---------------------------------------------------------------------------------------
-def task_module(task: str) -> Any:
-    """``codis.<task>`` (imported on first use: the task modules are heavy)."""
-    if task not in TASKS:
-        raise ValueError(f"task: must be one of {', '.join(TASKS)}, got {task!r}")
-    return importlib.import_module(f"codis.tasks.{task}")
-
-
-def task_config(spec: TaskSpec, where: str = "task") -> Any:
-    """``codis.<task>.<task>_config(preset)`` with the recipe's ``config`` fields replaced."""
-    factory = getattr(task_module(spec.task), f"{spec.task}_config")
+def task_config(spec: TaskSpec, where: str = "task") -> TaskConfig:
+    """The task's preset (:data:`codis.tasks.TASKS`) with the recipe's ``config`` fields replaced;
+    errors name the recipe field."""
+    module = TASKS[spec.task].module()
     try:
-        base = factory(spec.preset)
-    except ValueError as error:
-        raise ValueError(f"{where}.preset: {error}") from None
-    fields = {f.name for f in dataclasses.fields(base)}
-    unknown = sorted(set(spec.config) - fields)
-    if unknown:
-        raise ValueError(f"{where}.config.{unknown[0]}: unknown field of {type(base).__name__} "
-                         f"(known: {', '.join(sorted(fields))})")
-    return _build(type(base), {**dataclasses.asdict(base), **spec.config}, f"{where}.config")
-
-
-def _with_overrides(train: TrainConfig, optim: OptimConfig, train_changes: dict[str, Any],
-                    optim_changes: dict[str, Any], where: str) -> tuple[TrainConfig, OptimConfig]:
-    return (_build(TrainConfig, merge_dicts(dataclasses.asdict(train), train_changes), f"{where}.train"),
-            _build(OptimConfig, merge_dicts(dataclasses.asdict(optim), optim_changes), f"{where}.optim"))
+        return module.config(spec.preset, **spec.config)
+    except ConfigError as error:
+        field, _, message = str(error).partition(": ")
+        name = field.rpartition(".")[2]
+        raise ValueError(f"{where}.{'preset' if name == 'preset' else 'config.' + name}: {message}") from None
 
 
 def task_schedule(spec: TaskSpec, train_samples: int, steps_scale: float = 1.0,
                   ) -> tuple[TrainConfig, OptimConfig]:
-    """The finetuning TrainConfig / OptimConfig: the task module's schedule for ``train_samples``
-    on one process (ALBEF's epochs, batch and learning rates), the recipe's overrides, then
-    ``steps_scale``."""
-    config = task_config(spec)
-    # The schedules count an epoch over `processes` x batch samples per step; accumulated
-    # micro-batches play the role of ALBEF's processes.
-    processes = spec.grad_accumulation
-    if spec.task == "retrieval":
-        train, optim = task_module("retrieval").retrieval_schedule(spec.preset, train_samples,
-                                                                   processes)
-    elif spec.task == "vqa":
-        train, optim = config.train_config(train_samples, processes), config.optim_config()
-    else:  # nlvr and ve share the classifier schedule of codis.tasks.ve
-        train, optim = task_module("ve").training_configs(config, train_samples,
-                                                          world_size=processes)
-    train = dataclasses.replace(train, grad_accumulation=processes)
-    train, optim = _with_overrides(train, optim, spec.train, spec.optim, spec.label)
-    return scale_schedule(train, optim, steps_scale)
+    """The finetuning schedule: :func:`codis.train.schedules.task_schedule` of the task config over
+    ``train_samples`` on one process (``grad_accumulation`` micro-batches per step stand for ALBEF's
+    GPUs), with the recipe's ``train`` / ``optim`` changes and ``steps_scale``."""
+    return _schedule(task_config(spec), train_samples, spec.grad_accumulation, spec.train, spec.optim,
+                     steps_scale, spec.label)
 
 
 def text_assignment_schedule(spec: TaskSpec, pretrain_samples: int, steps_scale: float = 1.0,
                              ) -> tuple[TrainConfig, OptimConfig]:
-    """The NLVR² TA step's schedule over ``pretrain_samples`` pairs, with the recipe's overrides."""
+    """The NLVR² TA step's schedule over ``pretrain_samples`` pairs, with the recipe's changes."""
     assert spec.text_assignment is not None
-    train, optim = task_module("nlvr").ta_training_configs(task_config(spec), pretrain_samples)
-    train, optim = _with_overrides(train, optim, spec.text_assignment.train,
-                                   spec.text_assignment.optim, f"{spec.label}.text_assignment")
-    return scale_schedule(train, optim, steps_scale)
+    ta = spec.text_assignment
+    return _schedule(task_config(spec).text_assignment(), pretrain_samples, 1, ta.train, ta.optim,
+                     steps_scale, f"{spec.label}.text_assignment")
+
+
+def _check_schedule_changes(train: dict[str, Any], optim: dict[str, Any], where: str) -> None:
+    """Names and values of a task's ``train`` / ``optim`` changes, checked as the schedule applies
+    them (before any stage runs)."""
+    try:
+        schedules.with_changes(TrainConfig(), OptimConfig(), train, optim)
+    except ConfigError as error:
+        raise ValueError(f"{where}.{error}") from None
+
+
+def _schedule(config: TaskConfig, samples: int, grad_accumulation: int, train: dict[str, Any],
+              optim: dict[str, Any], steps_scale: float, where: str) -> tuple[TrainConfig, OptimConfig]:
+    try:
+        return schedules.task_schedule(config, samples, grad_accumulation=grad_accumulation,
+                                       train_changes=train, optim_changes=optim,
+                                       steps_scale=steps_scale)
+    except ConfigError as error:
+        raise ValueError(f"{where}.{error}") from None
 
 
 def metric_name(spec: TaskSpec, metric: str, zero_shot: bool = False) -> str:
@@ -674,10 +630,9 @@ def _path_fields(recipe: Recipe) -> list[tuple[str, str]]:
         for part, item in enumerate(task.train_data):
             source(f"tasks.{index}.train_data.{part}", item)
         source(f"tasks.{index}.eval_data", task.eval_data)
-        for group in ("finetune_args", "evaluate_args"):
-            for key, value in getattr(task, group).items():
-                if is_path_argument(value):
-                    found.append((f"tasks.{index}.{group}.{key}", value))
+        for key, value in task.evaluate_args.items():
+            if is_path_argument(value):
+                found.append((f"tasks.{index}.evaluate_args.{key}", value))
     return found
 
 

@@ -21,7 +21,6 @@ of the report.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -35,13 +34,14 @@ from prefect import flow
 from codis.files import atomic_write_json, atomic_write_text
 from flows import recipe as recipes
 from flows.compare import DEFAULT_METRICS, comparison_table, select_metrics
+from flows.launch import evaluation_processes
 from flows.recipe import Recipe, RecipeError, TaskSpec, UrlSource
 from flows.stages import (StageContext, analyze_task, download_task, evaluate_task,
                           finetune_task, generate_demo_task, pretrain_task, register_task,
-                          report_stage, report_task, resolve_tracking_uri, run_logger,
-                          shard_task, stage_label, text_assignment_task, vision_init_task)
+                          report_task, run_logger, shard_task, stage_label, text_assignment_task,
+                          vision_init_task)
 from flows.store import StageResult, Store
-from flows.tracking import Tracker, default_artifact_location
+from flows.tracking import Tracker, default_artifact_location, resolve_tracking_uri
 
 
 def new_run_id() -> str:
@@ -164,6 +164,7 @@ def _reproduce(spec: Recipe, ctx: StageContext, summary: dict[str, Any], parent:
         vision_weights = str(init.file("weights"))
 
     # ---- variants --------------------------------------------------------------------------------
+    processes = evaluation_processes(spec.pretrain)
     pretrained: dict[str, StageResult] = {}
     evaluations: dict[str, list[tuple[TaskSpec, bool, StageResult]]] = {}
     analyses: dict[str, StageResult] = {}
@@ -182,7 +183,8 @@ def _reproduce(spec: Recipe, ctx: StageContext, summary: dict[str, Any], parent:
         for index, spec_task in enumerate(spec.tasks):
             if spec_task.zero_shot:
                 result = _record(summary, retried(evaluate_task)(
-                    ctx, spec_task, checkpoint, eval_folders[spec_task.label], world_dir, True, name))
+                    ctx, spec_task, checkpoint, eval_folders[spec_task.label], world_dir, True, name,
+                    processes=processes))
                 found.append((spec_task, True, result))
                 record["evaluations"].append({"task": index, "zero_shot": True, "key": result.key})
         if analysis_task is not None:
@@ -210,7 +212,7 @@ def _reproduce(spec: Recipe, ctx: StageContext, summary: dict[str, Any], parent:
                 name))
             result = _record(summary, retried(evaluate_task)(
                 ctx, spec_task, str(tuned.file("model")), eval_folders[spec_task.label], world_dir,
-                False, name))
+                False, name, processes=processes))
             found.append((spec_task, False, result))
             record["evaluations"].append({"task": index, "zero_shot": False, "key": result.key})
             if spec.tracking.register_finetuned:
@@ -243,31 +245,6 @@ def _reproduce(spec: Recipe, ctx: StageContext, summary: dict[str, Any], parent:
     title = spec.report.title or f"{spec.name}: variants side by side"
     atomic_write_text(folder / "comparison.md", f"# {title}\n\n{table}\n")
     summary["comparison"] = str(folder / "comparison.md")
-
-
-def report_from_summary(ctx: StageContext, summary_path: str | Path) -> StageResult:
-    """Rebuild the report stage of a finished reproduction from its ``reproduction.json``."""
-    summary = json.loads(Path(summary_path).read_text(encoding="utf-8"))
-    spec = recipes.parse_recipe(yaml.safe_load((Path(summary["run_dir"]) / "recipe.yaml").read_text()),
-                                str(Path(summary["run_dir"]) / "recipe.yaml"))
-    store = Store(summary["store"])
-
-    def lookup(stage: str, key: str) -> StageResult:
-        found = store.lookup(stage, key)
-        if found is None:
-            raise FileNotFoundError(f"{summary_path}: stage {stage}/{key} is not in {store.root}")
-        return found
-
-    pretrained, evaluations, analyses = {}, {}, {}
-    for name, record in summary["variants"].items():
-        pretrained[name] = lookup("pretrain", record["pretrain"]["key"])
-        evaluations[name] = [(spec.tasks[item["task"]], item["zero_shot"], lookup("evaluate", item["key"]))
-                             for item in record["evaluations"]]
-        if "analysis" in record:
-            analyses[name] = lookup("analyze", record["analysis"]["key"])
-    world = next((lookup(s["stage"], s["key"]) for s in summary["stages"]
-                  if s["stage"] == "generate_demo"), None)
-    return report_stage(ctx, spec, pretrained, evaluations, world, analyses=analyses)
 
 
 # ---- command line --------------------------------------------------------------------------------

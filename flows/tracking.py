@@ -29,6 +29,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -42,6 +43,12 @@ CANDIDATE, CHAMPION = "candidate", "champion"
 def default_tracking_uri(runs_root: str | Path) -> str:
     """``sqlite:///<runs>/mlflow.db`` (absolute, so the working directory does not matter)."""
     return f"sqlite:///{(Path(runs_root) / 'mlflow.db').resolve()}"
+
+
+def resolve_tracking_uri(tracking_uri: str | None, runs_root: str | Path) -> str:
+    """The MLflow tracking URI of a run: ``tracking_uri`` if given, else ``MLFLOW_TRACKING_URI``,
+    else :func:`default_tracking_uri` under ``runs_root``."""
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(runs_root)
 
 
 def default_artifact_location(runs_root: str | Path, experiment: str) -> str:

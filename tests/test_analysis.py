@@ -20,57 +20,46 @@ import codis  # noqa: F401
 import codis.report.analysis
 import codis.data.demo_world
 import codis.data.download
+import codis.metrics
 import codis.report
+import codis.report.collect
 import codis.tasks.retrieval
 import codis.data.shards
 import codis.train
 import flows  # noqa: F401  - sets PREFECT_SERVER_ANALYTICS_ENABLED before prefect is imported
-from codis.report.analysis import (COLOUR_SHAPE_WORDS, analyze_checkpoint, gradcam_words, query_rows,
-                            read_analysis)
+from codis.report.analysis import (FUNCTION_WORDS, analyze_checkpoint, gradcam_words,
+                                   image_specificity, query_rows, read_analysis)
 from codis.config import preset
-from codis.data.demo_world import DemoWorldConfig, generate_demo_world
 from codis.model import CodisModel, save_model
 from codis.report import (Figure, MachineInfo, ReportInputs, RetrievalExample, VariantResults,
                           build_report)
 from codis.data.shards import write_shards
 from codis.text import clean_caption, tokenize
 from codis.transforms import eval_transform
-from flows import stages
+from flows import deployments
 from flows.recipe import RecipeError
 from flows.reproduce import reproduce
 
-TEST_IMAGES = 7
+TEST_IMAGES = 7  # the tiny world's retrieval test split
 CAPTIONS_PER_IMAGE = 5  # the demo world's retrieval captions per test image
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared CPU: one thread is faster than several waiting on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict[str, Any]:
-    """A demo world with a 7-image retrieval test split in three shards, and random tiny CODIS
-    and ALBEF checkpoints."""
+def world(tmp_path_factory, tiny_world, shards, tiny_checkpoint) -> dict[str, Any]:
+    """The shared tiny world (linked as root/world; the analyses write beside it), its retrieval
+    test shards, and random tiny CODIS and ALBEF checkpoints."""
     root = tmp_path_factory.mktemp("analysis")
-    one = {"train": 1, "val": 1, "test": 1}
-    generate_demo_world(root / "world", DemoWorldConfig(
-        seed=5, pretrain_images=1, retrieval_images={"train": 1, "val": 1, "test": TEST_IMAGES},
-        vqa_images=one, nlvr_pairs={"train": 1, "dev": 1, "test": 1},
-        ve_images={"train": 1, "dev": 1, "test": 1}, dead_urls=0, non_image_urls=0), progress=False)
-    records = json.loads((root / "world" / "retrieval" / "test.json").read_text())
-    write_shards(records, root / "world", root / "eval", kind="retrieval_eval", samples_per_shard=3,
-                 progress=False)
-    checkpoints = {}
-    for mode in ("codis", "albef"):
-        torch.manual_seed(0)
-        checkpoints[mode] = save_model(CodisModel(preset("tiny", mode=mode)), root / f"{mode}.pt")
-    return {"root": root, "records": records, "shards": root / "eval", "checkpoints": checkpoints}
+    (root / "world").symlink_to(tiny_world)
+    records = json.loads((tiny_world / "retrieval" / "test.json").read_text())
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # as tiny_checkpoint's CODIS model
+        albef = save_model(CodisModel(preset("tiny", mode="albef")), root / "albef.pt")
+    return {"root": root, "records": records, "shards": shards("retrieval_eval", "test"),
+            "checkpoints": {"codis": tiny_checkpoint, "albef": albef}}
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +131,10 @@ def test_examples_are_the_top_images_by_itc(world, analyses) -> None:
     assert len(queries) == 3  # three different images' captions
 
 
-def test_gradcam_figures_are_pngs_of_colour_and_shape_words(world, analyses) -> None:
+def test_gradcam_figures_are_pngs_of_the_most_image_specific_words(world, analyses) -> None:
     data = json.loads((world["root"] / "out-codis" / codis.report.analysis.ANALYSIS_FILE).read_text())
+    assert data["gradcam_vocabulary"] is None
+    scores = image_specificity([clean_caption(c) for c in r["caption"]] for r in world["records"])
     examples = analyses["codis"]["retrieval_examples"]
     for figure, record, example in zip(analyses["codis"]["gradcam_figures"],
                                        data["gradcam_figures"], examples):
@@ -152,17 +143,17 @@ def test_gradcam_figures_are_pngs_of_colour_and_shape_words(world, analyses) -> 
             width, height = picture.size
         assert width > height * (len(record["words"]) + 1) / 2  # image + one panel per word
         assert record["query"] == example.query and record["layer"] == 0  # first of 2 fusion layers
-        words = example.query.split()
-        shape_words = [w for w in dict.fromkeys(words) if w in COLOUR_SHAPE_WORDS]
-        assert record["words"][:len(shape_words)] == shape_words[:3]
-        assert set(record["words"]) <= set(words) and 1 <= len(record["words"]) <= 3
+        words = [w for w in dict.fromkeys(example.query.split()) if w not in FUNCTION_WORDS]
+        chosen = [scores[w] for w in record["words"]]
+        assert chosen == sorted(chosen, reverse=True) and len(chosen) == min(3, len(words))
+        assert all(scores[w] <= chosen[-1] for w in words if w not in record["words"])
         assert all(repr(w) in figure.caption for w in record["words"])
 
 
 def test_the_report_shows_the_analysis_instead_of_not_run(world, analyses, tmp_path) -> None:
     variants = {mode: VariantResults(**found) for mode, found in analyses.items()}
     inputs = ReportInputs(variants=variants, recipe="t", machine=MachineInfo.current())
-    written = build_report(inputs, tmp_path, plot_backend="pillow")
+    written = build_report(inputs, tmp_path)
     markdown = written["markdown"].read_text()
     codebook = markdown.split("## Codebook usage")[1].split("\n## ")[0]
     assert "| codis | image | 32 | 7 |" in codebook and "| codis | text | 32 | 35 |" in codebook
@@ -171,13 +162,19 @@ def test_the_report_shows_the_analysis_instead_of_not_run(world, analyses, tmp_p
         body = markdown.split(section)[1].split("\n## ")[0]
         assert "not run" not in body
         assert body.count("codis") >= 3 and body.count("albef") >= 3
+    matching = markdown.split("## Image-text matching")[1].split("\n## ")[0]
+    for mode, found in analyses.items():
+        assert f"| {mode} | {found['itm_auc']:.3f} |" in matching
 
 
 def test_helpers_choose_spread_queries_and_content_words() -> None:
     assert query_rows(7, 3) == [0, 2, 4] and query_rows(2, 5) == [0, 1] and query_rows(5, 1) == [0]
     caption = "there is a small red square to the left of a grey circle and a red star".split()
-    assert gradcam_words(caption, 3) == ["red", "square", "grey"]
-    assert gradcam_words(caption, 10) == ["red", "square", "grey", "circle", "star", "small"]
+    assert gradcam_words(caption, 3) == ["small", "red", "square"]  # content words, caption order
+    vocabulary = dict.fromkeys(["red", "grey", "square", "circle", "star"], 1.0)
+    assert gradcam_words(caption, 3, vocabulary) == ["red", "square", "grey"]
+    assert gradcam_words(caption, 10, vocabulary) == ["red", "square", "grey", "circle", "star", "small"]
+    assert gradcam_words(caption, 2, {"star": 0.9, "small": 0.2, "red": 0.5}) == ["star", "red"]
     assert gradcam_words("two dogs play on the grass".split(), 2) == ["dogs", "play"]
 
 
@@ -275,16 +272,17 @@ class Fakes:
         for name in ("images/0.png", "gradcam_1.png"):
             (output_dir / name).write_bytes(buffer.getvalue())
         mode = Path(checkpoint).read_text().split()[-1]
-        usage = codis.report.codebook_usage(torch.full((2, 4), 0.25))
+        usage = codis.metrics.codebook_usage(torch.full((2, 4), 0.25))
         data = {"format": codis.report.analysis.FORMAT,
                 "codebook": {"image": usage, "text": usage} if mode == "codis" else None,
+                "itm_auc": 0.75 if mode == "codis" else 0.5,
                 "retrieval_examples": [{"query": f"query of {mode}", "images": ["images/0.png"],
                                         "correct": [True]}] * examples,
                 "gradcam_figures": [{"caption": f"grad-cam of {mode}", "path": "gradcam_1.png"}]}
         (output_dir / codis.report.analysis.ANALYSIS_FILE).write_text(json.dumps(data))
         return read_analysis(output_dir)
 
-    def build_report(self, results, output_dir, plot_backend="auto"):
+    def build_report(self, results, output_dir):
         self.calls.append(("build_report", {"results": results}))
         output_dir = Path(output_dir)
         (output_dir / "report.md").write_text(results.recipe)
@@ -301,7 +299,7 @@ def fakes(monkeypatch, prefect_api) -> Fakes:
     monkeypatch.setattr(codis.train, "pretrain", fake.pretrain)
     monkeypatch.setattr(codis.tasks.retrieval, "evaluate", fake.evaluate)
     monkeypatch.setattr(codis.report.analysis, "analyze_checkpoint", fake.analyze_checkpoint)
-    monkeypatch.setattr(codis.report, "build_report", fake.build_report)
+    monkeypatch.setattr(codis.report.collect, "build_report", fake.build_report)
     return fake
 
 
@@ -344,7 +342,7 @@ def test_analyze_stage_runs_per_variant_is_cached_and_reaches_the_report(fakes, 
         manifest = json.loads((Path(args["eval_shards"]) / "manifest.json").read_text())
         assert manifest["kind"] == "retrieval_eval"
         assert (args["examples"], args["top_k"], args["gradcam_words"]) == (2, 5, 3)
-        assert args["config"] == codis.tasks.retrieval.retrieval_config("demo")  # as the evaluation reads
+        assert args["config"] == codis.tasks.retrieval.config("demo")  # as the evaluation reads
     evaluated = [args for name, args in fakes.calls if name == "retrieval.evaluate"]
     assert [a["checkpoint"] for a in evaluated] == [a["checkpoint"] for a in analyzed]
 
@@ -353,6 +351,7 @@ def test_analyze_stage_runs_per_variant_is_cached_and_reaches_the_report(fakes, 
     assert set(codis_results.codebook) == {"image", "text"} and albef_results.codebook is None
     assert [e.query for e in codis_results.retrieval_examples] == ["query of codis"] * 2
     assert albef_results.gradcam_figures[0].caption == "grad-cam of albef"
+    assert (codis_results.itm_auc, albef_results.itm_auc) == (0.75, 0.5)
     for variant in (codis_results, albef_results):
         assert all(Path(p).is_file() for e in variant.retrieval_examples for p in e.image_paths)
         assert all(f.path.is_file() for f in variant.gradcam_figures)
@@ -360,7 +359,7 @@ def test_analyze_stage_runs_per_variant_is_cached_and_reaches_the_report(fakes, 
     analyze_stages = [s for s in summary["stages"] if s["stage"] == "analyze"]
     assert len(analyze_stages) == 2
     assert analyze_stages[0]["metrics"]["analysis.codebook.image.used"] == 1.0
-    assert analyze_stages[1]["metrics"] == {}  # ALBEF: no codebook
+    assert set(analyze_stages[1]["metrics"]) == {"analysis.itm_auc"}  # ALBEF: no codebook
 
     fakes.calls.clear()
     again = run(tmp_path, recipe_data({"examples": 2}))
@@ -369,7 +368,7 @@ def test_analyze_stage_runs_per_variant_is_cached_and_reaches_the_report(fakes, 
 
     options = {"store": str(tmp_path / "runs" / "store"), "track": False, "progress": False}
     summary_file = Path(again["run_dir"]) / "reproduction.json"
-    rebuilt = stages.report(summary=str(summary_file), options=options)
+    rebuilt = deployments.report(summary=str(summary_file), options=options)
     assert rebuilt["cached"] and rebuilt["key"] == again["report"]["stage"].rsplit("/", 1)[-1]
     assert fakes.calls == []
 
@@ -395,3 +394,97 @@ def test_analysis_needs_a_retrieval_task(fakes, tmp_path) -> None:
     with pytest.raises(RecipeError, match="report.analysis"):
         run(tmp_path, data)
     assert fakes.calls == []
+
+
+# ---- ITM AUC, word choice, analysis format --------------------------------------------------------
+def test_ranking_auc_on_known_cases() -> None:
+    auc = codis.report.analysis.ranking_auc
+    assert auc(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 1.5])) == 0.75  # 3 of 4 pairs
+    assert auc(torch.tensor([3.0, 4.0]), torch.tensor([1.0, 2.0])) == 1.0
+    assert auc(torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])) == 0.0
+    assert auc(torch.tensor([1.0]), torch.tensor([1.0, 1.0])) == 0.5  # ties count half
+    generator = torch.Generator().manual_seed(0)
+    positive = torch.randint(0, 5, (40,), generator=generator).float()  # many ties
+    negative = torch.randint(0, 4, (30,), generator=generator).float()
+    pairs = (positive[:, None] > negative[None, :]).float() + 0.5 * (positive[:, None] == negative[None, :])
+    assert auc(positive, negative) == pytest.approx(pairs.mean().item())
+    with pytest.raises(ValueError, match="negatives"):
+        auc(torch.tensor([1.0]), torch.tensor([]))
+
+
+class _RowMatcher(torch.nn.Module):
+    """ITM of an encoding whose image and text tokens hold image rows: ``match`` scores a pair 1 if
+    the rows are equal and -1 otherwise; ``text_only`` scores a caption by its text alone."""
+
+    def __init__(self, rule: str) -> None:
+        super().__init__()
+        self.rule = rule
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def itm_logits(self, image_tokens, text_tokens, attention_mask):
+        image_row, text_row = image_tokens[:, 0, 0], text_tokens[:, 0, 0]
+        if self.rule == "match":
+            score = (image_row == text_row).float() * 2 - 1
+        else:
+            score = text_row * 0.1
+        return torch.stack([torch.zeros_like(score), score], dim=1)
+
+
+def _row_encoding(images: int, texts: int) -> codis.tasks.retrieval.EncodedEvalSet:
+    text_to_image = torch.arange(texts) % images
+    rows = torch.arange(images, dtype=torch.float32)
+    return codis.tasks.retrieval.EncodedEvalSet(
+        image_feat=torch.zeros(images, 4), image_tokens=rows[:, None, None].expand(images, 2, 3),
+        text_feat=torch.zeros(texts, 4),
+        text_tokens=text_to_image.float()[:, None, None].expand(texts, 2, 3),
+        text_mask=torch.ones(texts, 2, dtype=torch.long), text_to_image=text_to_image)
+
+
+def test_itm_auc_is_one_for_a_perfect_matcher_and_half_for_a_blind_one() -> None:
+    encoded = _row_encoding(images=4, texts=10)
+    itm_auc = codis.report.analysis.itm_auc
+    # 1.0 also means no negative was the caption's own image (it would tie with the positives)
+    assert itm_auc(_RowMatcher("match"), encoded, batch_size=3) == 1.0
+    assert itm_auc(_RowMatcher("text_only"), encoded, batch_size=3) == 0.5
+    assert itm_auc(_RowMatcher("match"), _row_encoding(images=1, texts=3)) is None
+
+
+def test_image_specificity_scores_words_the_other_captions_repeat() -> None:
+    scores = image_specificity([["a red ball", "a red box"], ["a blue ball", "a blue cup"],
+                                ["green thing"]])  # one caption: tells nothing, skipped
+    assert scores == pytest.approx({"a": 0.0, "red": 0.5, "blue": 0.5, "ball": -0.5, "box": -0.25,
+                                    "cup": -0.25})
+
+
+def test_a_vocabulary_keeps_the_demo_worlds_colour_and_shape_words(world, tmp_path) -> None:
+    """The caller that knows its dataset (here the demo world) names the words to show first."""
+    shapes = codis.data.demo_world.SHAPES
+    vocabulary = {*codis.data.demo_world.COLORS, "grey", *shapes,
+                  *(s + ("es" if s.endswith("s") else "s") for s in shapes)}
+    found = analyze_checkpoint(world["checkpoints"]["albef"], world["shards"], tmp_path / "out",
+                               examples=2, top_k=2, gradcam_words=3, gradcam_vocabulary=vocabulary,
+                               device="cpu")
+    data = json.loads((tmp_path / "out" / codis.report.analysis.ANALYSIS_FILE).read_text())
+    assert data["gradcam_vocabulary"] == sorted(vocabulary)
+    assert 0.0 <= found["itm_auc"] <= 1.0 and data["itm_negatives"]
+    for record in data["gradcam_figures"]:
+        words = record["query"].split()
+        named = [w for w in dict.fromkeys(words) if w in vocabulary]
+        assert record["words"][:len(named)] == named[:3]
+    with pytest.raises(TypeError, match="gradcam_vocabulary"):
+        analyze_checkpoint(world["checkpoints"]["albef"], world["shards"], tmp_path / "a",
+                           gradcam_vocabulary="red")
+    with pytest.raises(ValueError, match="gradcam_vocabulary"):
+        analyze_checkpoint(world["checkpoints"]["albef"], world["shards"], tmp_path / "a",
+                           gradcam_vocabulary=["Red"])
+    assert not (tmp_path / "a").exists()
+
+
+def test_read_analysis_reads_format_1_without_the_itm_auc(tmp_path) -> None:
+    data = {"format": 1, "codebook": None, "retrieval_examples": [], "gradcam_figures": []}
+    (tmp_path / codis.report.analysis.ANALYSIS_FILE).write_text(json.dumps(data))
+    assert read_analysis(tmp_path)["itm_auc"] is None
+    data["format"] = 3
+    (tmp_path / codis.report.analysis.ANALYSIS_FILE).write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="format 3"):
+        read_analysis(tmp_path)

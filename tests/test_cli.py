@@ -1,29 +1,21 @@
 import json
 
 import pytest
-import torch
 import yaml
 
 from codis.cli import main
-from codis.config import preset
-from codis.data.demo_world import DemoWorldConfig, generate_demo_world
-from codis.model import CodisModel, save_model
-from codis.data.shards import write_shards
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, tiny_world, shards, tiny_checkpoint):
+    """A folder for the commands' inputs and outputs: world/, shards/train, shards/test and
+    pretrained.pt link to the shared tiny world, its retrieval shards and the tiny checkpoint."""
     root = tmp_path_factory.mktemp("cli")
-    config = DemoWorldConfig(pretrain_images=4, retrieval_images={"train": 16, "val": 4, "test": 8},
-                             vqa_images={"train": 2, "val": 2, "test": 1},
-                             nlvr_pairs={"train": 2, "dev": 2, "test": 2},
-                             ve_images={"train": 2, "dev": 2, "test": 2})
-    generate_demo_world(root / "world", config, progress=False)
-    for name, kind in (("train", "retrieval_train"), ("test", "retrieval_eval")):
-        records = json.loads((root / "world" / "retrieval" / f"{name}.json").read_text())
-        write_shards(records, root / "world", root / "shards" / name, kind=kind, progress=False)
-    torch.manual_seed(0)
-    save_model(CodisModel(preset("tiny")), root / "pretrained.pt")
+    (root / "shards").mkdir()
+    inputs = {"world": tiny_world, "shards/train": shards("retrieval_train", "train"),
+              "shards/test": shards("retrieval_eval", "test"), "pretrained.pt": tiny_checkpoint}
+    for name, target in inputs.items():
+        (root / name).symlink_to(target)
     return root
 
 
@@ -69,7 +61,7 @@ def test_pretrain_vision_from_the_command_line(world, capsys):
     weights = world / "vision_init" / "vision.safetensors"
     assert capsys.readouterr().out.strip() == str(weights) and weights.is_file()
     metrics = json.loads((world / "vision_init" / "metrics.json").read_text())
-    assert metrics["steps"] == 2 and metrics["eval_images"] == 100
+    assert metrics["steps"] == 2 and metrics["eval_images"] == 200  # the tiny world's
     (world / "vision_bad.yaml").write_text(yaml.safe_dump({**config, "vision": {"stme": "conv"}}))
     assert main(["pretrain-vision", "--config", str(world / "vision_bad.yaml")]) == 2
     assert "vision.stme: unknown field" in capsys.readouterr().err

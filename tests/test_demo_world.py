@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import subprocess
@@ -22,8 +21,12 @@ from PIL import Image, UnidentifiedImageError
 
 from codis.config import ConfigError
 from codis.data.demo_world import DemoWorldConfig, generate_demo_world
+from codis.data.demo_world.baselines import trivial_baselines
+from codis.metrics import retrieval_chance
 
 REPO = Path(__file__).resolve().parents[1]
+# Not the shared tiny_world: these tests check the generator itself, at sizes where every split
+# is large enough for its balancing and statistics to show, at an odd image size.
 SMALL = dict(seed=3, image_size=40, pretrain_images=60, captions_per_pretrain_image=2,
              retrieval_images={"train": 30, "val": 20, "test": 20},
              vqa_images={"train": 60, "val": 40, "test": 20}, questions_per_image=3,
@@ -162,7 +165,7 @@ def test_a_failed_generation_does_not_look_complete(tmp_path: Path, monkeypatch:
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
-    monkeypatch.setattr("codis.data.demo_world._World.ve", crash)
+    monkeypatch.setattr("codis.data.demo_world.questions.ve_rows", crash)
     with pytest.raises(OSError, match="disk full"):
         generate_demo_world(tmp_path, config, progress=False)
     assert not (tmp_path / "manifest.json").exists()
@@ -553,7 +556,11 @@ def test_manifest_baselines(world: dict) -> None:
     answers = world["vqa/answer_list.json"]
 
     def accuracy(guess: str, rows: list[dict]) -> float:
-        return 100 * sum(min(r["answer"].count(guess) / 3, 1) for r in rows) / len(rows)
+        # Scored as the VQA evaluation scores it: number words and digits are the same answer.
+        digits = {"none": "0", **{word: str(n) for word, n in NUMBERS.items()}}
+        guess = digits.get(guess, guess)
+        return 100 * sum(min([digits.get(a, a) for a in r["answer"]].count(guess) / 3, 1)
+                         for r in rows) / len(rows)
 
     best = max(accuracy(a, val) for a in answers)
     vqa = baselines["vqa_val"]
@@ -621,12 +628,28 @@ def test_config_copies_split_dicts() -> None:
     assert config.retrieval_images["test"] == 2
 
 
-def test_retrieval_chance_formula_matches_a_simulation() -> None:
-    # An independent check of the text-retrieval chance formula used by both the test and the manifest.
+def test_retrieval_chance_matches_a_simulation() -> None:
+    # An independent check of the chance levels in the manifest: rank at random, count the hits.
     import random
     rng = random.Random(0)
-    n, k = 6, 5
+    n, k, trials = 6, 5, 20000
     captions = list(range(5 * n))
-    hits = sum(any(c // 5 == 0 for c in rng.sample(captions, k)) for _ in range(20000)) / 20000
-    exact = 1 - math.comb(5 * n - 5, k) / math.comb(5 * n, k)
-    assert hits == pytest.approx(exact, abs=0.015)
+    text_hits = sum(any(c // 5 == 0 for c in rng.sample(captions, k)) for _ in range(trials)) / trials
+    image_hits = sum(0 in rng.sample(range(n), k) for _ in range(trials)) / trials
+    chance = retrieval_chance(n, 5)
+    assert chance[f"txt_r{k}"] == pytest.approx(100 * text_hits, abs=1.5)
+    assert chance[f"img_r{k}"] == pytest.approx(100 * image_hits, abs=1.5)
+    assert chance["img_r10"] == 100.0  # 10 of 6 images: every caption finds its image
+
+
+def test_vqa_baselines_score_answers_as_the_evaluation_does() -> None:
+    # "two" and "2" are one answer to the VQA evaluation, so the best constant answer scores 100.
+    rows = [{"question_id": 0, "answer": ["two", "two", "2", "3", "3"]},
+            {"question_id": 1, "answer": ["2", "2", "2", "3", "3"]}]
+    labels = {"dev": [{"label": "True"}], "test": [{"label": "False"}]}
+    baselines = trivial_baselines(4, rows, {"0": "count", "1": "count"}, ["2", "3", "two"],
+                                  labels, labels)
+    vqa = baselines["vqa_val"]
+    assert (vqa["majority_answer"], vqa["majority_accuracy"]) == ("2", 100.0)
+    assert vqa["question_type_prior"] == {"count": {"answer": "2", "accuracy": 100.0, "questions": 2}}
+    assert baselines["retrieval_test"] == {"images": 4, "captions": 20, **retrieval_chance(4, 5)}

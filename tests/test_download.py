@@ -77,6 +77,8 @@ def _forbid_subprocess(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("codis.data.download.subprocess.Popen", popen)
 
 
+# Not the shared tiny_world: the manifest checks need images of known sizes and captions with
+# quotes, and exactly two dead urls and one non-image.
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     return World(tmp_path_factory.mktemp("demo"))

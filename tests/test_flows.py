@@ -1,6 +1,7 @@
 """The flows with the codis calls replaced by fast fakes: stage wiring, caching by stage keys,
 re-running only what a change touches, resuming after a failed stage, validation before work,
-the MLflow layout, and the pretrain stage's torchrun path (with a stand-in command)."""
+the MLflow layout, code fingerprints, the deployable stage flows, and the torchrun paths of the
+pretrain stage (with a stand-in command) and of the evaluate stage (with the launch mocked)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import codis.data.demo_world
 import codis.data.download
 import codis.tasks.nlvr
 import codis.report
+import codis.report.collect
 import codis.tasks.retrieval
 import codis.data.shards
 import codis.train
@@ -28,13 +30,20 @@ import codis.tasks.ve
 import codis.train.vision_init
 import codis.tasks.vqa
 import flows  # noqa: F401  - sets PREFECT_SERVER_ANALYTICS_ENABLED before prefect is imported
+from codis.report import MachineInfo
+from codis.report.collect import read_metrics_jsonl
+from flows import deployments, fingerprint, launch, stages
 from flows import recipe as recipes
-from flows import stages
 from flows.recipe import RecipeError
 from flows.reproduce import reproduce
 from flows.store import MARKER, STARTED, StageOutput, Store, input_identity, stage_key
+from flows.tracking import Tracker
 
+REPO = Path(__file__).resolve().parents[1]
 RECORDS = 40  # per fake annotation file: enough for every task schedule's first epoch
+TRAINER = {"platform": "the training host", "cpu_count": 96, "torch_version": "2.x",
+           "device": "cuda (8 GPUs)", "python_version": "3.11"}
+"""What the pretrain stages of the shared reproduction record as their machine."""
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -179,7 +188,7 @@ def fakes(monkeypatch) -> Fakes:
     monkeypatch.setattr(codis.data.shards, "write_shards", fake.write_shards)
     monkeypatch.setattr(codis.train, "pretrain", fake.pretrain)
     monkeypatch.setattr(codis.train.vision_init, "pretrain_vision", fake.pretrain_vision)
-    monkeypatch.setattr(codis.report, "build_report", fake.build_report)
+    monkeypatch.setattr(codis.report.collect, "build_report", fake.build_report)
     for task, module in (("retrieval", codis.tasks.retrieval), ("vqa", codis.tasks.vqa),
                          ("nlvr", codis.tasks.nlvr), ("ve", codis.tasks.ve)):
         for name, function in fake.task_functions(task).items():
@@ -210,7 +219,7 @@ def recipe_data(experiment: str = "flows-test") -> dict:
              "eval_data": part("nlvr", "test"), "text_assignment": {"train": {"steps": 2}},
              "train": {"steps": 2}},
             {"task": "ve", "name": "t", "preset": "demo", "train_data": [part("ve", "train")],
-             "eval_data": part("ve", "test"), "train": {"steps": 2}, "finetune_args": {"num_workers": 0}},
+             "eval_data": part("ve", "test"), "train": {"steps": 2}, "config": {"num_workers": 0}},
         ],
         "report": {"baseline_variant": "albef"},
         "tracking": {"experiment": experiment},
@@ -245,7 +254,8 @@ def first(tmp_path_factory) -> dict[str, Any]:
         monkeypatch.setattr(codis.data.download, "download_demo", fake.download_demo)
         monkeypatch.setattr(codis.data.shards, "write_shards", fake.write_shards)
         monkeypatch.setattr(codis.train, "pretrain", fake.pretrain)
-        monkeypatch.setattr(codis.report, "build_report", fake.build_report)
+        monkeypatch.setattr(codis.report.collect, "build_report", fake.build_report)
+        monkeypatch.setattr(stages, "describe_machine", lambda: TRAINER)
         for task, module in (("retrieval", codis.tasks.retrieval), ("vqa", codis.tasks.vqa),
                              ("nlvr", codis.tasks.nlvr), ("ve", codis.tasks.ve)):
             for name, function in fake.task_functions(task).items():
@@ -292,7 +302,7 @@ def test_stages_run_in_order_with_their_inputs(first) -> None:
     assert ta["pretrained"] == codis_model and ta["shards"] == [str(download_tar)]
     assert Path(nlvr_ft["pretrained"]).parent.parent.name == "text_assignment"  # NLVR starts from TA
     assert Path(nlvr_eval["checkpoint"]).parent.parent.name == "finetune"
-    assert ve_ft["kwargs"] == {"num_workers": 0}
+    assert ve_ft["kwargs"] == {} and ve_ft["config"].num_workers == 0
     assert isinstance(ve_ft["config"], codis.tasks.ve.VEConfig) and ve_ft["train"].steps == 2
     assert zero_shot["shards"] == retrieval_eval["shards"]
     assert json.loads((Path(retrieval_eval["shards"]) / "manifest.json").read_text())["kind"] == "retrieval_eval"
@@ -302,6 +312,7 @@ def test_stages_run_in_order_with_their_inputs(first) -> None:
     assert set(report_inputs.variants["codis"].metrics) == {
         "retrieval_zero_shot", "retrieval_finetuned", "nlvr", "ve"}
     assert [step for step, _ in report_inputs.variants["codis"].loss_curve] == [1, 2, 3]
+    assert report_inputs.machine == MachineInfo(**TRAINER)  # the machine that trained
 
     assert summary["status"] == "completed"
     assert Path(summary["report"]["html"]).is_file() and Path(summary["report"]["markdown"]).is_file()
@@ -367,8 +378,6 @@ def test_mlflow_layout(first) -> None:
     assert int(client.get_model_version_by_alias("t-pretrained", "champion").version) == champion
     finetuned = client.search_model_versions("name='t-ve-t'")
     assert len(finetuned) == 2
-    from flows.tracking import Tracker
-
     tracker = Tracker(first["tracking"], "flows-test")
     checkpoint = tracker.download_checkpoint("t-pretrained", "candidate", first["root"] / "download")
     albef_model = Path(summary["variants"]["albef"]["pretrain"]["path"]) / "model.pt"
@@ -418,8 +427,9 @@ def test_changing_the_data_reruns_everything_downstream(first, fakes, tmp_path) 
 
 def test_changed_codis_code_reruns_the_stages_that_run_it(first, fakes, tmp_path, monkeypatch) -> None:
     root = copy_runs(first, tmp_path)
-    digest, imports = stages._module_source("codis.tasks.retrieval")
-    monkeypatch.setitem(stages._SOURCE_CACHE, "codis.tasks.retrieval", ("edited" + digest[6:], imports))
+    digest, imports = fingerprint.module_source("codis.tasks.retrieval")
+    monkeypatch.setitem(fingerprint._SOURCE_CACHE, "codis.tasks.retrieval",
+                        fingerprint.ModuleSource("edited" + digest[6:], imports))
     run(root)
     retrieval = ["retrieval.evaluate", "retrieval.finetune", "retrieval.evaluate"]
     assert fakes.names() == retrieval + retrieval + ["build_report"]
@@ -593,27 +603,27 @@ if 'FAIL' in config.read_text():
 
 def test_pretrain_runs_torchrun_commands_and_follows_their_metrics(tmp_path, monkeypatch) -> None:
     commands: list[list[str]] = []
-    torchrun_command = recipes.torchrun_command
+    torchrun_command = launch.torchrun_command
 
     def command(spec, run_config, *, metrics=None, rdzv_id="codis", python=None):
         real = torchrun_command(spec, run_config, metrics=metrics, rdzv_id=rdzv_id)
         commands.append(real)
         return [sys.executable, "-c", STAND_IN, *real[real.index("--config"):]]
 
-    monkeypatch.setattr(recipes, "torchrun_command", command)
+    monkeypatch.setattr(launch, "torchrun_command", command)
     recipe = recipes.parse_recipe(recipe_data())
     spec = recipe.pretrain.model_copy(update={"gpus_per_node": 2, "launcher": "torchrun"})
     shards = tmp_path / "shards"
     shards.mkdir()
     (shards / "a.tar").write_text("a")
     (shards / "manifest.json").write_text(json.dumps({"num_samples": 5, "shards": [{"name": "a.tar"}]}))
-    ctx = stages.StageContext(store=Store(tmp_path / "store"), tracker=stages.Tracker(None, "x"),
+    ctx = stages.StageContext(store=Store(tmp_path / "store"), tracker=Tracker(None, "x"),
                               progress=False)
     result = stages.pretrain_stage(ctx, "codis", recipe.variants["codis"], spec, [str(shards)])
     assert commands[0][commands[0].index("-m") + 1] == "torch.distributed.run"
     assert "--nproc-per-node=2" in commands[0]
     assert result.metrics == {"pretrain.loss": pytest.approx(1 / 3)}
-    assert stages.read_jsonl(result.file("metrics")) == [(1, {"loss": 1.0}), (2, {"loss": 0.5}),
+    assert read_metrics_jsonl(result.file("metrics")) == [(1, {"loss": 1.0}), (2, {"loss": 0.5}),
                                                          (3, {"loss": pytest.approx(1 / 3)})]
     assert "step 3" in (Path(result.path) / "pretrain.log").read_text()
     assert (Path(result.path) / "command.txt").read_text().startswith(sys.executable)
@@ -625,28 +635,230 @@ def test_pretrain_runs_torchrun_commands_and_follows_their_metrics(tmp_path, mon
         stages.pretrain_stage(ctx, "codis", failing, spec, [str(shards)])
 
 
+# ---- the evaluate stage under torchrun ------------------------------------------------------------
+def _torchrun_arguments(command: list[str]):
+    from torch.distributed.run import get_args_parser
+
+    assert command[1:3] == ["-m", "torch.distributed.run"]
+    return get_args_parser().parse_args(command[3:])
+
+
+def _eval_inputs(root: Path) -> tuple[str, str]:
+    shards = root / "ve-shards"
+    shards.mkdir()
+    (shards / "shard-000000.tar").write_text("ve")
+    (shards / "manifest.json").write_text(json.dumps({"kind": "ve", "num_samples": 3,
+                                                      "shards": [{"name": "shard-000000.tar"}]}))
+    checkpoint = root / "model.pt"
+    checkpoint.write_text("weights")
+    return str(checkpoint), str(shards)
+
+
+class InThisProcess:
+    """A stand-in for :func:`flows.launch.run_logged`: runs the main function of the module that
+    a torchrun command starts, with the command's arguments, once in this process (so the fakes
+    answer), and records the commands."""
+
+    def __init__(self) -> None:
+        self.commands: list[list[str]] = []
+
+    def __call__(self, command, folder, name, **kwargs) -> None:
+        import codis.cli
+        import flows.pretrain_entry
+
+        self.commands.append(list(command))
+        arguments = _torchrun_arguments(list(command))
+        assert arguments.module
+        main = {"codis.cli": codis.cli.main,
+                "flows.pretrain_entry": flows.pretrain_entry.main}[arguments.training_script]
+        assert main(arguments.training_script_args) == 0
+
+
+def test_evaluate_stage_launches_codis_evaluate_under_torchrun(fakes, tmp_path, monkeypatch) -> None:
+    """With several processes the stage runs ``codis evaluate`` under torchrun and reads back the
+    metrics.json it writes."""
+    launched = InThisProcess()
+    monkeypatch.setattr(launch, "run_logged", launched)
+    spec = recipes.parse_recipe(recipe_data()).tasks[2].model_copy(
+        update={"config": {"batch_size": 4}, "evaluate_args": {"num_workers": 0}})
+    checkpoint, shards = _eval_inputs(tmp_path)
+    ctx = stages.StageContext(store=Store(tmp_path / "store"), tracker=Tracker(None, "x"),
+                              progress=False)
+    result = stages.evaluate_stage(ctx, spec, checkpoint, shards, variant="codis", processes=2)
+
+    arguments = _torchrun_arguments(launched.commands[0])
+    assert arguments.standalone and arguments.nproc_per_node == "2"
+    cli = arguments.training_script_args
+    assert cli[:3] == ["evaluate", "--task", "ve"]
+    assert cli[cli.index("--preset") + 1] == "demo"
+    assert cli[cli.index("--output") + 1] == str(result.file("metrics"))
+    assert "--no-progress" in cli
+    (name, call), = fakes.calls
+    assert name == "ve.evaluate" and (call["checkpoint"], call["shards"]) == (checkpoint, shards)
+    assert call["config"] == recipes.task_config(spec)  # every field reaches the subprocess
+    assert call["config"].batch_size == 4 and call["kwargs"] == {"num_workers": 0}
+    expected = {"ve.t.accuracy": _score(checkpoint)}
+    assert result.metrics == expected
+    assert json.loads(result.file("metrics").read_text()) == {"accuracy": _score(checkpoint)}
+
+    # One process or two: the same metrics, so the same stage (the count is not in the key).
+    fakes.calls.clear()
+    again = stages.evaluate_stage(ctx, spec, checkpoint, shards, variant="codis")
+    assert again.cached and again.key == result.key and fakes.calls == []
+    in_process = stages.evaluate_stage(ctx, spec.model_copy(update={"config": {}}), checkpoint,
+                                       shards, variant="codis")
+    assert fakes.names() == ["ve.evaluate"] and in_process.metrics == expected
+    assert len(launched.commands) == 1
+
+
+def test_a_failed_evaluation_subprocess_names_its_log(tmp_path, monkeypatch) -> None:
+    def command(*args, **kwargs):
+        return [sys.executable, "-c", "import sys; print('rank 1 failed'); sys.exit(3)"]
+
+    monkeypatch.setattr(launch, "evaluate_command", command)
+    spec = recipes.parse_recipe(recipe_data()).tasks[2]
+    checkpoint, shards = _eval_inputs(tmp_path)
+    ctx = stages.StageContext(store=Store(tmp_path / "store"), tracker=Tracker(None, "x"),
+                              progress=False)
+    with pytest.raises(RuntimeError, match="(?s)evaluate exited with status 3.*evaluate.log.*rank 1 failed"):
+        stages.evaluate_stage(ctx, spec, checkpoint, shards, processes=2)
+    with pytest.raises(ValueError, match="processes"):
+        stages.evaluate_stage(ctx, spec, checkpoint, shards, processes=0)
+
+
+@pytest.mark.slow
+def test_evaluate_stage_with_two_gloo_processes(tiny_checkpoint, shards, tmp_path) -> None:
+    """The real thing: torchrun starts two gloo processes of ``codis evaluate`` (zero-shot
+    retrieval of the tiny checkpoint); their metrics are those of one process."""
+    eval_data = {"annotations": "unused.json", "image_root": "."}
+    spec = recipes.TaskSpec(task="retrieval", name="t", preset="demo", zero_shot=True,
+                            finetune=False, eval_data=eval_data, config={"k_test": 4})
+    folder = str(shards("retrieval_eval", "test"))
+
+    def evaluate(store: str, processes: int):
+        ctx = stages.StageContext(store=Store(tmp_path / store), tracker=Tracker(None, "x"),
+                                  progress=False)
+        return stages.evaluate_stage(ctx, spec, str(tiny_checkpoint), folder, zero_shot=True,
+                                     processes=processes)
+
+    two = evaluate("two", 2)
+    assert "--nproc-per-node=2" in (Path(two.path) / "command.txt").read_text()
+    assert "retrieval.t.zs.r_mean" in two.metrics
+    assert two.metrics == pytest.approx(evaluate("one", 1).metrics)
+
+
+def test_evaluations_use_the_pretraining_gpus_of_one_node() -> None:
+    assert launch.evaluation_processes(recipes.PretrainSpec()) == 1
+    assert launch.evaluation_processes(recipes.PretrainSpec(gpus_per_node=8)) == 8
+    several = recipes.PretrainSpec(nodes=2, gpus_per_node=4, rdzv_endpoint="node0:29500")
+    assert launch.evaluation_processes(several) == 4  # torchrun --standalone: this node's GPUs
+
+
+def test_reproduce_evaluates_with_the_pretraining_gpu_count(fakes, tmp_path, monkeypatch) -> None:
+    launched = InThisProcess()
+    monkeypatch.setattr(launch, "run_logged", launched)
+    data = recipe_data()
+    data["variants"].pop("albef")
+    data["tasks"], data["report"] = data["tasks"][:1], {}
+    summary = run(tmp_path, data, overrides=["pretrain.gpus_per_node=2"])
+    assert summary["status"] == "completed"
+    scripts = [_torchrun_arguments(c).training_script for c in launched.commands]
+    assert scripts == ["flows.pretrain_entry", "codis.cli", "codis.cli"]  # pretrain, zs, finetuned
+    assert all("--nproc-per-node=2" in command for command in launched.commands)
+    assert fakes.names()[-5:] == ["pretrain", "retrieval.evaluate", "retrieval.finetune",
+                                  "retrieval.evaluate", "build_report"]
+
+
+# ---- code fingerprints -----------------------------------------------------------------------------
+def test_fingerprints_hash_the_code_each_stage_runs() -> None:
+    pretrain = fingerprint.code_fingerprint("pretrain")
+    assert {"codis", "codis.train", "codis.model", "codis.losses"} <= set(pretrain)
+    assert not any(name.startswith("codis.tasks") for name in pretrain)
+    evaluate = fingerprint.code_fingerprint("evaluate", "ve")
+    assert {"codis.tasks.ve", "codis.model"} <= set(evaluate)
+    assert not any(name.startswith("codis.report") for name in evaluate)
+    assert {"codis.report.collect", "codis.report.analysis"} <= set(
+        fingerprint.code_fingerprint("report"))
+    assert set(fingerprint.code_fingerprint("shard")) == {"codis.data.shards"}  # own code only
+    assert set(fingerprint.code_fingerprint("download")) == {"img2dataset"}
+    assert fingerprint.code_fingerprint("register") == {}
+
+
+def test_own_code_of_a_package_is_the_package_and_its_submodules(tmp_path, monkeypatch) -> None:
+    package = tmp_path / "codis_fake_world"
+    (package / "scenes").mkdir(parents=True)
+    (package / "__init__.py").write_text("from .generate import generate\n")
+    (package / "generate.py").write_text("from .scenes.shapes import draw\ndef generate(): ...\n")
+    (package / "scenes" / "__init__.py").write_text("")
+    (package / "scenes" / "shapes.py").write_text("def draw(): ...\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(fingerprint.STAGE_ROOTS, "generate_demo", "codis_fake_world")
+    monkeypatch.setattr(fingerprint, "_SOURCE_CACHE", {})
+    monkeypatch.setitem(fingerprint.ALSO_HASHED, "generate_demo", ())
+    before = fingerprint.code_fingerprint("generate_demo")
+    assert set(before) == {"codis_fake_world", "codis_fake_world.generate",
+                           "codis_fake_world.scenes", "codis_fake_world.scenes.shapes"}
+    (package / "scenes" / "shapes.py").write_text("def draw(): return 1\n")
+    monkeypatch.setattr(fingerprint, "_SOURCE_CACHE", {})
+    after = fingerprint.code_fingerprint("generate_demo")
+    assert [name for name in before if before[name] != after[name]] == ["codis_fake_world.scenes.shapes"]
+    # relative imports are followed like absolute ones
+    assert "codis_fake_world.scenes.shapes" in fingerprint.module_source(
+        "codis_fake_world.generate").imports
+
+
+def test_the_demo_world_fingerprint_covers_its_whole_package_and_the_metrics() -> None:
+    modules = fingerprint.code_fingerprint("generate_demo")
+    files = [Path(codis.data.demo_world.__file__)]
+    if files[0].name == "__init__.py":  # a package: every module under it
+        files = sorted(files[0].parent.rglob("*.py"))
+    assert "codis.metrics" in modules  # the manifest's baselines are scored with it
+    world = {name for name in modules if name != "codis.metrics"}
+    assert len(world) == len(files)
+    assert all(name == "codis.data.demo_world" or name.startswith("codis.data.demo_world.")
+               for name in world)
+
+
+# ---- prefect.yaml -----------------------------------------------------------------------------------
+def test_every_deployment_entrypoint_is_a_flow() -> None:
+    from prefect import Flow
+
+    config = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    entrypoints = {d["entrypoint"] for d in config["deployments"]}
+    modules = {"flows/reproduce.py": sys.modules["flows.reproduce"],
+               "flows/deployments.py": deployments}
+    assert {e.split(":")[0] for e in entrypoints} == set(modules)
+    for entrypoint in entrypoints:
+        path, name = entrypoint.split(":")
+        assert isinstance(getattr(modules[path], name), Flow), entrypoint
+    stage_flows = {e.split(":")[1] for e in entrypoints if e.startswith("flows/deployments.py")}
+    assert stage_flows == {"generate_demo", "download", "shard", "vision_init", "pretrain",
+                           "register", "finetune", "evaluate", "analyze", "report"}
+
+
 # ---- the deployable stage flows ------------------------------------------------------------------
 def test_stage_flows_take_typed_parameters(fakes, tmp_path) -> None:
     options = {"store": str(tmp_path / "store"), "track": False, "progress": False}
-    made = stages.generate_demo(world={"seed": 3, "pretrain_images": 4}, options=options)
+    made = deployments.generate_demo(world={"seed": 3, "pretrain_images": 4}, options=options)
     world = Path(made["path"]) / made["outputs"]["world"]
     source = {"annotations": "demo://ve/train.json", "image_root": "demo://", "name": "ve-train"}
-    first = stages.shard(source=source, kind="ve", world=str(world), options=options)
-    again = stages.shard(source=source, kind="ve", world=str(world), options=options)
+    first = deployments.shard(source=source, kind="ve", world=str(world), options=options)
+    again = deployments.shard(source=source, kind="ve", world=str(world), options=options)
     assert not first["cached"] and again["cached"] and again["key"] == first["key"]
     assert fakes.names() == ["generate_demo_world", "write_shards"]
     settings = {"annotations": "demo://ve/train.json", "image_root": "demo://",
                 "train": {"steps": 2, "batch_size": 4}}
-    init = stages.vision_init(settings=settings, vision={"image_size": 32, "patch_size": 8, "width": 16,
-                                                         "depth": 1, "heads": 2}, world=str(world),
-                              options=options)
+    vision = {"image_size": 32, "patch_size": 8, "width": 16, "depth": 1, "heads": 2}
+    init = deployments.vision_init(settings=settings, vision=vision, world=str(world),
+                                   options=options)
     assert Path(init["path"], init["outputs"]["weights"]).is_file()
     assert fakes.calls[-1][1]["vision"].width == 16 and fakes.calls[-1][1]["train"].steps == 2
     with pytest.raises(Exception, match="vision.widht"):
-        stages.vision_init(settings=settings, vision={"widht": 16}, world=str(world), options=options)
+        deployments.vision_init(settings=settings, vision={"widht": 16}, world=str(world),
+                                options=options)
     from prefect.utilities.callables import parameter_schema
 
-    schema = parameter_schema(stages.pretrain.fn).model_dump()
+    schema = parameter_schema(deployments.pretrain.fn).model_dump()
     assert {"variant", "settings", "shards", "options"} <= set(schema["properties"])
     assert "PretrainSpec" in schema["definitions"] and "TrainConfig" in schema["definitions"]
 
@@ -654,7 +866,7 @@ def test_stage_flows_take_typed_parameters(fakes, tmp_path) -> None:
 def test_report_flow_rebuilds_from_a_summary(first, fakes) -> None:
     summary = Path(first["summary"]["run_dir"]) / "reproduction.json"
     options = {"store": str(first["root"] / "runs" / "store"), "track": False, "progress": False}
-    rebuilt = stages.report(summary=str(summary), options=options)
+    rebuilt = deployments.report(summary=str(summary), options=options)
     assert rebuilt["cached"] and rebuilt["key"] == next(
         s["key"] for s in first["summary"]["stages"] if s["stage"] == "report")
     assert fakes.calls == []
@@ -703,13 +915,13 @@ def test_torchrun_pretraining_with_two_cpu_processes(tmp_path) -> None:
                               samples_per_shard=12, progress=False)
     recipe = recipes.parse_recipe(recipe_data())
     spec = recipe.pretrain.model_copy(update={"gpus_per_node": 2, "launcher": "torchrun"})
-    ctx = stages.StageContext(store=Store(tmp_path / "store"), tracker=stages.Tracker(None, "x"),
+    ctx = stages.StageContext(store=Store(tmp_path / "store"), tracker=Tracker(None, "x"),
                               progress=False)
     result = stages.pretrain_stage(ctx, "codis", recipe.variants["codis"], spec,
                                    [str(tmp_path / "shards")])
     run_config = yaml.safe_load(result.file("run_config").read_text())
     assert run_config["optim"]["lr"] == pytest.approx(2e-3)  # 1e-3 at 4, global batch 2 x 4
-    assert [step for step, _ in stages.read_jsonl(result.file("metrics"))] == [1, 2, 3]
+    assert [step for step, _ in read_metrics_jsonl(result.file("metrics"))] == [1, 2, 3]
     assert set(result.metrics) >= {"pretrain.loss", "pretrain.ica", "pretrain.code"}
     assert load_model(result.file("model")).config.mode == "codis"
     assert "--nproc-per-node=2" in (Path(result.path) / "command.txt").read_text()

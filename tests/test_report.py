@@ -5,10 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
-from codis.report import paper
-from codis.report import (NOT_RUN, TASKS, Figure, MachineInfo, ReportInputs, RetrievalExample,
-                          TrivialBaseline, VariantResults, build_report, chart, codebook_usage,
-                          trivial_baselines)
+from codis.metrics import codebook_usage
+from codis.report import (NOT_RUN, REPORT_ROWS, Figure, MachineInfo, ReportInputs, RetrievalExample,
+                          TrivialBaseline, VariantResults, build_report, paper, trivial_baselines)
+from codis.report.charts import chart
+from codis.tasks import TASKS
 
 # ---------------------------------------------------------------------------------- paper tables
 
@@ -137,7 +138,8 @@ def _inputs(tmp_path) -> ReportInputs:
                  "vqa": {"accuracy": 41.3}, "nlvr": {"accuracy": 57.9}},  # ve not run
         codebook={"image": codebook_usage(codebook_assign), "text": codebook_usage(codebook_assign.flip(0))},
         retrieval_examples=[RetrievalExample("a red square", images, [True, False, False])],
-        gradcam_figures=[Figure("a red square: words", figure)])
+        gradcam_figures=[Figure("a red square: words", figure)],
+        itm_auc=0.8131)
     albef = VariantResults(
         loss_curve=[(s, {k: v * 1.1 for k, v in d.items()}) for s, d in curve],
         metrics={"retrieval_zero_shot": {k: v - 2 for k, v in retrieval.items()},
@@ -157,10 +159,9 @@ def _inputs(tmp_path) -> ReportInputs:
                         wall_times={"pretrain": 125.0, "finetune": 60.5, "evaluate": 3.2})
 
 
-@pytest.mark.parametrize("backend", ["auto", "pillow"])
-def test_build_report_writes_self_contained_html_and_markdown(tmp_path, backend):
+def test_build_report_writes_self_contained_html_and_markdown(tmp_path):
     inputs = _inputs(tmp_path)
-    paths = build_report(inputs, tmp_path / "out", plot_backend=backend)
+    paths = build_report(inputs, tmp_path / "out")
     assert set(paths) == {"markdown", "html"}
     assert paths["markdown"].is_file() and paths["html"].is_file()
     page = paths["html"].read_text()
@@ -178,8 +179,8 @@ def test_build_report_writes_self_contained_html_and_markdown(tmp_path, backend)
     assert len(linked) == 5 and all((paths["markdown"].parent / p).is_file() for p in linked)
 
     for text in (page, markdown):
-        for task in TASKS:
-            assert task.title in text
+        for row in REPORT_ROWS:
+            assert row.title in text
         for variant in ("codis", "albef"):
             assert variant in text
         # the paper's CODIS numbers, beside ours
@@ -197,7 +198,8 @@ def test_report_marks_missing_pieces_not_run(tmp_path):
     ve_row = next(line for line in summary.splitlines() if line.startswith("| SNLI-VE"))
     # neither variant ran SNLI-VE; the trivial baseline is there
     assert ve_row.count(NOT_RUN) == 2 and "33.40" in ve_row
-    finetuned = [line for line in summary.splitlines() if line.startswith("| Finetuned")]
+    finetuned = [line for line in summary.splitlines()
+                 if line.startswith("| Image-text retrieval (finetuned)")]
     assert len(finetuned) == 7 and all(line.split("|")[4].strip() == NOT_RUN for line in finetuned)
     # albef has no codebook by construction of its mode, and no Grad-CAM figure
     assert "no codebook in this mode" in markdown
@@ -212,11 +214,11 @@ def test_report_direction_against_the_paper(tmp_path):
     rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in direction.splitlines()
             if line.startswith("| ")}
     # codis = albef + 2 on zero-shot retrieval: same sign as the paper everywhere on R@1
-    assert rows[("Zero-shot image-text retrieval", "txt_r1")].rstrip(" |").endswith("agrees")
+    assert rows[("Image-text retrieval (zero-shot)", "txt_r1")].rstrip(" |").endswith("agrees")
     # NLVR2: albef 58.2 > codis 57.9, the paper has CODIS ahead on both splits
-    assert rows[("NLVR2", "accuracy")].rstrip(" |").endswith("disagrees")
+    assert rows[("NLVR²", "accuracy")].rstrip(" |").endswith("disagrees")
     # finetuned: albef did not run it
-    assert rows[("Finetuned image-text retrieval", "img_r1")].rstrip(" |").endswith(NOT_RUN)
+    assert rows[("Image-text retrieval (finetuned)", "img_r1")].rstrip(" |").endswith(NOT_RUN)
 
 
 def test_build_report_rejects_bad_inputs_before_writing(tmp_path):
@@ -248,18 +250,17 @@ def test_trivial_baselines_from_manifest():
         trivial_baselines({})
 
 
-@pytest.mark.parametrize("backend", ["matplotlib", "pillow"])
-def test_chart_draws_the_series(backend):
-    flat = chart({"a": [(0, 1.0), (1, 1.0)]}, "flat", backend=backend)
-    rising = chart({"a": [(0, 0.0), (1, 1.0)], "b": [(0, 1.0), (1, 0.0)]}, "x", backend=backend)
-    bars = chart({"h": [(i, float(10 - i)) for i in range(10)]}, "hist", "bar", backend=backend)
+def test_chart_draws_the_series():
+    flat = chart({"a": [(0, 1.0), (1, 1.0)]}, "flat")
+    rising = chart({"a": [(0, 0.0), (1, 1.0)], "b": [(0, 1.0), (1, 0.0)]}, "x")
+    bars = chart({"h": [(i, float(10 - i)) for i in range(10)]}, "hist", "bar")
     for image in (flat, rising, bars):
         assert image.size == (380, 250)
         pixels = image.convert("RGB").getcolors(1 << 20)
         # drawn in colour, not just axes and text
         assert any(abs(r - g) > 60 or abs(g - b) > 60 for _, (r, g, b) in pixels)
-    with pytest.raises(ValueError, match="plot_backend"):
-        chart({"a": [(0, 1.0)]}, "x", backend="svg")
+    with pytest.raises(ValueError, match="kind"):
+        chart({"a": [(0, 1.0)]}, "x", "pie")
 
 
 def test_machine_info_current():
@@ -267,3 +268,37 @@ def test_machine_info_current():
     assert machine.device == "cpu" and machine.cpu_count >= 1
     assert machine.torch_version == torch.__version__
     assert not math.isnan(float(machine.python_version.split(".")[0]))
+
+
+# ---------------------------------------------------------------------------------- report rows, ITM AUC
+
+
+def test_report_rows_are_the_task_tables_report_keys():
+    assert [row.key for row in REPORT_ROWS] == [k for t in TASKS.values() for k in t.report_keys]
+    for row in REPORT_ROWS:
+        task = TASKS[row.task]
+        assert row.key in task.report_keys and row.title.startswith(task.title)
+        # every row reads at least one value of the paper's ALBEF and CODIS rows
+        for method in (paper.ALBEF, paper.CODIS):
+            found = []
+            for ref in row.paper_refs:
+                for metric in row.metrics:
+                    try:
+                        found.append(ref.value(method, metric))
+                    except KeyError:
+                        pass
+            assert any(v is not None for v in found), (row.key, method)
+    assert len({row.title for row in REPORT_ROWS}) == len(REPORT_ROWS)
+
+
+def test_report_shows_the_itm_auc_where_measured(tmp_path):
+    markdown = build_report(_inputs(tmp_path), tmp_path / "out")["markdown"].read_text()
+    section = markdown.split("## Image-text matching against random negatives")[1].split("\n## ")[0]
+    assert "| codis | 0.813 |" in section and f"| albef | {NOT_RUN} |" in section
+
+
+def test_build_report_rejects_an_itm_auc_outside_0_1(tmp_path):
+    inputs = _inputs(tmp_path)
+    inputs.variants["albef"].itm_auc = 81.3  # a percentage where a fraction belongs
+    with pytest.raises(ValueError, match=r"variants\['albef'\].itm_auc"):
+        build_report(inputs, tmp_path / "out")

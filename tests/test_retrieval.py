@@ -4,7 +4,6 @@ evaluation, finetuning on a small demo world, and configuration errors."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
@@ -12,25 +11,21 @@ import pytest
 import torch
 
 from codis.config import ConfigError, preset
-from codis.data.demo_world import DemoWorldConfig, generate_demo_world
-from codis.model import CodisModel, save_model
+from benchmarks.retrieval_eval import build_model as spread_model  # repo root: python -m pytest
+from codis.model import CodisModel
 from codis.tasks.retrieval import (EncodedEvalSet, RetrievalConfig, RetrievalObjective, encode_images,
                              encode_texts, evaluate, finetune, image_key, image_keys,
-                             load_retrieval_model, rerank, rerank_per_query, retrieval_config,
-                             retrieval_metrics, retrieval_schedule, shared_match_logits)
-from codis.data.shards import write_shards
+                             load_retrieval_model, rerank, rerank_per_query, 
+                             shared_match_logits)
+from codis.checkpoint import read_checkpoint, save_checkpoint
+from codis.metrics import retrieval_metrics
+from codis.tasks.retrieval import config as retrieval_config
+from codis.train import task_schedule
 from codis.text import tokenize
 from codis.train import OptimConfig, TrainConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: on a shared CPU, several threads per small op only wait on each
-    other (a pass here took 10x longer with two threads than with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 METRIC_NAMES = {"txt_r1", "txt_r5", "txt_r10", "txt_r_mean", "img_r1", "img_r5", "img_r10",
@@ -150,7 +145,7 @@ def test_metrics_reject_bad_input(change: dict, message: str) -> None:
 # ---- configuration -------------------------------------------------------------------------------
 @pytest.mark.parametrize("field, value", [
     ("image_size", 0), ("k_test", 0), ("k_test", 2.5), ("alpha", 1.5), ("queue_size", 0),
-    ("rerank_batch_size", 0), ("num_workers", -1), ("hflip", "no"), ("precision", "fp16"),
+    ("rerank_batch_size", 0), ("num_workers", -1), ("hflip", "no"), ("eval_precision", "fp16"),
 ])
 def test_bad_config_names_the_field(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=rf"retrieval\.{field}\b"):
@@ -164,12 +159,12 @@ def test_presets_and_schedule() -> None:
     assert retrieval_config("demo", k_test=4).k_test == 4
     with pytest.raises(ConfigError, match=r"retrieval\.preset"):
         retrieval_config("msrvtt")
-    train, optim = retrieval_schedule("coco", train_pairs=566_747, processes=8)
+    train, optim = task_schedule(retrieval_config("coco"), 566_747, world_size=8)
     assert train.batch_size == 32 and train.steps == 5 * (566_747 // 256)
     assert train.alpha_warmup_steps == 566_747 // 256
-    assert (optim.lr, optim.weight_decay, optim.warmup_steps) == (1e-5, 0.02, 0)
-    with pytest.raises(ConfigError, match=r"retrieval\.train_pairs"):
-        retrieval_schedule("coco", train_pairs=0)
+    assert (optim.lr, optim.weight_decay, optim.warmup_steps, optim.min_lr) == (1e-5, 0.02, 0, 1e-6)
+    with pytest.raises(ConfigError, match=r"retrieval\.batch_size: 31 training samples"):
+        task_schedule(retrieval_config("coco"), 31)
 
 
 def test_image_keys_are_stable_and_distinct() -> None:
@@ -180,20 +175,8 @@ def test_image_keys_are_stable_and_distinct() -> None:
 
 
 # ---- re-ranking ----------------------------------------------------------------------------------
-def _spread_model(fusion_layers: int = 2) -> CodisModel:
-    """A random tiny model whose ITM scores depend on their inputs. At BERT's init (std 0.02) the
-    scores of different pairs differ by ~1e-7, so their order would be float noise."""
-    torch.manual_seed(0)
-    config = preset("tiny")
-    config = config.replace(text=dataclasses.replace(config.text, fusion_layers=fusion_layers))
-    model = CodisModel(config).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() >= 2:
-                parameter.normal_(0.0, 0.2)
-    return model
-
-
+# spread_model: the re-ranking benchmark's random tiny model, weights at std 0.2 so that its ITM
+# scores depend on their inputs (at BERT's 0.02 they differ by ~1e-7: their order is float noise).
 def _synthetic_set(model: CodisModel, images: int, per_image: int) -> EncodedEvalSet:
     """Random images and distinct random captions (a repeated caption would tie exactly)."""
     generator = torch.Generator().manual_seed(1)
@@ -215,7 +198,7 @@ def _synthetic_set(model: CodisModel, images: int, per_image: int) -> EncodedEva
 
 @pytest.mark.parametrize("fusion_layers", [1, 3])
 def test_shared_match_logits_equal_the_fusion_encoder(fusion_layers: int) -> None:
-    model = _spread_model(fusion_layers)
+    model = spread_model(fusion_layers, seed=0)
     encoded = _synthetic_set(model, images=6, per_image=3)
     generator = torch.Generator().manual_seed(2)
     image_rows = torch.randint(6, (40,), generator=generator)  # repeats, unsorted
@@ -244,7 +227,7 @@ def _same_ranking(scores: torch.Tensor, reference: torch.Tensor, tolerance: floa
 ])
 def test_batched_rerank_ranks_as_the_per_query_loop(k_test: int, batch_size: int,
                                                     share_work: bool) -> None:
-    model = _spread_model()
+    model = spread_model(2, seed=0)
     encoded = _synthetic_set(model, images=12, per_image=3)
     similarity = encoded.similarity()
     batched = rerank(model, encoded, similarity, k_test=k_test, batch_size=batch_size,
@@ -268,22 +251,11 @@ def test_ranking_check_detects_a_swap() -> None:
 
 # ---- evaluation and finetuning on a demo world ---------------------------------------------------
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("retrieval_world")
-    one, dev = {"train": 1, "val": 1, "test": 1}, {"train": 1, "dev": 1, "test": 1}
-    generate_demo_world(root / "world", DemoWorldConfig(
-        image_size=32, pretrain_images=1, retrieval_images={"train": 8, "val": 1, "test": 6},
-        vqa_images=one, nlvr_pairs=dev, ve_images=dev, dead_urls=0, non_image_urls=0),
-        progress=False)
-    train = json.loads((root / "world/retrieval/train.json").read_text())
-    test = json.loads((root / "world/retrieval/test.json").read_text())
-    write_shards(train, root / "world", root / "train", kind="retrieval_train",
-                 samples_per_shard=16, progress=False)
-    write_shards(test, root / "world", root / "test", kind="retrieval_eval", samples_per_shard=4,
-                 progress=False)
-    torch.manual_seed(0)
-    pretrained = save_model(CodisModel(preset("tiny")), root / "pretrained.pt")
-    return {"root": root, "train": root / "train", "test": root / "test", "pretrained": pretrained}
+def world(tiny_world: Path, shards, tiny_checkpoint: Path) -> dict[str, Path]:
+    """The shared tiny world's retrieval shards (8 training images, 7 test images, 5 captions
+    each) and the tiny pretrained checkpoint."""
+    return {"root": tiny_world, "train": shards("retrieval_train", "train"),
+            "test": shards("retrieval_eval", "test"), "pretrained": tiny_checkpoint}
 
 
 def test_zero_shot_evaluation_is_deterministic(world: dict[str, Path]) -> None:
@@ -293,7 +265,7 @@ def test_zero_shot_evaluation_is_deterministic(world: dict[str, Path]) -> None:
     assert set(first) == METRIC_NAMES
     assert first == second
     assert all(0.0 <= value <= 100.0 for value in first.values())
-    # 6 images: every caption's image is within its top 10, whatever the model.
+    # 7 images: every caption's image is within its top 10, whatever the model.
     assert first["img_r10"] == 100.0
     # Zero-shot at another resolution resamples the ViT position embeddings.
     bigger = evaluate(world["pretrained"], world["test"], retrieval_config("demo", image_size=48),
@@ -329,8 +301,8 @@ def test_finetune_end_to_end_then_evaluate(world: dict[str, Path], tmp_path: Pat
                  dataclasses.replace(config, alpha=0.1), **arguments)
     assert [round(m["alpha"], 3) for m in logged] == [0.0, 0.2, 0.4]  # ALBEF's ramp
     assert all(np.isfinite(m["loss"]) and "ica_i2i" in m and "itm" in m for m in logged)
-    payload = torch.load(path, weights_only=False)
-    assert payload["task"] == "retrieval" and payload["task_config"]["k_test"] == 8
+    payload = read_checkpoint(path)
+    assert payload.kind == "retrieval" and payload.task_config["k_test"] == 8
     model = load_retrieval_model(path)
     assert model.config.queue_size == 64 and int(model.queue.filled) == 24  # 3 steps of 8
     # Same-image captions were stored with one id each: 8 images, 5 captions each.
@@ -340,9 +312,9 @@ def test_finetune_end_to_end_then_evaluate(world: dict[str, Path], tmp_path: Pat
     assert set(metrics) == METRIC_NAMES
     assert metrics == evaluate(path, world["test"], config, progress=False)
 
-    wrong = dict(payload, task="vqa")
-    torch.save(wrong, tmp_path / "vqa.pt")
-    with pytest.raises(ValueError, match="'vqa' task checkpoint"):
+    payload.kind = "vqa"
+    save_checkpoint(tmp_path / "vqa.pt", payload)
+    with pytest.raises(ValueError, match="a 'vqa' checkpoint; expected 'pretrain' or 'retrieval'"):
         load_retrieval_model(tmp_path / "vqa.pt")
 
 

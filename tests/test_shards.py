@@ -13,6 +13,7 @@ import webdataset as wds
 from PIL import Image
 
 import codis  # noqa: F401
+from codis.config import ConfigError
 from codis.data import shards as shards_module
 from codis.data.shards import MANIFEST, PROGRESS, TEXT_FIELD, write_shards
 
@@ -133,9 +134,14 @@ def test_bad_record_fails_before_writing(kind: str, record: dict, needle: str, i
     assert not out.exists()
 
 
-def test_unknown_kind(image_root: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="kind"):
-        write_shards(records_of("pretrain", 2), image_root, tmp_path / "o", kind="captions")
+@pytest.mark.parametrize("changes, field", [({"kind": "captions"}, "kind"),
+                                            ({"samples_per_shard": 0}, "samples_per_shard"),
+                                            ({"samples_per_shard": True}, "samples_per_shard")])
+def test_bad_arguments_name_the_field(image_root: Path, tmp_path: Path, changes: dict, field: str) -> None:
+    arguments = {"kind": "pretrain", "progress": False, **changes}
+    with pytest.raises(ConfigError, match=rf"^{field}: "):
+        write_shards(records_of("pretrain", 2), image_root, tmp_path / "o", **arguments)
+    assert not (tmp_path / "o").exists()
 
 
 def test_interrupted_run_resumes(image_root: Path, tmp_path: Path, monkeypatch) -> None:

@@ -22,6 +22,8 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), 
 SHAPES = ("square", "circle")
 
 
+# Not the shared tiny_world's shards: the pretraining tests' step counts and queue size are set
+# for these 48 pairs with distinct captions (6 batches of 8 per epoch), which cost nothing to draw.
 @pytest.fixture(scope="module")
 def caption_shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("captions")

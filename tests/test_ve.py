@@ -1,7 +1,6 @@
 """SNLI-VE: metric and loss on hand cases, configs, end-to-end finetune + evaluate on a tiny demo
 world, and that the classifier can fit a fixed batch."""
 
-import json
 import math
 from pathlib import Path
 
@@ -11,36 +10,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from codis.config import ConfigError, preset
-from codis.data.demo_world import DemoWorldConfig, generate_demo_world
-from codis.data.loaders import VE_LABELS, ve_loader
-from codis.model import CodisModel, save_model
-from codis.data.shards import write_shards
-from codis.train import OptimConfig, TrainConfig
-from codis.tasks.ve import (Distilled, FusionClassifier, VEConfig, accuracy, classification_loss,
-                      evaluate, finetune, load_ve_model, mlp_head, pretrained_backbone,
-                      training_configs, ve_config)
-
-ONE = {"train": 1, "val": 1, "test": 1}
+from codis.data.loaders import VE_LABEL_IDS, ve_loader
+from codis.checkpoint import read_checkpoint
+from codis.losses import classification_loss
+from codis.metrics import accuracy
+from codis.tasks.ve import (Distilled, FusionClassifier, VEConfig, evaluate, finetune, load_ve_model,
+                            mlp_head, pretrained_backbone)
+from codis.tasks.ve import config as ve_config
+from codis.train import OptimConfig, TrainConfig, task_schedule
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("ve_world")
-    config = DemoWorldConfig(seed=5, image_size=32, pretrain_images=2, retrieval_images=ONE,
-                             vqa_images=ONE, questions_per_image=1,
-                             nlvr_pairs={"train": 1, "dev": 1, "test": 1},
-                             ve_images={"train": 8, "dev": 4, "test": 1}, hypotheses_per_image=3,
-                             dead_urls=0, non_image_urls=0)
-    generate_demo_world(root, config, progress=False)
-    shards = {}
-    for split in ("train", "dev"):
-        records = json.loads((root / "ve" / f"{split}.json").read_text())
-        write_shards(records, root, root / "shards" / split, kind="ve", samples_per_shard=10,
-                     progress=False)
-        shards[split] = root / "shards" / split
-    torch.manual_seed(0)
-    shards["pretrained"] = save_model(CodisModel(preset("tiny")), root / "pretrained.pt")
-    return shards
+def world(shards, tiny_checkpoint) -> dict[str, Path]:
+    """The shared tiny world's SNLI-VE shards (8 training images, 4 dev images, 3 hypotheses each)
+    and the tiny pretrained checkpoint."""
+    return {"train": shards("ve", "train"), "dev": shards("ve", "dev"),
+            "pretrained": tiny_checkpoint}
 
 
 # ---- pure pieces ---------------------------------------------------------------------------------
@@ -107,10 +92,11 @@ def test_presets_hold_albef_settings():
     demo = ve_config("demo")
     assert demo.image_size == preset("tiny").vision.image_size
     assert VEConfig.from_dict(demo.to_dict()) == demo
-    train, optim = training_configs(paper, 1000)
+    train, optim = task_schedule(paper, 1000)
     assert (train.steps, train.batch_size, train.alpha_warmup_steps) == (31 * 5, 32, 0)
     assert (optim.lr, optim.min_lr, optim.warmup_lr, optim.weight_decay) == (2e-5, 1e-6, 1e-5, 0.02)
-    assert training_configs(paper, 1000, world_size=2)[0].steps == 15 * 5
+    assert optim.warmup_steps == 31  # ALBEF's 100 warm-up steps, at most one epoch
+    assert task_schedule(paper, 1000, world_size=2)[0].steps == 15 * 5
 
 
 @pytest.mark.parametrize("changes, field", [
@@ -128,8 +114,8 @@ def test_bad_config_keys_presets_and_sizes_are_named():
         VEConfig.from_dict({"image_sise": 32})
     with pytest.raises(ConfigError, match=r"^ve\.preset"):
         ve_config("coco")
-    with pytest.raises(ValueError, match="samples"):
-        training_configs(ve_config("ve"), 10)
+    with pytest.raises(ConfigError, match=r"^ve\.batch_size: 10 training samples"):
+        task_schedule(ve_config("ve"), 10)
 
 
 def test_bad_inputs_fail_before_training(world, tmp_path):
@@ -142,7 +128,7 @@ def test_bad_inputs_fail_before_training(world, tmp_path):
     with pytest.raises(FileNotFoundError, match="shards"):
         finetune(world["pretrained"], tmp_path / "nothing", tmp_path, ve_config("demo"),
                  train=train, optim=optim)
-    with pytest.raises(ValueError, match="pretraining checkpoint"):
+    with pytest.raises(ValueError, match="a 'pretrain' checkpoint; expected 've'"):
         load_ve_model(world["pretrained"])
     assert not (tmp_path / "model.pt").exists()
 
@@ -162,13 +148,12 @@ def test_finetune_then_evaluate_end_to_end(world, tmp_path):
     # SNLI-VE distils at full alpha from the first step (ALBEF's VE.yaml: warm_up False)
     assert [m["alpha"] for _, m in logged] == pytest.approx([0.4] * 4)
 
-    payload = torch.load(path, weights_only=False)
-    assert payload["task"] == "ve" and payload["format"] == 1
-    assert VEConfig.from_dict(payload["task_config"]) == config
-    assert not any(k.startswith("teacher") for k in payload["state_dict"])
+    payload = read_checkpoint(path)
+    assert payload.kind == "ve" and VEConfig.from_dict(payload.task_config) == config
+    assert not any(k.startswith("teacher") for k in payload.state_dict)
 
     model = load_ve_model(path)
-    assert model.head[2].out_features == len(VE_LABELS) == 3
+    assert model.head[2].out_features == len(VE_LABEL_IDS) == 3
     first = evaluate(path, world["dev"], progress=False)
     assert set(first) == {"accuracy"} and 0.0 <= first["accuracy"] <= 100.0
     # deterministic, and independent of how the examples are batched

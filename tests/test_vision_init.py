@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from codis.config import ConfigError, VisionConfig, preset
-from codis.data.demo_world import COLORS, DemoWorldConfig, generate_demo_world
+from codis.data.demo_world import COLORS
 from codis.encoders import build_image_encoder
 from codis.train import OptimConfig, TrainConfig
 from codis.train.vision_init import balanced_accuracy, pretrain_vision, read_labelled_images
@@ -23,14 +23,9 @@ OPTIM = OptimConfig(lr=2e-3, warmup_lr=1e-4, warmup_steps=10, min_lr=1e-4)
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    one = {"train": 1, "val": 1, "test": 1}
-    root = tmp_path_factory.mktemp("world")
-    generate_demo_world(root, DemoWorldConfig(
-        image_size=32, pretrain_images=1, retrieval_images=one, vqa_images=one,
-        nlvr_pairs={"train": 1, "dev": 1, "test": 1}, ve_images={"train": 1, "dev": 1, "test": 1},
-        classification_images={"train": 400, "val": 200}), progress=False)
-    return root
+def world(tiny_world: Path) -> Path:
+    """The shared tiny world: 400 training and 200 evaluation labelled images of 32 px."""
+    return tiny_world
 
 
 @pytest.fixture(scope="module")

@@ -6,23 +6,17 @@ import pytest
 import torch
 
 from codis.config import ConfigError, preset
-from codis.data.demo_world import DemoWorldConfig, generate_demo_world
-from codis.model import CodisModel, save_model
-from codis.data.shards import write_shards
+from codis.losses import answer_loss
+from codis.metrics import normalize_answer, vqa_accuracy
+from codis.model import CodisModel
+from codis.tasks.vqa import (VQAConfig, VQAModel, evaluate, finetune, load_answer_list,
+                             load_vqa_model, predict, rank_answers, sequence_log_likelihood)
+from codis.tasks.vqa import config as vqa_config
 from codis.text import tokenize
-from codis.train import OptimConfig, TrainConfig
-from codis.tasks.vqa import (VQAConfig, VQAModel, answer_loss, evaluate, finetune, load_answer_list,
-                       load_vqa_model, normalize_answer, predict, rank_answers, sequence_log_likelihood,
-                       vqa_accuracy, vqa_config)
+from codis.train import OptimConfig, TrainConfig, task_schedule
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The tiny models are far too small to gain from threads; on a shared 2-core machine they lose.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +73,11 @@ def test_presets_follow_albef_and_bad_fields_are_named():
     paper = vqa_config("vqa")
     assert (paper.image_size, paper.k_test, paper.lr, paper.epochs, paper.batch_size, paper.alpha,
             paper.distill) == (384, 128, 2e-5, 8, 32, 0.4, True)
-    train = VQAConfig(batch_size=32, epochs=8).train_config(1000, world_size=2)
+    train, optim = task_schedule(VQAConfig(batch_size=32, epochs=8), 1000, world_size=2)
     assert (train.steps, train.batch_size, train.alpha_warmup_steps) == (8 * 15, 32, 15)
-    optim = paper.optim_config()
+    optim = task_schedule(paper, 100_000)[1]
     assert (optim.lr, optim.warmup_lr, optim.min_lr, optim.weight_decay) == (2e-5, 1e-5, 1e-6, 0.02)
+    assert optim.warmup_steps == 400
     assert VQAConfig.from_dict(vqa_config("demo").to_dict()) == vqa_config("demo")
     for changes, field in [({"k_test": 0}, "vqa.k_test"), ({"alpha": 1.5}, "vqa.alpha"),
                            ({"momentum": 1.0}, "vqa.momentum"), ({"image_size": -1}, "vqa.image_size"),
@@ -284,34 +279,25 @@ def test_distillation_mixes_in_the_teacher_and_moves_it_by_ema(pretrained):
 # ---- end to end on a tiny demo world -------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, pretrained):
-    root = tmp_path_factory.mktemp("vqa_world")
-    generate_demo_world(root, DemoWorldConfig(
-        pretrain_images=2, retrieval_images={"train": 1, "val": 1, "test": 1},
-        vqa_images={"train": 8, "val": 4, "test": 2}, nlvr_pairs={"train": 1, "dev": 1, "test": 1},
-        ve_images={"train": 1, "dev": 1, "test": 1}, dead_urls=0, non_image_urls=0), progress=False)
-    answer_list = root / "vqa" / "answer_list.json"
-    for split in ("train", "val", "test"):
-        records = json.loads((root / "vqa" / f"{split}.json").read_text())
-        write_shards(records, root, root / "shards" / split, kind="vqa", samples_per_shard=10,
-                     source={"answer_list": str(answer_list)}, progress=False)
-    checkpoint = save_model(pretrained, root / "pretrained.pt")
-    return root, checkpoint
+def world(tiny_world, tiny_checkpoint):
+    """The shared tiny world (8 / 4 / 2 VQA images, 3 questions each; its shards are
+    ``shards("vqa", split)``) and the tiny pretrained checkpoint."""
+    return tiny_world, tiny_checkpoint
 
 
-def test_finetune_resume_evaluate_and_predict_end_to_end(world, tmp_path):
+def test_finetune_resume_evaluate_and_predict_end_to_end(world, shards, tmp_path):
     root, checkpoint = world
-    config = vqa_config("demo", image_size=48, k_test=8, distill=True)
+    config = vqa_config("demo", image_size=48, k_test=8, distill=True, num_workers=0, shuffle_buffer=8)
     train = TrainConfig(steps=4, batch_size=6, alpha_warmup_steps=2, checkpoint_every=2, log_every=1,
                         seed=1)
     optim = OptimConfig(lr=1e-3, warmup_lr=1e-4, warmup_steps=1, min_lr=1e-4)
     logged = {}
-    common = dict(train=train, optim=optim, progress=False, num_workers=0, shuffle_buffer=8,
+    common = dict(train=train, optim=optim, progress=False,
                   callback=lambda step, metrics: logged.setdefault(step, metrics))
-    output = finetune(checkpoint, root / "shards" / "train", tmp_path / "run", config, stop_after=2,
+    output = finetune(checkpoint, shards("vqa", "train"), tmp_path / "run", config, stop_after=2,
                       **common)
     assert not output.exists() and (tmp_path / "run" / "checkpoints" / "step-00000002.pt").is_file()
-    output = finetune(checkpoint, root / "shards" / "train", tmp_path / "run", config, **common)
+    output = finetune(checkpoint, shards("vqa", "train"), tmp_path / "run", config, **common)
     assert output == tmp_path / "run" / "model.pt" and output.is_file()
     assert sorted(logged) == [1, 2, 3, 4]
     assert {"loss", "answer_nll", "alpha", "lr"} <= set(logged[4])
@@ -322,15 +308,15 @@ def test_finetune_resume_evaluate_and_predict_end_to_end(world, tmp_path):
     assert model.image_size == 48 and not model.has_teachers and model.config == config
 
     types = root / "meta" / "vqa_question_types.json"
-    metrics = evaluate(output, root / "shards" / "val", progress=False, question_types=types)
+    metrics = evaluate(output, shards("vqa", "val"), progress=False, question_types=types)
     assert 0.0 <= metrics["accuracy"] <= 100.0
     val = json.loads((root / "vqa" / "val.json").read_text())
     present = {json.loads(types.read_text())[str(r["question_id"])] for r in val}
     assert set(metrics) == {"accuracy"} | {f"accuracy_{t}" for t in present}
-    assert evaluate(output, root / "shards" / "val", progress=False, question_types=types) == metrics
+    assert evaluate(output, shards("vqa", "val"), progress=False, question_types=types) == metrics
 
     result = tmp_path / "vqa_result.json"
-    answers = predict(output, root / "shards" / "test", progress=False, output=result)
+    answers = predict(output, shards("vqa", "test"), progress=False, output=result)
     test = json.loads((root / "vqa" / "test.json").read_text())
     assert sorted(answers) == sorted(r["question_id"] for r in test)
     allowed = set(json.loads((root / "vqa" / "answer_list.json").read_text()))
@@ -338,26 +324,27 @@ def test_finetune_resume_evaluate_and_predict_end_to_end(world, tmp_path):
     assert json.loads(result.read_text()) == [{"question_id": q, "answer": a} for q, a in answers.items()]
 
     # The accuracy is the mean VQA accuracy of the predictions.
-    predicted = predict(output, root / "shards" / "val", progress=False)
+    predicted = predict(output, shards("vqa", "val"), progress=False)
     expected = 100 * sum(vqa_accuracy(predicted[r["question_id"]], r["answer"]) for r in val) / len(val)
     assert metrics["accuracy"] == pytest.approx(expected)
 
 
-def test_bad_inputs_are_named_before_any_compute(world, tmp_path):
+def test_bad_inputs_are_named_before_any_compute(world, shards, tmp_path):
     root, checkpoint = world
     with pytest.raises(ConfigError, match=r"vqa\.image_size"):
-        finetune(checkpoint, root / "shards" / "train", tmp_path / "bad", vqa_config("demo", image_size=36),
-                 train=TrainConfig(steps=1, batch_size=2), progress=False, num_workers=0)
+        finetune(checkpoint, shards("vqa", "train"), tmp_path / "bad", vqa_config("demo", image_size=36),
+                 train=TrainConfig(steps=1, batch_size=2), optim=OptimConfig(), progress=False)
     assert not (tmp_path / "bad" / "checkpoints").exists()
     with pytest.raises(FileNotFoundError, match="pretrained"):
-        finetune(tmp_path / "missing.pt", root / "shards" / "train", tmp_path / "bad", vqa_config("demo"))
-    with pytest.raises(ValueError, match="'pretraining' checkpoint, not a 'vqa'"):
+        finetune(tmp_path / "missing.pt", shards("vqa", "train"), tmp_path / "bad", vqa_config("demo"),
+                 train=TrainConfig(steps=1, batch_size=2), optim=OptimConfig())
+    with pytest.raises(ValueError, match="a 'pretrain' checkpoint; expected 'vqa'"):
         load_vqa_model(checkpoint)
     with pytest.raises(ValueError, match="no annotator answers"):
-        evaluate(checkpoint, root / "shards" / "test", progress=False)
+        evaluate(checkpoint, shards("vqa", "test"), progress=False)
     with pytest.raises(ValueError, match="answer_list"):
-        load_answer_list([str(p) for p in (root / "shards" / "val").glob("*.tar")])
-    assert load_answer_list(root / "shards" / "val") == json.loads(
+        load_answer_list([str(p) for p in shards("vqa", "val").glob("*.tar")])
+    assert load_answer_list(shards("vqa", "val")) == json.loads(
         (root / "vqa" / "answer_list.json").read_text())
     with pytest.raises(FileNotFoundError, match="answer_list"):
-        load_answer_list(root / "shards" / "val", tmp_path / "nope.json")
+        load_answer_list(shards("vqa", "val"), tmp_path / "nope.json")

@@ -54,7 +54,8 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from codis.config import ConfigError
+from codis.config import check, check_choice, check_int
+from codis.data.manifest import MANIFEST
 from codis.files import atomic_path, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,6 @@ INPUT_FORMATS: tuple[str, ...] = ("parquet", "csv", "tsv", "csv.gz", "tsv.gz")
 RESIZE_MODES: tuple[str, ...] = ("keep_ratio", "center_crop", "border", "keep_ratio_largest", "no")
 DISTRIBUTORS: tuple[str, ...] = ("multiprocessing", "pyspark", "ray")
 ENCODE_FORMATS: tuple[str, ...] = ("jpg", "png", "webp")
-MANIFEST = "manifest.json"
 LOG_FILE = "download.log"
 WORK_DIR = "_work"
 REQUEST_FILE = "request.json"  # in _work/: what the shards in this folder were made from
@@ -104,41 +104,28 @@ class DownloadConfig:
     def __post_init__(self) -> None:
         for name in ("url_col", "caption_col"):
             value = getattr(self, name)
-            _check(isinstance(value, str) and value.strip() != "", name,
-                   f"must be a non-empty column name, got {value!r}")
-        _check(self.url_col != self.caption_col, "caption_col",
-               f"must differ from url_col (both are {self.url_col!r})")
-        _check(self.input_format is None or self.input_format in INPUT_FORMATS, "input_format",
-               f"must be None (from the suffix) or one of {', '.join(INPUT_FORMATS)}; "
-               f"got {self.input_format!r}")
+            check(isinstance(value, str) and value.strip() != "", f"DownloadConfig.{name}",
+                  f"must be a non-empty column name, got {value!r}")
+        check(self.url_col != self.caption_col, "DownloadConfig.caption_col",
+              f"must differ from url_col (both are {self.url_col!r})")
+        check(self.input_format is None or self.input_format in INPUT_FORMATS,
+              "DownloadConfig.input_format", f"must be None (from the suffix) or one of "
+              f"{', '.join(INPUT_FORMATS)}; got {self.input_format!r}")
         for name in ("image_size", "samples_per_shard", "processes_count", "thread_count",
                      "timeout", "max_shard_retry"):
-            _check(_is_int(getattr(self, name)) and getattr(self, name) > 0, name,
-                   f"must be a positive integer, got {getattr(self, name)!r}")
-        _check(_is_int(self.retries) and self.retries >= 0, "retries",
-               f"must be an integer >= 0, got {self.retries!r}")
-        _check(self.resize_mode in RESIZE_MODES, "resize_mode",
-               f"must be one of {', '.join(RESIZE_MODES)}; got {self.resize_mode!r}")
-        _check(self.distributor in DISTRIBUTORS, "distributor",
-               f"must be one of {', '.join(DISTRIBUTORS)}; got {self.distributor!r}")
-        _check(self.encode_format in ENCODE_FORMATS, "encode_format",
-               f"must be one of {', '.join(ENCODE_FORMATS)}; got {self.encode_format!r}")
+            check_int(getattr(self, name), f"DownloadConfig.{name}", 1)
+        check_int(self.retries, "DownloadConfig.retries", 0)
+        check_choice(self.resize_mode, "DownloadConfig.resize_mode", RESIZE_MODES)
+        check_choice(self.distributor, "DownloadConfig.distributor", DISTRIBUTORS)
+        check_choice(self.encode_format, "DownloadConfig.encode_format", ENCODE_FORMATS)
         # img2dataset hands encode_quality to OpenCV: JPEG/WebP quality 0-100, PNG compression 0-9.
         top = 9 if self.encode_format == "png" else 100
-        _check(_is_int(self.encode_quality) and 0 <= self.encode_quality <= top, "encode_quality",
-               f"must be an integer in [0, {top}] for {self.encode_format}, got {self.encode_quality!r}")
+        check_int(self.encode_quality, "DownloadConfig.encode_quality", 0)
+        check(self.encode_quality <= top, "DownloadConfig.encode_quality",
+              f"must be at most {top} for {self.encode_format}, got {self.encode_quality!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check(condition: bool, field_name: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"DownloadConfig.{field_name}: {message}")
 
 
 def infer_input_format(path: str | Path, config: DownloadConfig) -> str:

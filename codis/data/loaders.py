@@ -3,7 +3,8 @@
 Every loader is the same webdataset pipeline, built by :func:`_build`:
 
     shard list -> [resample | seeded shard shuffle -> split_by_node] -> split_by_worker
-    -> tar members -> [sample shuffle buffer] -> PIL decode -> per-task sample mapping -> batches
+    -> tar members -> [this rank's share (evaluation)] -> [sample shuffle buffer] -> PIL decode
+    -> per-task sample mapping -> batches
 
 Only the per-task sample mapping differs (a small function per kind) and, in the batch, which
 text field is tokenised. Training streams skip broken data (undecodable images, truncated tars)
@@ -29,7 +30,9 @@ from transformers import PreTrainedTokenizerBase
 from webdataset.shardlists import expand_urls
 from webdataset.utils import make_seed
 
-from codis.data.shards import MANIFEST, PROGRESS
+from codis.config import check, check_choice, check_int
+from codis.data.manifest import MANIFEST
+from codis.data.shards import PROGRESS, VE_LABEL_NAMES
 from codis.text import clean_caption, tokenize
 from codis.transforms import eval_transform, pretrain_transform, train_transform
 
@@ -37,8 +40,9 @@ _LOG = logging.getLogger(__name__)
 
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
 """Image member names tried in order (write_shards and img2dataset write ``jpg``)."""
-VE_LABELS = {"entailment": 2, "neutral": 1, "contradiction": 0}
-"""ALBEF's SNLI-VE label ids (ve_dataset.py)."""
+VE_LABEL_IDS: dict[str, int] = {name: index for index, name in enumerate(reversed(VE_LABEL_NAMES))}
+"""ALBEF's SNLI-VE class ids (ve_dataset.py): SNLI's label order reversed, so contradiction 0,
+neutral 1, entailment 2."""
 
 
 class SkipCounter:
@@ -181,7 +185,7 @@ def _nlvr_sample(sample: dict, transform: Callable, max_words: int) -> dict:
 
 def _ve_sample(sample: dict, transform: Callable, max_words: int) -> dict:
     return {"image": transform(_image(sample)), "sentence": clean_caption(sample["txt"], max_words),
-            "label": VE_LABELS[sample["json"]["label"]], "key": sample["__key__"]}
+            "label": VE_LABEL_IDS[sample["json"]["label"]], "key": sample["__key__"]}
 
 
 def _sample_seed(seed: int, epoch: int, sample: dict) -> int:
@@ -244,21 +248,35 @@ def _collate(samples: list[dict], tokenizer: PreTrainedTokenizerBase | None, max
     return batch
 
 
-def _check_positive(**values: int) -> None:
-    for name, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+def _rank_share(samples: Iterator[dict], shard_index: dict[str, int], rank: int,
+                world_size: int) -> Iterator[dict]:
+    """The samples of ``rank``: sample i of shard s belongs to rank (s + i) mod world_size. So
+    each sample is on exactly one rank, whichever worker reads its shard, and the offset s
+    spreads the shards' remainders over the ranks. Runs before decoding: a rank decodes only its
+    own images."""
+    position: dict[str, int] = {}
+    for sample in samples:
+        url = sample["__url__"]
+        index = position.get(url, 0)
+        position[url] = index + 1
+        if (shard_index[url] + index) % world_size == rank:
+            yield sample
 
 
 def _build(urls: list[str], task: _Task, transform: Callable, *, batch_size: int,
            tokenizer: PreTrainedTokenizerBase | None, max_words: int, max_length: int,
            num_workers: int, train: bool, resample: bool, seed: int, epoch: int,
-           shuffle_buffer: int, drop_last: bool, skips: SkipCounter) -> ShardLoader:
-    _check_positive(batch_size=batch_size, max_words=max_words, max_length=max_length)
-    if not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"num_workers: must be an integer >= 0, got {num_workers!r}")
-    if not isinstance(shuffle_buffer, int) or shuffle_buffer < 0:
-        raise ValueError(f"shuffle_buffer: must be an integer >= 0, got {shuffle_buffer!r}")
+           shuffle_buffer: int, drop_last: bool, skips: SkipCounter, rank: int = 0,
+           world_size: int = 1) -> ShardLoader:
+    for name, value in (("batch_size", batch_size), ("max_words", max_words),
+                        ("max_length", max_length), ("world_size", world_size)):
+        check_int(value, name, 1)
+    check_int(rank, "rank", 0)
+    check(rank < world_size, "rank", f"must be below world_size={world_size}, got {rank}")
+    check(world_size == 1 or not train, "world_size", "only evaluation loaders take rank / "
+          "world_size (training loaders split their shards by the torch.distributed rank)")
+    check_int(num_workers, "num_workers", 0)
+    check_int(shuffle_buffer, "shuffle_buffer", 0)
     handler = skips if train else wds.reraise_exception
     if resample:
         # Each rank and worker draws its own shards (ResampledShards seeds by rank and worker id),
@@ -270,9 +288,12 @@ def _build(urls: list[str], task: _Task, transform: Callable, *, batch_size: int
         stages = [wds.SimpleShardList(urls, seed=make_seed(seed, epoch)), wds.split_by_node,
                   wds.split_by_worker]
     else:
-        # Evaluation: every rank reads everything, in shard order.
+        # Evaluation: shard order; with world_size > 1 this rank keeps its share of the samples.
         stages = [wds.SimpleShardList(urls), wds.split_by_worker]
     stages.append(wds.tarfile_to_samples(handler=handler))
+    if world_size > 1:
+        stages.append(partial(_rank_share, shard_index={url: i for i, url in enumerate(urls)},
+                              rank=rank, world_size=world_size))
     if train and shuffle_buffer > 0:
         # Shuffle the raw bytes (cheap to hold) before decoding.
         stages.append(wds.shuffle(shuffle_buffer, seed=make_seed(seed, epoch, 1)))
@@ -319,7 +340,8 @@ def task_loader(shards: str | list[str], kind: str, *, image_size: int, batch_si
                 max_words: int = 30, max_length: int = 30, num_workers: int = 0, seed: int = 0,
                 epoch: int = 0, shuffle_buffer: int = 1000, hflip: bool = True,
                 augment: bool = True, drop_last: bool | None = None,
-                skips: SkipCounter | None = None) -> ShardLoader:
+                skips: SkipCounter | None = None, rank: int = 0, world_size: int = 1,
+                ) -> ShardLoader:
     """A downstream-task loader over shards written by write_shards with ``kind``.
 
     ``train=False`` (evaluation): eval transform, shard and record order, every batch kept, errors
@@ -329,11 +351,10 @@ def task_loader(shards: str | list[str], kind: str, *, image_size: int, batch_si
     batches only (unless ``drop_last=False``), broken data skipped and counted in ``skips``.
     With a tokenizer, the task's text (caption / question / sentence) becomes ``input_ids`` and
     ``attention_mask``; for retrieval_eval all captions of the batch are flattened and
-    ``text_image_index`` gives each text row's ``image_index``.
+    ``text_image_index`` gives each text row's ``image_index``. Evaluation under several
+    processes: ``rank`` of ``world_size`` reads its share of the samples (see :func:`_rank_share`).
     """
-    if kind not in _TASKS or kind == "pretrain":
-        raise ValueError(f"kind: must be one of {', '.join(k for k in _TASKS if k != 'pretrain')}; "
-                         f"got {kind!r}")
+    check_choice(kind, "kind", tuple(k for k in _TASKS if k != "pretrain"))
     task = _TASKS[kind]
     augmenting = train and augment
     transform = train_transform(image_size, hflip=hflip) if augmenting else eval_transform(image_size)
@@ -341,7 +362,7 @@ def task_loader(shards: str | list[str], kind: str, *, image_size: int, batch_si
                   tokenizer=tokenizer, max_words=max_words, max_length=max_length,
                   num_workers=num_workers, train=train, resample=False, seed=seed, epoch=epoch,
                   shuffle_buffer=shuffle_buffer, drop_last=train if drop_last is None else drop_last,
-                  skips=skips or SkipCounter())
+                  skips=skips or SkipCounter(), rank=rank, world_size=world_size)
 
 
 def retrieval_train_loader(shards: str | list[str], **kwargs: Any) -> ShardLoader:
@@ -365,5 +386,5 @@ def nlvr_loader(shards: str | list[str], **kwargs: Any) -> ShardLoader:
 
 
 def ve_loader(shards: str | list[str], **kwargs: Any) -> ShardLoader:
-    """SNLI-VE: image, sentence, label (:data:`VE_LABELS`), key."""
+    """SNLI-VE: image, sentence, label (:data:`VE_LABEL_IDS`), key."""
     return task_loader(shards, "ve", **kwargs)

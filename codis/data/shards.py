@@ -26,10 +26,11 @@ from typing import Any, Iterable
 import webdataset as wds
 from tqdm import tqdm
 
+from codis.config import check_choice, check_int
+from codis.data.manifest import MANIFEST
 from codis.files import atomic_path, atomic_write_json, sha256_file
 
 FORMAT = "codis-shards/1"
-MANIFEST = "manifest.json"
 PROGRESS = "manifest.partial.json"
 SHARD_PATTERN = "shard-%06d.tar"
 KEY_PATTERN = "%09d"
@@ -48,7 +49,11 @@ _REQUIRED: dict[str, dict[str, type | tuple[type, ...]]] = {
 TEXT_FIELD = {"pretrain": "caption", "retrieval_train": "caption", "vqa": "question",
               "nlvr": "sentence", "ve": "sentence"}
 """The record field stored as the ``txt`` member (retrieval_eval keeps its caption list in json)."""
-LABELS = {"nlvr": ("True", "False"), "ve": ("entailment", "neutral", "contradiction")}
+NLVR_LABEL_NAMES: tuple[str, ...] = ("True", "False")
+VE_LABEL_NAMES: tuple[str, ...] = ("entailment", "neutral", "contradiction")
+"""The SNLI-VE labels as written in annotation records, in SNLI's order (the one definition:
+the loaders' class ids and the demo world's labels derive from it)."""
+LABEL_NAMES_BY_KIND: dict[str, tuple[str, ...]] = {"nlvr": NLVR_LABEL_NAMES, "ve": VE_LABEL_NAMES}
 
 
 def _validate_records(records: list[dict], kind: str) -> None:
@@ -68,9 +73,9 @@ def _validate_records(records: list[dict], kind: str) -> None:
         if kind == "retrieval_eval" and (not record["caption"]
                                          or not all(isinstance(c, str) for c in record["caption"])):
             raise ValueError(f"record {index}: 'caption' must be a non-empty list of strings")
-        if kind in LABELS and record["label"] not in LABELS[kind]:
+        if kind in LABEL_NAMES_BY_KIND and record["label"] not in LABEL_NAMES_BY_KIND[kind]:
             raise ValueError(f"record {index}: 'label' is {record['label']!r}, expected one of "
-                             f"{', '.join(LABELS[kind])}")
+                             f"{', '.join(LABEL_NAMES_BY_KIND[kind])}")
         if kind == "vqa" and "answer" in record and not isinstance(record["answer"], (list, str)):
             raise ValueError(f"record {index}: 'answer' must be a list of strings (or one string)")
 
@@ -147,13 +152,12 @@ def write_shards(records: list[dict], image_root: str | Path, output_dir: str | 
     Returns the manifest (also saved as ``output_dir/manifest.json``): format, kind, source (the
     caller's ``source`` plus image root, kind and shard size), totals, and per shard its name,
     sample count, sha256, first and last key. Re-running with the same inputs rewrites nothing;
-    shards whose inputs or bytes changed are rewritten. Raises ValueError for a bad record and
-    FileNotFoundError for missing images, before anything is written.
+    shards whose inputs or bytes changed are rewritten. Raises ConfigError for a bad ``kind`` or
+    ``samples_per_shard``, ValueError for a bad record and FileNotFoundError for missing images,
+    before anything is written.
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind: must be one of {', '.join(KINDS)}; got {kind!r}")
-    if not isinstance(samples_per_shard, int) or samples_per_shard <= 0:
-        raise ValueError(f"samples_per_shard: must be a positive integer, got {samples_per_shard!r}")
+    check_choice(kind, "kind", KINDS)
+    check_int(samples_per_shard, "samples_per_shard", 1)
     if not isinstance(records, list) or not records:
         raise ValueError("records: must be a non-empty list of annotation records")
     _validate_records(records, kind)

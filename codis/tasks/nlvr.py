@@ -28,7 +28,6 @@ false.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
@@ -38,15 +37,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from codis.config import ConfigError, ModelConfig
+from codis.checkpoint import read_checkpoint
+from codis.config import ConfigError, ModelConfig, check_positive
 from codis.data.loaders import SkipCounter, nlvr_loader, pretrain_loader
+from codis.encoders import set_image_size
+from codis.tasks.base import TaskConfig, check_config, preset_config
+from codis.tasks.ve import (Backbone, ClassifierConfig, ClassifierOutput, FusionClassifier,
+                            check_image_size, empty_backbone, eval_config, evaluate_classifier,
+                            finetune_classifier, load_classifier, local_shards,
+                            mlp_head, pretrained_backbone, run_config_for, save_task_checkpoint)
 from codis.train import (MetricsCallback, OptimConfig, TrainConfig, fit, init_runtime,
                          seed_everything)
-from codis.tasks.ve import (Backbone, ClassifierConfig, ClassifierOutput, FusionClassifier, attach,
-                      check_image_size, empty_backbone, eval_config, evaluate_classifier,
-                      expect_config, finetune_classifier, local_shards, mlp_head,
-                      pretrained_backbone, read_checkpoint, read_task_checkpoint, run_config_for,
-                      save_task_checkpoint, schedule, set_image_size)
 
 TASK = "nlvr"
 TA_TASK = "nlvr_ta"
@@ -58,14 +59,19 @@ TA_TEMPERATURE = 0.07
 
 
 @dataclass(frozen=True)
+class TextAssignmentConfig(TaskConfig):
+    """The TA pre-step's recipe, as :meth:`NLVRConfig.text_assignment` builds it."""
+
+    task: ClassVar[str] = "nlvr.text_assignment"
+
+
+@dataclass(frozen=True)
 class NLVRConfig(ClassifierConfig):
     """ALBEF's NLVR.yaml: 384 px, batch 16, lr 2e-5, 10 epochs, distillation alpha 0.4 ramped over
     the first epoch (``warm_up: True``); flips off (see the module docstring). The ``ta_*`` fields
     are NLVR_pretrain.yaml: 256 px, batch 64, lr 2e-5 with cosine to 1e-5, 1 epoch."""
 
-    image_size: int = 384
     batch_size: int = 16
-    lr: float = 2e-5
     epochs: int = 10
     alpha_warmup: bool = True
     hflip: bool = False
@@ -80,35 +86,36 @@ class NLVRConfig(ClassifierConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("ta_image_size", "ta_batch_size", "ta_epochs"):
-            self._check_int(name)
+            self.check_int(name, 1)
         for name in ("ta_lr", "ta_min_lr"):
-            self._check_positive(name)
+            check_positive(getattr(self, name), self.field_name(name))
         if self.ta_batch_size < 3:
             raise ConfigError(f"nlvr.ta_batch_size: text assignment draws two other images of the "
                               f"batch per text, so it needs at least 3, got {self.ta_batch_size}")
 
-
-def nlvr_config(name: str = "nlvr", **changes: Any) -> NLVRConfig:
-    """``"nlvr"``: the paper's setting. ``"demo"``: the tiny model's 64 px images for TA and
-    finetuning, lr 1e-4 for a model trained briefly from scratch, and a faster EMA (0.99) so the
-    teacher follows within a short run."""
-    presets = {
-        "nlvr": NLVRConfig,
-        "demo": lambda: NLVRConfig(image_size=64, batch_size=16, lr=1e-4, epochs=10, momentum=0.99,
-                                   ta_image_size=64, ta_batch_size=16, ta_lr=1e-4, ta_min_lr=1e-5),
-    }
-    if name not in presets:
-        raise ConfigError(f"nlvr.preset: unknown preset {name!r} (known: {', '.join(presets)})")
-    config = presets[name]()
-    return dataclasses.replace(config, **changes) if changes else config
+    def text_assignment(self) -> TextAssignmentConfig:
+        """The TA step's recipe (its schedule: :func:`codis.train.schedules.task_schedule`)."""
+        return TextAssignmentConfig(
+            image_size=self.ta_image_size, batch_size=self.ta_batch_size, epochs=self.ta_epochs,
+            lr=self.ta_lr, min_lr=self.ta_min_lr, warmup_lr=self.warmup_lr,
+            warmup_steps=self.warmup_steps, weight_decay=self.weight_decay, distill=False,
+            alpha_warmup=False, hflip=self.hflip, max_words=self.max_words,
+            num_workers=self.num_workers)
 
 
-def ta_training_configs(config: NLVRConfig, pretrain_samples: int, *, world_size: int = 1,
-                        seed: int = 42) -> tuple[TrainConfig, OptimConfig]:
-    """TrainConfig / OptimConfig of the TA step over ``pretrain_samples`` image-text pairs."""
-    return schedule(samples=pretrain_samples, batch_size=config.ta_batch_size,
-                    epochs=config.ta_epochs, lr=config.ta_lr, min_lr=config.ta_min_lr,
-                    alpha_warmup=False, world_size=world_size, seed=seed)
+PRESETS: dict[str, NLVRConfig] = {
+    "nlvr": NLVRConfig(),
+    # The tiny model's 64 px images for TA and finetuning, lr 1e-4 for a model trained briefly from
+    # scratch, and a faster EMA (0.99) so the teacher follows within a short run.
+    "demo": NLVRConfig(image_size=64, batch_size=16, lr=1e-4, epochs=10, momentum=0.99,
+                       ta_image_size=64, ta_batch_size=16, ta_lr=1e-4, ta_min_lr=1e-5,
+                       num_workers=0),
+}
+
+
+def config(preset: str = "nlvr", **changes: Any) -> NLVRConfig:
+    """A preset (``nlvr``: the paper's setting; ``demo``: the tiny CPU model) with fields replaced."""
+    return preset_config(PRESETS, TASK, preset, changes)
 
 
 # ---- the two-image fusion encoder -----------------------------------------------------------------
@@ -178,14 +185,13 @@ class TextAssignmentModel(nn.Module):
 
 
 def text_assignment(pretrained: str | Path, pretrain_shards: str | list[str], output_dir: str | Path,
-                    config: NLVRConfig | None = None, *, train: TrainConfig, optim: OptimConfig,
+                    config: NLVRConfig, *, train: TrainConfig, optim: OptimConfig,
                     callback: MetricsCallback | None = None, progress: bool = True,
-                    resume: bool = True, stop_after: int | None = None, num_workers: int = 0) -> Path:
+                    resume: bool = True, stop_after: int | None = None) -> Path:
     """ALBEF's TA pre-step on pretraining shards at ``config.ta_image_size``; returns the TA
     checkpoint ``output_dir/model.pt``, from which :func:`finetune` starts. Resumable like every
-    run of :func:`codis.train.fit`. The recipe's TrainConfig / OptimConfig: :func:`ta_training_configs`."""
-    config = NLVRConfig() if config is None else config
-    expect_config(config, NLVRConfig)
+    run of :func:`codis.train.fit`. Its schedule: ``task_schedule(config.text_assignment(), ...)``."""
+    check_config(config, NLVRConfig)
     if train.batch_size < 3:
         raise ConfigError(f"train.batch_size: text assignment draws two other images of the batch "
                           f"per text, so it needs at least 3, got {train.batch_size}")
@@ -204,7 +210,7 @@ def text_assignment(pretrained: str | Path, pretrain_shards: str | list[str], ou
     def open_epoch(epoch: int):
         return pretrain_loader(urls, tokenizer=backbone.tokenizer, image_size=config.ta_image_size,
                                batch_size=train.batch_size, max_words=config.max_words,
-                               num_workers=num_workers, seed=train.seed, hflip=config.hflip,
+                               num_workers=config.num_workers, seed=train.seed, hflip=config.hflip,
                                epoch=epoch, max_length=backbone.model_config.text.max_length,
                                skips=skips)
 
@@ -232,83 +238,60 @@ def initial_nlvr_model(pretrained: str | Path, config: NLVRConfig,
     ``pretrained`` is a TA checkpoint (ALBEF's route) or a pretraining checkpoint, whose fusion
     layers are then paired here without the TA step. The ViT is resized to ``config.image_size``.
     """
-    payload = read_checkpoint(pretrained)
-    task = payload.get("task")
-    if task is None:
+    checkpoint = read_checkpoint(pretrained, ("pretrain", TA_TASK))
+    if checkpoint.kind == "pretrain":
         backbone = pretrained_backbone(pretrained, config)
         fusion = pair_fusion(backbone.fusion)
-    elif task == TA_TASK:
-        read_task_checkpoint(pretrained, TA_TASK)  # format check
-        saved = NLVRConfig.from_dict(payload["task_config"])
-        model_config = ModelConfig.from_dict(payload["model_config"])
+    else:
+        saved = NLVRConfig.from_dict(checkpoint.task_config)
+        model_config = ModelConfig.from_dict(checkpoint.model_config)
         check_image_size(config, model_config)
-        backbone = empty_backbone(model_config, payload["text_architecture"], saved.ta_image_size)
+        backbone = empty_backbone(model_config, checkpoint.text_architecture, saved.ta_image_size)
         fusion = pair_fusion(backbone.fusion)
         ta = FusionClassifier(backbone.visual_encoder, backbone.text, fusion,
                               nn.Linear(backbone.width, len(TA_LABELS)))
         prefix = "network."
-        ta.load_state_dict({k[len(prefix):]: v for k, v in payload["state_dict"].items()
+        ta.load_state_dict({k[len(prefix):]: v for k, v in checkpoint.state_dict.items()
                             if k.startswith(prefix)})
         set_image_size(backbone.visual_encoder, config.image_size)
-    else:
-        raise ValueError(f"{pretrained}: task is {task!r}; NLVR² starts from a pretraining or a "
-                         f"{TA_TASK!r} checkpoint")
     model = FusionClassifier(backbone.visual_encoder, backbone.text, fusion,
                              mlp_head(backbone.width, NUM_CLASSES))
     return model, backbone
 
 
 def finetune(pretrained: str | Path, train_shards: str | list[str], output_dir: str | Path,
-             config: NLVRConfig | None = None, *, train: TrainConfig, optim: OptimConfig,
+             config: NLVRConfig, *, train: TrainConfig, optim: OptimConfig,
              callback: MetricsCallback | None = None, progress: bool = True, resume: bool = True,
-             stop_after: int | None = None, num_workers: int = 0) -> Path:
+             stop_after: int | None = None) -> Path:
     """Finetune on NLVR² shards (write_shards kind "nlvr") from a TA or pretraining checkpoint;
-    returns the task checkpoint ``output_dir/model.pt``. The recipe's TrainConfig / OptimConfig:
-    :func:`codis.tasks.ve.training_configs`."""
-    config = NLVRConfig() if config is None else config
-    expect_config(config, NLVRConfig)
-    urls = local_shards(train_shards, ("nlvr",))
-    runtime = init_runtime()
-    seed_everything(train.seed + runtime.rank)
-    student, backbone = initial_nlvr_model(pretrained, config)
-    skips = SkipCounter()
-
-    def open_epoch(epoch: int):
-        return nlvr_loader(urls, train=True, tokenizer=backbone.tokenizer,
-                           image_size=config.image_size, batch_size=train.batch_size,
-                           max_words=config.max_words,
-                           max_length=backbone.model_config.text.max_length,
-                           num_workers=num_workers, seed=train.seed, epoch=epoch,
-                           hflip=config.hflip, augment=config.augment, skips=skips)
-
-    return finetune_classifier(
-        student, backbone, _nlvr_inputs, open_epoch, config,
-        run_config=run_config_for(config, train, optim, pretrained, urls), train=train, optim=optim,
-        output_dir=output_dir, runtime=runtime, skips=skips, callback=callback, progress=progress,
-        resume=resume, stop_after=stop_after)
+    returns the task checkpoint ``output_dir/model.pt``."""
+    check_config(config, NLVRConfig)
+    return finetune_classifier(TASK, lambda: initial_nlvr_model(pretrained, config), _nlvr_inputs,
+                               pretrained, train_shards, output_dir, config, train=train,
+                               optim=optim, callback=callback, progress=progress, resume=resume,
+                               stop_after=stop_after)
 
 
 def load_nlvr_model(path: str | Path) -> FusionClassifier:
     """A finetuned NLVR² model in eval mode, with ``tokenizer``, ``model_config`` and
     ``task_config`` attributes."""
-    payload = read_task_checkpoint(path, TASK)
-    config = NLVRConfig.from_dict(payload["task_config"])
-    backbone = empty_backbone(ModelConfig.from_dict(payload["model_config"]),
-                              payload["text_architecture"], config.image_size)
-    model = FusionClassifier(backbone.visual_encoder, backbone.text, pair_fusion(backbone.fusion),
-                             mlp_head(backbone.width, NUM_CLASSES))
-    model.load_state_dict(payload["state_dict"])
-    return attach(model, backbone, config)
+    return load_classifier(path, NLVRConfig, pair_fusion)
 
 
 def evaluate(checkpoint: str | Path, shards: str | list[str], config: NLVRConfig | None = None, *,
-             batch_size: int = 64, progress: bool = True, num_workers: int = 0) -> dict[str, float]:
+             batch_size: int = 64, progress: bool = True,
+             device: str | torch.device | None = None) -> dict[str, float]:
     """``{"accuracy": percent}`` of a finetuned checkpoint on NLVR² shards (dev or test).
-    ``config`` defaults to the checkpoint's; its image size must be the checkpoint's."""
+    ``config`` defaults to the checkpoint's; its image size must be the checkpoint's. Under
+    ``torchrun`` every rank calls it, classifies its share and returns the accuracy of all;
+    ``config.eval_precision`` "auto": bf16 autocast on GPUs, fp32 on the CPU."""
     urls = local_shards(shards, ("nlvr",))
+    runtime = init_runtime(device)
     model = load_nlvr_model(checkpoint)
     config = eval_config(model.task_config, config)
     loader = nlvr_loader(urls, image_size=config.image_size, batch_size=batch_size,
                          tokenizer=model.tokenizer, max_words=config.max_words,
-                         max_length=model.model_config.text.max_length, num_workers=num_workers)
-    return evaluate_classifier(model, loader, _nlvr_inputs, progress=progress, desc="nlvr eval")
+                         max_length=model.model_config.text.max_length, num_workers=config.num_workers,
+                         rank=runtime.rank, world_size=runtime.world_size)
+    return evaluate_classifier(model, loader, _nlvr_inputs, runtime=runtime, precision=config.eval_precision,
+                               progress=progress, desc="nlvr eval")

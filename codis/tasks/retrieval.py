@@ -18,8 +18,9 @@ values, a text's first self-attention) once per pass and the last layer on [CLS]
 kept as the reference that the batched version must rank like.
 
 Ties in the metrics count against the query (see :func:`retrieval_metrics`); ALBEF's argsort
-leaves them to the sort algorithm. Evaluation runs in one process: under ``torchrun`` call it on
-rank 0 only.
+leaves them to the sort algorithm. Under ``torchrun`` every rank encodes the whole set and re-ranks
+its block of the passes; the score matrices are then combined on every rank, and all ranks return
+the same metrics (:mod:`codis.tasks.evaluation`, as ALBEF's ``evaluation()``).
 """
 
 from __future__ import annotations
@@ -27,10 +28,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, ClassVar, Iterable
 
 import torch
 import torch.distributed as dist
@@ -38,128 +38,79 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from codis.config import ConfigError, ModelConfig, from_dict
-from codis.encoders import _extended_mask
-from codis.files import atomic_torch_save
-from codis.metrics import RECALL_AT, retrieval_metrics
-from codis.data.loaders import SkipCounter, retrieval_eval_loader, retrieval_train_loader, shard_urls
-from codis.model import CHECKPOINT_FORMAT, CodisModel, PretrainOutput
+from codis.config import ConfigError, check_int
+from codis.encoders import additive_mask, set_image_size
+from codis.checkpoint import Checkpoint, save_checkpoint
+from codis.metrics import retrieval_metrics
+from codis.data.loaders import SkipCounter, retrieval_eval_loader, shard_urls
+from codis.model import CodisModel, PretrainOutput, load_model
 from codis.queue import FeatureQueue
+from codis.tasks.base import TaskConfig, check_config, preset_config, training_loader
 from codis.text import tokenize
-from codis.train import (MetricsCallback, OptimConfig, TrainConfig, distillation_alpha, fit,
-                         init_runtime, seed_everything)
+from codis.tasks.evaluation import combine_rows, progress_bar, rank_block
+from codis.train import (MetricsCallback, OptimConfig, Runtime, TrainConfig, autocast,
+                         distillation_alpha, fit, init_runtime, seed_everything)
 
 TASK = "retrieval"
-TASK_CHECKPOINT_FORMAT = 1
 NOT_A_CANDIDATE = -100.0
 """Score of a pair outside both top-k candidate lists (ALBEF's fill value)."""
 
 
 # ---- configuration -------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class RetrievalConfig:
+class RetrievalConfig(TaskConfig):
     """Retrieval finetuning and evaluation settings (ALBEF's Retrieval_coco / _flickr.yaml).
 
-    ``k_test``: candidates re-scored by ITM per query. ``queue_size``: the ITC queue used while
-    finetuning; ``None`` keeps the pretrained model's (a queue of the same size keeps its
-    contents, as ALBEF loads them; another size starts empty). ``hflip``: random flips while
-    finetuning (off for data whose captions say left and right). ``image_batch_size`` /
-    ``text_batch_size``: encoding batches; ``rerank_batch_size``: image-text pairs per fusion
-    pass when re-ranking (all ``k_test`` candidates of a query always share a pass).
-    ``precision``: "bf16" runs evaluation under bfloat16 autocast (faster on GPUs; ALBEF used fp32).
+    The shared fields are :class:`~codis.tasks.base.TaskConfig`'s: 384 px, batch 32, 5 epochs,
+    AdamW lr 1e-5 (weight decay 0.02) without warm-up and a cosine to 1e-6, distillation alpha 0.4
+    ramped over the first epoch; ``momentum`` None keeps the pretrained model's teacher momentum.
+    ``k_test``: candidates re-scored by ITM per query. ``queue_size``: the ITC queue used while finetuning;
+    ``None`` keeps the pretrained model's (a queue of the same size keeps its contents, as ALBEF
+    loads them; another size starts empty). ``image_batch_size`` / ``text_batch_size``: encoding
+    batches; ``rerank_batch_size``: image-text pairs per fusion pass when re-ranking (all ``k_test``
+    candidates of a query always share a pass).
     """
 
-    image_size: int = 384
+    lr: float = 1e-5
+    warmup_lr: float = 1e-5
+    warmup_steps: int = 0
+    alpha_warmup: bool = True
+    momentum: float | None = None
     k_test: int = 256
-    alpha: float = 0.4
     queue_size: int | None = 65536
-    max_words: int = 30
-    hflip: bool = True
     image_batch_size: int = 64
     text_batch_size: int = 256
     rerank_batch_size: int = 1024
-    num_workers: int = 2
-    shuffle_buffer: int = 1000
-    precision: Literal["fp32", "bf16"] = "fp32"
+
+    task: ClassVar[str] = "retrieval"
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "k_test", "max_words", "image_batch_size", "text_batch_size",
-                     "rerank_batch_size"):
-            _check_int(name, getattr(self, name), 1)
-        for name in ("num_workers", "shuffle_buffer"):
-            _check_int(name, getattr(self, name), 0)
+        super().__post_init__()
+        self.check_int("image_size", 1)  # retrieval always sets its resolution
+        for name in ("k_test", "image_batch_size", "text_batch_size", "rerank_batch_size"):
+            self.check_int(name, 1)
         if self.queue_size is not None:
-            _check_int("queue_size", self.queue_size, 1)
-        if (not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool)
-                or not 0.0 <= self.alpha <= 1.0):
-            raise ConfigError(f"retrieval.alpha: must be a number in [0, 1], got {self.alpha!r}")
-        if not isinstance(self.hflip, bool):
-            raise ConfigError(f"retrieval.hflip: must be true or false, got {self.hflip!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"retrieval.precision: must be fp32 or bf16, got {self.precision!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RetrievalConfig":
-        return from_dict(cls, data, prefix="retrieval.")
+            self.check_int("queue_size", 1)
 
 
-def _check_config(config: Any) -> None:
-    if not isinstance(config, RetrievalConfig):
-        raise ConfigError(f"retrieval.config: expected a RetrievalConfig, "
-                          f"got {type(config).__name__}")
+PRESETS: dict[str, RetrievalConfig] = {
+    "coco": RetrievalConfig(),
+    "flickr": RetrievalConfig(k_test=128),
+    # The tiny model's 64 px, k_test 16 for a 100-image test set, the model's own queue, no flips
+    # (the demo captions use left and right), lr 1e-4 (a tiny model from scratch learns nothing at
+    # 1e-5 in a CPU budget), batch 16.
+    "demo": RetrievalConfig(image_size=64, batch_size=16, lr=1e-4, warmup_lr=1e-4, min_lr=1e-5,
+                            k_test=16, queue_size=None, hflip=False, rerank_batch_size=512,
+                            num_workers=0, shuffle_buffer=200),
+}
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"retrieval.{name}: must be an integer >= {minimum}, got {value!r}")
+def config(preset: str = "coco", **changes: Any) -> RetrievalConfig:
+    """A preset (``coco``: ALBEF's Retrieval_coco.yaml; ``flickr``: the same with k_test 128;
+    ``demo``: the tiny CPU model) with fields replaced."""
+    return preset_config(PRESETS, TASK, preset, changes)
 
 
-def retrieval_config(name: str, **changes: Any) -> RetrievalConfig:
-    """Presets: ``coco`` (ALBEF's Retrieval_coco.yaml: 384 px, k_test 256, queue 65,536,
-    alpha 0.4), ``flickr`` (the same with k_test 128) and ``demo`` (the tiny model's 64 px, k_test
-    16 for a 100-image test set, the model's own queue, no flips: the demo captions use left and
-    right). ``changes`` replace fields."""
-    presets = {
-        "coco": RetrievalConfig(),
-        "flickr": RetrievalConfig(k_test=128),
-        "demo": RetrievalConfig(image_size=64, k_test=16, queue_size=None, hflip=False,
-                                image_batch_size=64, text_batch_size=256, rerank_batch_size=512,
-                                num_workers=0, shuffle_buffer=200),
-    }
-    if name not in presets:
-        raise ConfigError(f"retrieval.preset: unknown preset {name!r} "
-                          f"(known: {', '.join(presets)})")
-    return dataclasses.replace(presets[name], **changes) if changes else presets[name]
-
-
-def retrieval_schedule(name: str, train_pairs: int, processes: int = 1,
-                       ) -> tuple[TrainConfig, OptimConfig]:
-    """ALBEF's finetuning recipe as the shared loop's configs, for ``train_pairs`` (image, caption)
-    pairs on ``processes`` processes (ALBEF used 8 GPUs).
-
-    coco / flickr: batch 32 per process, 5 epochs, AdamW lr 1e-5, weight decay 0.02, cosine to
-    1e-6 without warm-up, alpha ramped over the first epoch. demo: batch 16, 5 epochs, lr 1e-4
-    (a tiny model from scratch learns nothing at 1e-5 in a CPU budget).
-    """
-    if name not in ("coco", "flickr", "demo"):
-        raise ConfigError(f"retrieval.preset: unknown preset {name!r} (known: coco, flickr, demo)")
-    for field_name, value in (("train_pairs", train_pairs), ("processes", processes)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"retrieval.{field_name}: must be an integer >= 1, got {value!r}")
-    batch, epochs = (16, 5) if name == "demo" else (32, 5)
-    epoch_steps = max(1, train_pairs // (batch * processes))  # full batches only
-    train = TrainConfig(steps=epochs * epoch_steps, batch_size=batch,
-                        alpha_warmup_steps=epoch_steps, checkpoint_every=epoch_steps,
-                        log_every=min(50, epoch_steps))
-    lr = 1e-4 if name == "demo" else 1e-5
-    optim = OptimConfig(lr=lr, weight_decay=0.02, warmup_lr=lr, warmup_steps=0, min_lr=lr / 10)
-    return train, optim
-
-
-# ---- finetuning ----------------------------------------------------------------------------------
 def image_key(image_id: int | str) -> int:
     """A non-negative 63-bit integer for an annotation's ``image_id`` (an int or a string such as
     COCO's file names), the same in every process and run without a pass over the data first.
@@ -219,9 +170,11 @@ def prepare_model(model: CodisModel, config: RetrievalConfig) -> CodisModel:
                           f"model's patch size {vision.patch_size}")
     if config.image_size != vision.image_size:
         for encoder in (model.visual_encoder, model.visual_encoder_m):
-            encoder.set_input_size(img_size=(config.image_size, config.image_size))
+            set_image_size(encoder, config.image_size)
         model.config = model.config.replace(
             vision=dataclasses.replace(vision, image_size=config.image_size))
+    if config.momentum is not None:
+        model.config = model.config.replace(momentum=config.momentum)
     if config.queue_size is not None and config.queue_size != model.config.queue_size:
         device = model.queue.image.device
         model.queue = FeatureQueue(config.queue_size, model.config.embed_dim).to(device)
@@ -239,7 +192,7 @@ def finetune(pretrained: str | Path, train_shards: str | Path | list[str], outpu
 
     The shared loop :func:`codis.train.fit` does the optimisation, checkpoints and resume;
     ``stop_after`` ends this call after that many steps (a resumable slice)."""
-    _check_config(config)
+    check_config(config, RetrievalConfig)
     urls = shard_urls(train_shards, ("retrieval_train",))
     runtime = init_runtime()
     run_dir = Path(output_dir)
@@ -249,15 +202,12 @@ def finetune(pretrained: str | Path, train_shards: str | Path | list[str], outpu
     skips = SkipCounter()
 
     def open_epoch(epoch: int):
-        return retrieval_train_loader(
-            urls, tokenizer=model.tokenizer, image_size=config.image_size,
-            batch_size=train.batch_size, max_words=config.max_words,
-            max_length=model.config.text.max_length, num_workers=config.num_workers,
-            seed=train.seed, epoch=epoch, shuffle_buffer=config.shuffle_buffer, hflip=config.hflip,
-            skips=skips)
+        return training_loader(urls, "retrieval_train", config, train, tokenizer=model.tokenizer,
+                               image_size=config.image_size,
+                               max_length=model.config.text.max_length, epoch=epoch, skips=skips)
 
     def step_loss(trained: nn.Module, batch: dict, step: int) -> PretrainOutput:
-        alpha = distillation_alpha(step, config.alpha, train.alpha_warmup_steps)
+        alpha = distillation_alpha(step, config.alpha, train.alpha_warmup_steps) if config.distill else 0.0
         ids = image_keys(batch["image_id"], device=batch["image"].device)
         output = trained(batch["image"], batch["input_ids"], batch["attention_mask"], ids, alpha)
         output.parts.update(alpha=torch.tensor(alpha), temperature=model.temp.detach())
@@ -283,37 +233,16 @@ def finetune(pretrained: str | Path, train_shards: str | Path | list[str], outpu
 def save_retrieval_model(model: CodisModel, path: str | Path, config: RetrievalConfig,
                          extra: dict[str, Any] | None = None) -> Path:
     """Write a retrieval task checkpoint (the finetuned CodisModel) atomically."""
-    payload = {"format": TASK_CHECKPOINT_FORMAT, "task": TASK, "task_config": config.to_dict(),
-               "model_config": model.config.to_dict(),
-               "text_architecture": model.text_encoder.architecture(),
-               "state_dict": model.state_dict(), "extra": extra or {}}
-    return atomic_torch_save(payload, path)
+    return save_checkpoint(path, Checkpoint(
+        kind=TASK, model_config=model.config.to_dict(), task_config=config.to_dict(),
+        text_architecture=model.text_encoder.architecture(), state_dict=model.state_dict(),
+        extra=extra or {}))
 
 
 def load_retrieval_model(path: str | Path, map_location: str | torch.device = "cpu") -> CodisModel:
     """A retrieval task checkpoint or a pretrained one (zero-shot), as a CodisModel in eval mode.
-    A checkpoint of another task raises ValueError naming both tasks."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    payload = torch.load(path, map_location=map_location, weights_only=False)
-    if not isinstance(payload, dict):
-        raise ValueError(f"{path}: not a codis checkpoint")
-    if "task" in payload:
-        if payload["task"] != TASK:
-            raise ValueError(f"{path}: a {payload['task']!r} task checkpoint; retrieval needs a "
-                             f"pretrained or a {TASK!r} checkpoint")
-        if payload.get("format") != TASK_CHECKPOINT_FORMAT:
-            raise ValueError(f"{path}: unknown task checkpoint format {payload.get('format')!r}")
-        config_key = "model_config"
-    else:
-        if payload.get("format") != CHECKPOINT_FORMAT or "config" not in payload:
-            raise ValueError(f"{path}: unknown checkpoint format {payload.get('format')!r}")
-        config_key = "config"
-    model = CodisModel(ModelConfig.from_dict(payload[config_key]),
-                       text_architecture=payload["text_architecture"])
-    model.load_state_dict(payload["state_dict"])
-    return model.eval()
+    A checkpoint of another task raises ValueError naming both kinds."""
+    return load_model(path, map_location=map_location, kinds=("pretrain", TASK)).eval()
 
 
 # ---- evaluation: encoding ------------------------------------------------------------------------
@@ -333,23 +262,14 @@ class EncodedEvalSet:
         return self.image_feat @ self.text_feat.T
 
 
-def _autocast(precision: str, device: torch.device):
-    return (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
-            else nullcontext())
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def encode_images(model: CodisModel, batches: Iterable[torch.Tensor], precision: str = "fp32",
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(features, tokens) of image batches, concatenated in order."""
-    device = _device_of(model)
+    device = next(model.parameters()).device
     features, tokens = [], []
     for images in batches:
-        with _autocast(precision, device):
+        with autocast(precision, device):
             feat, tok = model.encode_image(images.to(device))
         features.append(feat.float())
         tokens.append(tok.float())
@@ -360,12 +280,12 @@ def encode_images(model: CodisModel, batches: Iterable[torch.Tensor], precision:
 def encode_texts(model: CodisModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  batch_size: int, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """(features, tokens) of tokenised captions, encoded ``batch_size`` at a time."""
-    device = _device_of(model)
+    device = next(model.parameters()).device
     features, tokens = [], []
     for start in range(0, input_ids.shape[0], batch_size):
         ids = input_ids[start:start + batch_size].to(device)
         mask = attention_mask[start:start + batch_size].to(device)
-        with _autocast(precision, device):
+        with autocast(precision, device):
             feat, tok = model.encode_text(ids, mask)
         features.append(feat.float())
         tokens.append(tok.float())
@@ -390,7 +310,7 @@ def encode_eval_set(model: CodisModel, shards: str | Path | list[str], config: R
             captions.extend(batch["caption"])
             yield batch["image"]
 
-    image_feat, image_tokens = encode_images(model, image_batches(), config.precision)
+    image_feat, image_tokens = encode_images(model, image_batches(), config.eval_precision)
     if len(set(indices)) != len(indices):
         raise ValueError(f"shards {shards}: an image_index occurs twice; the evaluation shards "
                          "must come from one write_shards run (keys are record positions)")
@@ -403,7 +323,7 @@ def encode_eval_set(model: CodisModel, shards: str | Path | list[str], config: R
         text_to_image += [row] * len(captions[position])
     input_ids, mask = tokenize(model.tokenizer, texts, model.config.text.max_length)
     text_feat, text_tokens = encode_texts(model, input_ids, mask, config.text_batch_size,
-                                          config.precision)
+                                          config.eval_precision)
     return EncodedEvalSet(image_feat, image_tokens, text_feat, text_tokens,
                           mask.to(text_tokens.device), torch.tensor(text_to_image))
 
@@ -452,7 +372,7 @@ def shared_match_logits(model: CodisModel, image_tokens: torch.Tensor, text_toke
     texts, text_of_pair = torch.unique(text_rows, return_inverse=True)
     image_hidden = image_tokens[images]
     hidden = text_tokens[texts]  # per distinct text until the first cross-attention
-    mask = _extended_mask(text_mask[texts], hidden.dtype)
+    mask = additive_mask(text_mask[texts], hidden.dtype)
     for index, layer in enumerate(layers):
         attention = layer.attention.self
         queries = hidden[:, :1] if index == len(layers) - 1 else hidden
@@ -481,15 +401,21 @@ def _check_rerank_inputs(encoded: EncodedEvalSet, similarity: torch.Tensor, k_te
 @torch.no_grad()
 def rerank(model: CodisModel, encoded: EncodedEvalSet, similarity: torch.Tensor, *, k_test: int,
            batch_size: int = 1024, share_work: bool = True, precision: str = "fp32",
-           progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+           progress: bool = False, runtime: Runtime | None = None,
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Score each query's ``k_test`` ITC candidates with the ITM head, many queries per pass.
 
     A pass holds the candidates of ``max(1, batch_size // k)`` queries: their image and text
     tokens are gathered into one (queries x k)-pair batch for the fusion encoder, which with
     ``share_work`` (:func:`shared_match_logits`) computes what pairs share only once. Returns
     (score_i2t (N_img, N_txt), score_t2i (N_txt, N_img)), -100 outside the candidates.
+
+    With a ``runtime`` of several processes (each holding the same ``encoded`` and
+    ``similarity``), each rank runs its block of the passes and every rank returns the combined
+    matrices; a pass is the same on any number of processes, so are the scores.
     """
     _check_rerank_inputs(encoded, similarity, k_test)
+    runtime = runtime or Runtime(device=similarity.device)
     model.eval()
     image_tokens, text_tokens, text_mask = (encoded.image_tokens, encoded.text_tokens,
                                             encoded.text_mask)
@@ -500,14 +426,16 @@ def rerank(model: CodisModel, encoded: EncodedEvalSet, similarity: torch.Tensor,
         top = sims.topk(k, dim=1).indices
         score = torch.full((queries, candidates), NOT_A_CANDIDATE, device=sims.device)
         per_pass = max(1, batch_size // k)
-        for start in tqdm(range(0, queries, per_pass), desc=f"rerank {direction}", unit="pass",
-                          disable=not progress):
+        passes = rank_block(math.ceil(queries / per_pass), runtime)
+        rows = range(min(passes.start * per_pass, queries), min(passes.stop * per_pass, queries))
+        for start in progress_bar(range(rows.start, rows.stop, per_pass), runtime,
+                                  progress=progress, desc=f"rerank {direction}", unit="pass"):
             chunk = top[start:start + per_pass]  # (Q, k)
             query_rows = torch.arange(start, start + chunk.shape[0], device=chunk.device)
             query_rows = query_rows.repeat_interleave(k)
             flat = chunk.reshape(-1)
             image_rows, text_rows = (query_rows, flat) if direction == "i2t" else (flat, query_rows)
-            with _autocast(precision, image_tokens.device):
+            with autocast(precision, image_tokens.device):
                 if share_work:
                     logits = shared_match_logits(model, image_tokens, text_tokens, text_mask,
                                                  image_rows, text_rows)
@@ -515,7 +443,7 @@ def rerank(model: CodisModel, encoded: EncodedEvalSet, similarity: torch.Tensor,
                     logits = _match_logits(model, image_tokens[image_rows],
                                            text_tokens[text_rows], text_mask[text_rows])
             score[start:start + chunk.shape[0]].scatter_(1, chunk, logits.view(chunk.shape))
-        scores.append(score)
+        scores.append(combine_rows(score, rows, runtime))
     return scores[0], scores[1]
 
 
@@ -532,7 +460,7 @@ def rerank_per_query(model: CodisModel, encoded: EncodedEvalSet, similarity: tor
     k = min(k_test, n_txt)
     for i in tqdm(range(n_img), desc="rerank i2t", disable=not progress):
         top = similarity[i].topk(k).indices
-        with _autocast(precision, similarity.device):
+        with autocast(precision, similarity.device):
             score_i2t[i, top] = _match_logits(
                 model, encoded.image_tokens[i].unsqueeze(0).repeat(k, 1, 1),
                 encoded.text_tokens[top], encoded.text_mask[top])
@@ -540,7 +468,7 @@ def rerank_per_query(model: CodisModel, encoded: EncodedEvalSet, similarity: tor
     k = min(k_test, n_img)
     for t in tqdm(range(n_txt), desc="rerank t2i", disable=not progress):
         top = similarity[:, t].topk(k).indices
-        with _autocast(precision, similarity.device):
+        with autocast(precision, similarity.device):
             score_t2i[t, top] = _match_logits(
                 model, encoded.image_tokens[top],
                 encoded.text_tokens[t].unsqueeze(0).repeat(k, 1, 1),
@@ -555,16 +483,19 @@ def evaluate_model(model: CodisModel, shards: str | Path | list[str], config: Re
                    batch_size: int | None = None, progress: bool = True) -> dict[str, float]:
     """Recall metrics of an in-memory model on ``retrieval_eval`` shards (see :func:`evaluate`).
     The model is put in eval mode and, if ``config.image_size`` differs from its own, its
-    position embeddings are resampled (zero-shot evaluation at a new resolution, as ALBEF)."""
-    _check_config(config)
+    position embeddings are resampled (zero-shot evaluation at a new resolution, as ALBEF).
+    Under ``torchrun`` every rank calls it with the same model and gets the same metrics."""
+    check_config(config, RetrievalConfig)
     if batch_size is not None:
-        _check_int("image_batch_size", batch_size, 1)
+        check_int(batch_size, "retrieval.batch_size", 1)
+    runtime = init_runtime(next(model.parameters()).device)
     prepare_model(model, dataclasses.replace(config, queue_size=None))
     model.eval()
-    encoded = encode_eval_set(model, shards, config, batch_size=batch_size, progress=progress)
+    encoded = encode_eval_set(model, shards, config, batch_size=batch_size,
+                              progress=progress and runtime.is_main)
     score_i2t, score_t2i = rerank(model, encoded, encoded.similarity(), k_test=config.k_test,
-                                  batch_size=config.rerank_batch_size, precision=config.precision,
-                                  progress=progress)
+                                  batch_size=config.rerank_batch_size, precision=config.eval_precision,
+                                  progress=progress, runtime=runtime)
     return retrieval_metrics(score_i2t, score_t2i, encoded.text_to_image)
 
 
@@ -574,9 +505,9 @@ def evaluate(checkpoint: str | Path, shards: str | Path | list[str], config: Ret
     """ALBEF's retrieval evaluation of a pretrained (zero-shot) or retrieval-finetuned checkpoint
     on ``retrieval_eval`` shards: txt_r1/5/10, img_r1/5/10, txt_r_mean, img_r_mean, r_mean (%).
 
-    Deterministic: eval mode, the eval transform, and images in record order. Runs in this
-    process on ``device`` (default: the GPU if there is one)."""
-    _check_config(config)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_retrieval_model(checkpoint).to(device)
+    Deterministic: eval mode, the eval transform, and images in record order. Runs on ``device``
+    (default: this rank's GPU if there is one); under ``torchrun`` on every rank, which split the
+    re-ranking and all return the metrics."""
+    check_config(config, RetrievalConfig)
+    model = load_retrieval_model(checkpoint).to(init_runtime(device).device)
     return evaluate_model(model, shards, config, batch_size=batch_size, progress=progress)

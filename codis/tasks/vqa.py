@@ -29,183 +29,82 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
-import os
-import re
 from dataclasses import dataclass
-from itertools import combinations
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import webdataset as wds
-from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer, BertOnlyMLMHead
 
-from codis.config import ConfigError, ModelConfig, from_dict
-from codis.encoders import TextFusionEncoder, build_image_encoder
-from codis.files import atomic_torch_save, atomic_write_json
-from codis.metrics import normalize_answer, vqa_accuracy
+from codis.config import ConfigError, ModelConfig
+from codis.ema import momentum_update
+from codis.losses import answer_loss
+from codis.encoders import (TextFusionEncoder, additive_mask, build_image_encoder, causal_mask,
+                           set_image_size)
+from codis.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
+from codis.files import atomic_write_json
+from codis.metrics import vqa_accuracy
 from codis.data.loaders import SkipCounter, shard_urls, vqa_loader
 from codis.model import CodisModel, PretrainOutput, load_model
-from codis.data.shards import MANIFEST
+from codis.data.manifest import MANIFEST
+from codis.tasks.base import TaskConfig, check_config, preset_config, training_loader
 from codis.text import load_tokenizer, tokenize
-from codis.train import (OptimConfig, TrainConfig, distillation_alpha, fit, init_runtime,
-                         seed_everything)
+from codis.tasks.evaluation import predict_all
+from codis.train import (MetricsCallback, OptimConfig, Runtime, TrainConfig, distillation_alpha, fit,
+                         init_runtime, seed_everything)
 
 TASK = "vqa"
-CHECKPOINT_FORMAT = 1
-
-# ---- answer normalisation and the metric ---------------------------------------------------------
 
 # ---- configuration -------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class VQAConfig:
-    """VQA finetuning and evaluation settings; defaults are ALBEF's VQA.yaml.
+class VQAConfig(TaskConfig):
+    """VQA finetuning and evaluation settings; defaults are ALBEF's VQA.yaml: 384 px, batch 32 per
+    GPU, 8 epochs, cosine from 2e-5 to 1e-6 after a warm-up from 1e-5 over 400 steps, distillation
+    alpha 0.4 ramped over the first epoch.
 
-    ``image_size`` None keeps the pretrained model's resolution; otherwise the ViT's position
-    embeddings are resampled (ALBEF pretrains at 256 and finetunes VQA at 384). ``k_test`` answers
-    are re-ranked by full likelihood after the first-token shortlist. ``max_answer_length`` counts
-    [CLS] and [SEP]. The recipe fields (``batch_size`` per process, ``epochs``, ``lr`` ...) turn into
-    a :class:`TrainConfig` / :class:`OptimConfig` with :meth:`train_config` / :meth:`optim_config`
-    (ALBEF: cosine from 2e-5 to 1e-6 over 8 epochs after a warm-up from 1e-5 over 4 x 100 steps).
-    ``hflip``: ALBEF flips training images; data whose questions say left / right should not.
+    ``image_size`` None keeps the pretrained model's resolution. ``k_test`` answers are re-ranked
+    by full likelihood after the first-token shortlist. ``max_answer_length`` counts [CLS] and
+    [SEP]. ``hflip``: ALBEF flips training images; data whose questions say left / right should not.
     """
 
-    image_size: int | None = 384
+    epochs: int = 8
+    warmup_steps: int = 400
+    alpha_warmup: bool = True
     k_test: int = 128
     max_answer_length: int = 10
-    max_question_words: int = 30
-    distill: bool = True
-    alpha: float = 0.4
-    momentum: float = 0.995
-    hflip: bool = True
-    batch_size: int = 32
-    epochs: int = 8
-    lr: float = 2e-5
-    weight_decay: float = 0.02
-    warmup_lr: float = 1e-5
-    warmup_steps: int = 400
-    min_lr: float = 1e-6
+
+    task: ClassVar[str] = "vqa"
 
     def __post_init__(self) -> None:
-        if self.image_size is not None:
-            _integer(self, "image_size", 1)
-        _integer(self, "k_test", 1)
-        _integer(self, "max_answer_length", 3)
-        _integer(self, "max_question_words", 1)
-        _integer(self, "batch_size", 1)
-        _integer(self, "epochs", 1)
-        _integer(self, "warmup_steps", 0)
-        for name in ("distill", "hflip"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"vqa.{name}: must be true or false, got {getattr(self, name)!r}")
-        _number(self, "alpha", 0.0, 1.0, high_open=False)
-        _number(self, "momentum", 0.0, 1.0, high_open=True)
-        for name in ("lr", "warmup_lr", "min_lr"):
-            value = getattr(self, name)
-            if not _is_number(value) or value <= 0:
-                raise ConfigError(f"vqa.{name}: must be a positive number, got {value!r}")
-        if not _is_number(self.weight_decay) or self.weight_decay < 0:
-            raise ConfigError(f"vqa.weight_decay: must be a number >= 0, got {self.weight_decay!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "VQAConfig":
-        return from_dict(cls, dict(data), prefix="vqa.")
-
-    def replace(self, **changes: Any) -> "VQAConfig":
-        return dataclasses.replace(self, **changes)
-
-    def steps_per_epoch(self, num_questions: int, world_size: int = 1) -> int:
-        """Full batches per epoch (the training loader drops the last partial one)."""
-        if not isinstance(num_questions, int) or num_questions < 1:
-            raise ValueError(f"num_questions: must be a positive integer, got {num_questions!r}")
-        return max(1, num_questions // (self.batch_size * world_size))
-
-    def train_config(self, num_questions: int, world_size: int = 1, **changes: Any) -> TrainConfig:
-        """``epochs`` over ``num_questions`` as a step count, alpha ramped over the first epoch."""
-        per_epoch = self.steps_per_epoch(num_questions, world_size)
-        settings: dict[str, Any] = dict(steps=self.epochs * per_epoch, batch_size=self.batch_size,
-                                        alpha_warmup_steps=per_epoch,
-                                        checkpoint_every=per_epoch)
-        settings.update(changes)
-        return TrainConfig(**settings)
-
-    def optim_config(self, **changes: Any) -> OptimConfig:
-        settings: dict[str, Any] = dict(lr=self.lr, weight_decay=self.weight_decay,
-                                        warmup_lr=min(self.warmup_lr, self.lr),
-                                        warmup_steps=self.warmup_steps, min_lr=min(self.min_lr, self.lr))
-        settings.update(changes)
-        return OptimConfig(**settings)
+        super().__post_init__()
+        self.check_int("k_test", 1)
+        self.check_int("max_answer_length", 3)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+PRESETS: dict[str, VQAConfig] = {
+    "vqa": VQAConfig(),
+    # The CPU demo: the pretrained (tiny) model's image size, the demo world's short answer list,
+    # no flips (its questions ask about left and right), a learning rate for a short run from small
+    # weights, and no distillation: over a few hundred steps an EMA teacher (momentum 0.995, a lag of
+    # ~200 steps) is still close to the untrained decoder, and mixing it in slows learning.
+    "demo": VQAConfig(image_size=None, k_test=16, max_answer_length=6, distill=False, hflip=False,
+                      batch_size=16, epochs=8, lr=1e-3, warmup_lr=1e-4, warmup_steps=20,
+                      min_lr=1e-5, num_workers=0),
+}
 
 
-def _integer(config: VQAConfig, name: str, low: int) -> None:
-    value = getattr(config, name)
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ConfigError(f"vqa.{name}: must be an integer >= {low}, got {value!r}")
-
-
-def _number(config: VQAConfig, name: str, low: float, high: float, high_open: bool) -> None:
-    value = getattr(config, name)
-    inside = _is_number(value) and low <= value and (value < high if high_open else value <= high)
-    if not inside:
-        interval = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
-        raise ConfigError(f"vqa.{name}: must be a number in {interval}, got {value!r}")
-
-
-def _vqa_preset() -> VQAConfig:
-    """ALBEF's VQA.yaml: 384 px, batch 32 per GPU (8 GPUs), lr 2e-5, 8 epochs, k_test 128, alpha 0.4."""
-    return VQAConfig()
-
-
-def _demo_preset() -> VQAConfig:
-    """The CPU demo: the pretrained (tiny) model's image size, the demo world's short answer list,
-    no flips (its questions ask about left and right), a learning rate for a short run from small
-    weights, and no distillation: over a few hundred steps an EMA teacher (momentum 0.995, a lag of
-    ~200 steps) is still close to the untrained decoder, and mixing it in slows learning."""
-    return VQAConfig(image_size=None, k_test=16, max_answer_length=6, distill=False, hflip=False,
-                     batch_size=16, epochs=8, lr=1e-3, warmup_lr=1e-4, warmup_steps=20, min_lr=1e-5)
-
-
-VQA_PRESETS: dict[str, Callable[[], VQAConfig]] = {"vqa": _vqa_preset, "demo": _demo_preset}
-
-
-def vqa_config(name: str = "vqa", **changes: Any) -> VQAConfig:
-    """A preset ("vqa": ALBEF's VQA.yaml, "demo": the CPU demo) with fields replaced."""
-    if name not in VQA_PRESETS:
-        raise ConfigError(f"vqa.preset: unknown preset {name!r} (known: {', '.join(VQA_PRESETS)})")
-    config = VQA_PRESETS[name]()
-    return config.replace(**changes) if changes else config
+def config(preset: str = "vqa", **changes: Any) -> VQAConfig:
+    """A preset (``vqa``: ALBEF's VQA.yaml; ``demo``: the CPU demo) with fields replaced."""
+    return preset_config(PRESETS, TASK, preset, changes)
 
 
 # ---- the model -----------------------------------------------------------------------------------
-
-def causal_mask(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """(B, L) 0/1 padding mask -> additive (B, 1, L, L) mask: position i sees positions j <= i that
-    are not padding. Passed explicitly because transformers' attention ignores ``is_causal``
-    whenever a mask is given."""
-    length = attention_mask.shape[1]
-    lower = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()
-    allowed = lower[None, None] & attention_mask[:, None, None, :].bool()
-    return (~allowed).to(dtype) * torch.finfo(dtype).min
-
-
-def _padding_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
-    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
-
 
 class AnswerDecoder(nn.Module):
     """BERT embeddings, layers with causal self-attention and cross-attention to the question
@@ -245,7 +144,7 @@ class AnswerDecoder(nn.Module):
         """Next-token logits (N, L, V) of answer token sequences given question states (N, Lq, H)."""
         hidden = self.embeddings(input_ids=input_ids)
         self_mask = causal_mask(attention_mask, hidden.dtype)
-        cross_mask = _padding_mask(question_mask, hidden.dtype)
+        cross_mask = additive_mask(question_mask, hidden.dtype)
         for layer in self.layers:
             hidden = layer(hidden, self_mask, question_states, encoder_attention_mask=cross_mask)
         return self.lm_head(hidden)
@@ -286,32 +185,6 @@ def rank_answers(decoder: Decoder, question_states: Tensor, question_mask: Tenso
     scores = sequence_log_likelihood(logits, ids, mask).view(questions, k)
     order = scores.argsort(dim=1, descending=True, stable=True)
     return shortlist.gather(1, order), scores.gather(1, order)
-
-
-def answer_loss(logits: Tensor, answer_ids: Tensor, answer_mask: Tensor, weights: Tensor,
-                batch_size: int, teacher_logits: Tensor | None = None, alpha: float = 0.0,
-                ) -> tuple[Tensor, dict[str, Tensor]]:
-    """ALBEF's VQA loss: sum_q sum_a w_qa [(1 - alpha) NLL(a | q) + alpha H(teacher, p)(a | q)] / B,
-    each term summed over the answer's tokens (its [CLS] is the given prefix, not a target)."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if teacher_logits is None and alpha > 0:
-        raise ValueError(f"alpha={alpha} needs teacher_logits; pass alpha=0 when not distilling")
-    if weights.shape != answer_ids.shape[:1]:
-        raise ValueError(f"weights must have shape ({answer_ids.shape[0]},) (one per answer), "
-                         f"got {tuple(weights.shape)}")
-    scored = answer_mask[:, 1:].to(torch.float32)
-    log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    nll = -(log_probs.gather(-1, answer_ids[:, 1:, None]).squeeze(-1) * scored).sum(1)
-    weights = weights.to(nll.dtype)
-    parts = {"answer_nll": (weights * nll).sum() / batch_size}
-    per_answer = nll
-    if teacher_logits is not None and alpha > 0:
-        soft = F.softmax(teacher_logits[:, :-1].detach().float(), dim=-1)
-        distill = (-(soft * log_probs).sum(-1) * scored).sum(1)
-        per_answer = (1.0 - alpha) * nll + alpha * distill
-        parts["answer_distill"] = (weights * distill).sum() / batch_size
-    return (weights * per_answer).sum() / batch_size, parts
 
 
 class VQAModel(nn.Module):
@@ -373,17 +246,15 @@ class VQAModel(nn.Module):
             pairs.append((model.visual_encoder_m, model.text_encoder_m, model.decoder_m,
                           pretrained.visual_encoder_m, pretrained.text_encoder_m))
         for visual, text, decoder, source_visual, source_text in pairs:
-            visual.load_state_dict(_resampled_vit_state(source_visual, visual))
+            set_image_size(source_visual, size)
+            visual.load_state_dict(source_visual.state_dict())
             text.load_state_dict(source_text.state_dict())
             decoder.load_from_fusion(source_text)
         return model
 
-    @torch.no_grad()
     def momentum_update(self) -> None:
         """teacher <- m * teacher + (1 - m) * student (ALBEF's ``_momentum_update``)."""
-        student = [p for module in self._students() for p in module.parameters()]
-        teacher = [p for module in self._teachers() for p in module.parameters()]
-        torch._foreach_lerp_(teacher, student, 1.0 - self.config.momentum)
+        momentum_update(self._teachers(), self._students(), self.config.momentum)
 
     def encode_question(self, image: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Fused question states (B, L, H): the question's text encoding cross-attending to the image."""
@@ -427,56 +298,27 @@ class VQAModel(nn.Module):
                             self.config.k_test if k is None else k)
 
 
-def _resampled_vit_state(source: nn.Module, target: nn.Module) -> dict[str, Tensor]:
-    """``source``'s weights with its absolute position embeddings resampled (bicubic, timm) to the
-    patch grid of ``target``, so a ViT pretrained at one resolution runs at another."""
-    state = dict(source.state_dict())
-    old, new = tuple(source.patch_embed.grid_size), tuple(target.patch_embed.grid_size)
-    if old != new:
-        state["pos_embed"] = resample_abs_pos_embed(
-            state["pos_embed"], new_size=list(new), old_size=list(old),
-            num_prefix_tokens=0 if getattr(source, "no_embed_class", False) else source.num_prefix_tokens)
-    return state
-
-
 # ---- checkpoints ---------------------------------------------------------------------------------
 
-def save_vqa_model(model: VQAModel, path: str | Path) -> Path:
+def save_vqa_model(model: VQAModel, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """The task checkpoint (students only: the teachers serve training alone), written atomically."""
     state = {k: v for k, v in model.state_dict().items()
              if not k.startswith(("visual_encoder_m.", "text_encoder_m.", "decoder_m."))}
-    payload = {"format": CHECKPOINT_FORMAT, "task": TASK, "task_config": model.config.to_dict(),
-               "model_config": model.model_config.to_dict(),
-               "text_architecture": model.text_encoder.architecture(), "state_dict": state}
-    return atomic_torch_save(payload, path)
+    return save_checkpoint(path, Checkpoint(
+        kind=TASK, model_config=model.model_config.to_dict(), task_config=model.config.to_dict(),
+        text_architecture=model.text_encoder.architecture(), state_dict=state, extra=extra or {}))
 
 
 def load_vqa_model(path: str | Path, map_location: str | torch.device = "cpu") -> VQAModel:
     """A finetuned VQA model (eval mode) from :func:`finetune`'s ``model.pt``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no VQA checkpoint at {path}")
-    payload = torch.load(path, map_location=map_location, weights_only=False)
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: unknown checkpoint format "
-                         f"{payload.get('format') if isinstance(payload, dict) else None!r}")
-    if payload.get("task") != TASK:
-        raise ValueError(f"{path}: a {payload.get('task') or 'pretraining'!r} checkpoint, not a "
-                         f"{TASK!r} one")
-    model = VQAModel(ModelConfig.from_dict(payload["model_config"]), payload["text_architecture"],
-                     VQAConfig.from_dict(payload["task_config"]), teachers=False)
-    model.load_state_dict(payload["state_dict"])
+    checkpoint = read_checkpoint(path, (TASK,), map_location)
+    model = VQAModel(ModelConfig.from_dict(checkpoint.model_config), checkpoint.text_architecture,
+                     VQAConfig.from_dict(checkpoint.task_config), teachers=False)
+    model.load_state_dict(checkpoint.state_dict)
     return model.eval()
 
 
 # ---- finetuning ----------------------------------------------------------------------------------
-
-def _num_samples(shards: str | Path | list[str]) -> int | None:
-    """The sample count of a write_shards folder (None for other shard specs)."""
-    if isinstance(shards, (str, Path)) and (Path(shards) / MANIFEST).is_file():
-        return int(json.loads((Path(shards) / MANIFEST).read_text(encoding="utf-8"))["num_samples"])
-    return None
-
 
 def _answer_batch(batch: dict, tokenizer, max_length: int, device: torch.device,
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -492,27 +334,17 @@ def _answer_batch(batch: dict, tokenizer, max_length: int, device: torch.device,
 
 
 def finetune(pretrained: str | Path, train_shards: str | Path | list[str], output_dir: str | Path,
-             config: VQAConfig, *, train: TrainConfig | None = None, optim: OptimConfig | None = None,
-             callback: Callable[[int, dict[str, float]], None] | None = None, progress: bool = True,
-             resume: bool = True, stop_after: int | None = None, num_workers: int = 2,
-             shuffle_buffer: int = 1000) -> Path:
+             config: VQAConfig, *, train: TrainConfig, optim: OptimConfig,
+             callback: MetricsCallback | None = None, progress: bool = True, resume: bool = True,
+             stop_after: int | None = None) -> Path:
     """Finetune a pretrained checkpoint for VQA on ``train_shards`` (write_shards kind "vqa");
-    returns ``output_dir/model.pt``. ``train`` / ``optim`` default to ``config``'s recipe
-    (:meth:`VQAConfig.train_config` over the shards' question count, :meth:`VQAConfig.optim_config`).
-    The loop, resume, DDP and checkpoints are :func:`codis.train.fit`'s."""
-    if not isinstance(config, VQAConfig):
-        raise ConfigError(f"vqa.config: expected a VQAConfig, got {type(config).__name__}")
+    returns ``output_dir/model.pt``. The loop, resume, DDP and checkpoints are
+    :func:`codis.train.fit`'s."""
+    check_config(config, VQAConfig)
     pretrained = Path(pretrained)
     if not pretrained.is_file():
         raise FileNotFoundError(f"pretrained: no checkpoint at {pretrained}")
     urls = shard_urls(train_shards, ("vqa",))
-    if train is None:
-        count = _num_samples(train_shards)
-        if count is None:
-            raise ConfigError("train: pass a TrainConfig (the question count, and so the epoch length, "
-                              f"is only known for write_shards folders, not {train_shards!r})")
-        train = config.train_config(count, int(os.environ.get("WORLD_SIZE", "1")))
-    optim = config.optim_config() if optim is None else optim
 
     runtime = init_runtime()
     output_dir = Path(output_dir)
@@ -521,11 +353,10 @@ def finetune(pretrained: str | Path, train_shards: str | Path | list[str], outpu
     skips = SkipCounter()
 
     def open_epoch(epoch: int):
-        return vqa_loader(urls, train=True, image_size=model.image_size, batch_size=train.batch_size,
-                          tokenizer=model.tokenizer, max_words=config.max_question_words,
-                          max_length=model.model_config.text.max_length, num_workers=num_workers,
-                          seed=train.seed, epoch=epoch, shuffle_buffer=shuffle_buffer,
-                          hflip=config.hflip, skips=skips)
+        return training_loader(urls, "vqa", config, train, tokenizer=model.tokenizer,
+                               image_size=model.image_size,
+                               max_length=model.model_config.text.max_length, epoch=epoch,
+                               skips=skips)
 
     def step_loss(trained: nn.Module, batch: dict, step: int) -> PretrainOutput:
         alpha = distillation_alpha(step, config.alpha, train.alpha_warmup_steps) if config.distill else 0.0
@@ -543,7 +374,7 @@ def finetune(pretrained: str | Path, train_shards: str | Path | list[str], outpu
                resume=resume, stop_after=stop_after, desc="vqa", skipped=lambda: skips.count)
     final = output_dir / "model.pt"
     if runtime.is_main and step >= train.steps:
-        save_vqa_model(model, final)
+        save_vqa_model(model, final, extra={"step": step, "pretrained": str(pretrained)})
     if runtime.world_size > 1:
         dist.barrier()
     return final
@@ -599,54 +430,54 @@ def read_annotator_answers(shards: str | Path | list[str]) -> dict[Any, list[str
 def _resolve_config(model: VQAModel, config: VQAConfig | None) -> VQAConfig:
     if config is None:
         return model.config
-    if not isinstance(config, VQAConfig):
-        raise ConfigError(f"vqa.config: expected a VQAConfig, got {type(config).__name__}")
+    check_config(config, VQAConfig)
     if config.image_size is not None and config.image_size != model.image_size:
         raise ConfigError(f"vqa.image_size: the checkpoint was finetuned at {model.image_size} px, "
                           f"not {config.image_size} (pass image_size=None or {model.image_size})")
     return config
 
 
-@torch.no_grad()
 def _predict(model: VQAModel, shards: str | Path | list[str], config: VQAConfig, answers: list[str],
-             batch_size: int, progress: bool, num_workers: int) -> dict[Any, str]:
-    device = next(model.parameters()).device
+             runtime: Runtime, *, batch_size: int, progress: bool) -> dict[Any, str]:
+    """{question_id: answer} of every question in ``shards``, on every rank: each rank answers its
+    share of the questions and the answers are gathered (:mod:`codis.tasks.evaluation`)."""
+    device = runtime.device
     model.eval()
     answer_ids, answer_mask = tokenize(model.tokenizer, answers, config.max_answer_length)
     answer_ids, answer_mask = answer_ids.to(device), answer_mask.to(device)
     loader = vqa_loader(shard_urls(shards, ("vqa",)), image_size=model.image_size,
                         batch_size=batch_size, tokenizer=model.tokenizer,
-                        max_words=config.max_question_words,
-                        max_length=model.model_config.text.max_length, num_workers=num_workers)
-    predictions: dict[Any, str] = {}
-    for batch in tqdm(loader, desc="vqa eval", unit="batch", disable=not progress):
+                        max_words=config.max_words,
+                        max_length=model.model_config.text.max_length, num_workers=config.num_workers,
+                        rank=runtime.rank, world_size=runtime.world_size)
+
+    def best_answers(batch: dict) -> Iterable[tuple[Any, str]]:
         ranked, _ = model.answer(batch["image"].to(device), batch["input_ids"].to(device),
                                  batch["attention_mask"].to(device), answer_ids, answer_mask,
                                  config.k_test)
         ids = batch["question_id"]
         ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
-        for question_id, best in zip(ids, ranked[:, 0].tolist()):
-            predictions[question_id] = answers[best]
-    return predictions
+        return zip(ids, [answers[best] for best in ranked[:, 0].tolist()])
 
-
-def _default_device(device: str | torch.device | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return predict_all(loader, best_answers, runtime, precision=config.eval_precision,
+                       progress=progress, desc="vqa eval")
 
 
 def predict(checkpoint: str | Path, shards: str | Path | list[str], config: VQAConfig | None = None,
             *, answer_list: str | Path | Sequence[str] | None = None, output: str | Path | None = None,
-            batch_size: int = 16, progress: bool = True, num_workers: int = 0,
+            batch_size: int = 16, progress: bool = True,
             device: str | torch.device | None = None) -> dict[Any, str]:
     """{question_id: answer} for every question in ``shards``; with ``output`` also written as the
-    VQA result file ``[{"question_id": ..., "answer": ...}, ...]`` (for the test-dev server)."""
+    VQA result file ``[{"question_id": ..., "answer": ...}, ...]`` (for the test-dev server).
+    Under ``torchrun`` every rank calls it: each answers its share, all return every answer, and
+    rank 0 writes ``output``. ``config.eval_precision`` "auto": bf16 autocast on GPUs, fp32 on the CPU."""
     answers = load_answer_list(shards, answer_list)
-    model = load_vqa_model(checkpoint).to(_default_device(device))
+    runtime = init_runtime(device)
+    model = load_vqa_model(checkpoint).to(runtime.device)
     config = _resolve_config(model, config)
-    predictions = _predict(model, shards, config, answers, batch_size, progress, num_workers)
-    if output is not None:
+    predictions = _predict(model, shards, config, answers, runtime, batch_size=batch_size,
+                           progress=progress)
+    if output is not None and runtime.is_main:
         atomic_write_json(output, [{"question_id": q, "answer": a} for q, a in predictions.items()])
     return predictions
 
@@ -654,12 +485,14 @@ def predict(checkpoint: str | Path, shards: str | Path | list[str], config: VQAC
 def evaluate(checkpoint: str | Path, shards: str | Path | list[str], config: VQAConfig | None = None,
              *, answer_list: str | Path | Sequence[str] | None = None,
              question_types: str | Path | Mapping[str, str] | None = None, official: bool = False,
-             batch_size: int = 16, progress: bool = True, num_workers: int = 0,
+             batch_size: int = 16, progress: bool = True,
              device: str | torch.device | None = None) -> dict[str, float]:
     """VQA accuracy (percent) of a finetuned checkpoint on annotated VQA shards: ``accuracy`` and,
     with ``question_types`` (question_id -> type, e.g. the demo world's
     meta/vqa_question_types.json), ``accuracy_<type>`` per type. ``config`` None uses the
-    checkpoint's (k_test, answer length). Deterministic: eval mode, shard order, no augmentation."""
+    checkpoint's (k_test, answer length). Deterministic: eval mode, shard order, no augmentation.
+    Under ``torchrun`` every rank calls it, answers its share of the questions and returns the
+    metrics of all. ``config.eval_precision`` "auto": bf16 autocast on GPUs, fp32 on the CPU."""
     answers = load_answer_list(shards, answer_list)
     annotated = read_annotator_answers(shards)
     missing = [q for q, given in annotated.items() if not given]
@@ -667,9 +500,11 @@ def evaluate(checkpoint: str | Path, shards: str | Path | list[str], config: VQA
         raise ValueError(f"shards: {len(missing)} question(s) have no annotator answers (first: "
                          f"{missing[0]!r}); a test split can only be predicted, see predict()")
     types = _question_types(question_types, annotated)
-    model = load_vqa_model(checkpoint).to(_default_device(device))
+    runtime = init_runtime(device)
+    model = load_vqa_model(checkpoint).to(runtime.device)
     config = _resolve_config(model, config)
-    predictions = _predict(model, shards, config, answers, batch_size, progress, num_workers)
+    predictions = _predict(model, shards, config, answers, runtime, batch_size=batch_size,
+                           progress=progress)
     scores = {q: vqa_accuracy(predictions[q], annotated[q], official=official) for q in predictions}
     metrics = {"accuracy": 100.0 * sum(scores.values()) / len(scores)}
     if types is not None:

@@ -10,21 +10,18 @@ optimiser, RNG states and the data position. Callers observe progress through ``
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 import random
 import re
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 from timm.optim import create_optimizer_v2
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
@@ -35,7 +32,7 @@ from codis.model import PretrainOutput
 from codis.train.schedules import OptimConfig, TrainConfig, learning_rate
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
-TRAIN_STATE_FORMAT = 1
+TRAIN_STATE_FORMAT = 2
 
 
 # ---- distributed set-up --------------------------------------------------------------------------
@@ -51,16 +48,16 @@ class Runtime:
         return self.rank == 0
 
 
-def init_runtime() -> Runtime:
+def init_runtime(device: str | torch.device | None = None) -> Runtime:
     """Join the process group that ``torchrun`` describes in the environment (if any) and pick the
-    device: this rank's GPU under NCCL, else the CPU under gloo."""
+    device: ``device`` if given (a bare "cuda" is this rank's GPU), else this rank's GPU if there
+    is one, else the CPU. The group uses NCCL on GPUs and gloo on the CPU."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank if device.index is None else device.index)
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -69,19 +66,22 @@ def init_runtime() -> Runtime:
 
 # ---- checkpoints ---------------------------------------------------------------------------------
 def _rng_state() -> dict[str, Any]:
+    # numpy's key array travels as a tensor, so the state file loads with weights_only=True
+    name, keys, position, has_gauss, gauss = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": np.random.get_state()}
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([rng.cpu() for rng in state["cuda"]])
 
 
 CHECKPOINT_NAME = re.compile(r"step-(\d+)\.pt$")
@@ -183,7 +183,7 @@ def fit(model: torch.nn.Module, step_loss: StepLoss, open_epoch: Callable[[int],
     step, position, rng = 0, {"epoch": 0, "batch": 0}, None
     state_path = latest_checkpoint(checkpoints) if resume else None
     if state_path is not None:
-        state = torch.load(state_path, map_location=runtime.device, weights_only=False)
+        state = torch.load(state_path, map_location=runtime.device, weights_only=True)
         _check_resumable(state, run_config, state_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

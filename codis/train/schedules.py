@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Mapping, Protocol
 
-from codis.config import ConfigError
+from codis.config import ConfigError, check_int, from_dict
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class TrainConfig:
     grad_accumulation x world size. ``alpha_warmup_steps``: ALBEF ramps alpha over one epoch.
     ``itm_uniform_negative_steps``: ITM negatives drawn uniformly (not ALBEF's hard negatives) for
     the first steps; 0 (ALBEF) for pretrained encoders. A fusion encoder trained from scratch never
-    learns ITM from hard negatives alone (notes/TINY_PRESET.md, finding 6)."""
+    learns ITM from hard negatives alone (docs/findings/tiny-preset.md, finding 6)."""
 
     steps: int = 1000
     batch_size: int = 64
@@ -124,3 +124,69 @@ def scaled_lr(lr: float, reference_batch: int | None, batch: int) -> float:
     if reference_batch <= 0 or batch <= 0:
         raise ValueError(f"batch sizes must be positive, got reference {reference_batch}, batch {batch}")
     return lr * batch / reference_batch
+
+
+class TaskRecipe(Protocol):
+    """The schedule fields of a task config (:class:`codis.tasks.base.TaskConfig`)."""
+
+    task: str
+    batch_size: int
+    epochs: int
+    lr: float
+    min_lr: float
+    warmup_lr: float
+    warmup_steps: int
+    weight_decay: float
+    alpha_warmup: bool
+
+
+def task_schedule(config: TaskRecipe, train_samples: int, world_size: int = 1, *,
+                  grad_accumulation: int = 1, train_changes: Mapping[str, Any] | None = None,
+                  optim_changes: Mapping[str, Any] | None = None, steps_scale: float = 1.0,
+                  ) -> tuple[TrainConfig, OptimConfig]:
+    """The TrainConfig / OptimConfig that finetune a task config on ``train_samples`` examples over
+    ``world_size`` processes: ALBEF's task schedule, for every task, from the CLI and the flows.
+
+    An epoch is ``train_samples // (batch_size x world_size x grad_accumulation)`` optimiser steps
+    (full batches only); ``epochs`` of them. AdamW with ``weight_decay``; a linear warm-up from
+    ``warmup_lr`` to ``lr`` over ``warmup_steps`` (at most one epoch), then a cosine to ``min_lr``;
+    alpha ramped over the first epoch when ``alpha_warmup``; a training checkpoint per epoch.
+    ``train_changes`` / ``optim_changes`` then replace fields (a recipe's ``train:`` / ``optim:``
+    sections; ``steps`` there replaces the length ``epochs`` gives), and ``steps_scale`` scales every
+    step count (:func:`scale_schedule`).
+    """
+    # accumulation set among the changes still makes the epoch
+    grad_accumulation = (train_changes or {}).get("grad_accumulation", grad_accumulation)
+    for name, value in (("train_samples", train_samples), ("world_size", world_size),
+                        ("grad_accumulation", grad_accumulation)):
+        check_int(value, name, 1)
+    per_epoch = train_samples // (config.batch_size * world_size * grad_accumulation)
+    if per_epoch < 1:
+        raise ConfigError(f"{config.task}.batch_size: {train_samples} training samples do not fill "
+                          f"one batch of {config.batch_size} x {world_size} process(es) x "
+                          f"{grad_accumulation} accumulation step(s)")
+    train = TrainConfig(steps=config.epochs * per_epoch, batch_size=config.batch_size,
+                        grad_accumulation=grad_accumulation,
+                        alpha_warmup_steps=per_epoch if config.alpha_warmup else 0,
+                        checkpoint_every=per_epoch, log_every=min(50, per_epoch))
+    optim = OptimConfig(lr=config.lr, weight_decay=config.weight_decay,
+                        warmup_lr=min(config.warmup_lr, config.lr),
+                        warmup_steps=min(config.warmup_steps, per_epoch),
+                        min_lr=min(config.min_lr, config.lr))
+    train, optim = with_changes(train, optim, train_changes, optim_changes)
+    return scale_schedule(train, optim, steps_scale)
+
+
+def with_changes(train: TrainConfig, optim: OptimConfig, train_changes: Mapping[str, Any] | None,
+                 optim_changes: Mapping[str, Any] | None) -> tuple[TrainConfig, OptimConfig]:
+    """``train`` / ``optim`` with fields replaced; an unknown or invalid field raises ConfigError
+    naming it (``train.<field>`` / ``optim.<field>``)."""
+    return (_replaced(train, train_changes or {}, "train"), _replaced(optim, optim_changes or {}, "optim"))
+
+
+def _replaced(config: Any, changes: Mapping[str, Any], section: str) -> Any:
+    if not changes:
+        return config
+    if not isinstance(changes, Mapping):
+        raise ConfigError(f"{section}: expected a mapping of fields, got {type(changes).__name__}")
+    return from_dict(type(config), {**dataclasses.asdict(config), **changes}, prefix=f"{section}.")

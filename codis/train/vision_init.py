@@ -4,7 +4,7 @@ ALBEF and CODIS start their ViT from DeiT, trained on ImageNet-1k labels; the ``
 loads those weights from the hub (``vision.pretrained``). Where no hub can be reached (the demo)
 the same role is played by a ViT trained here on a labelled image set of the same world, and the
 weights file it writes is what ``vision.pretrained`` then names. Trained from scratch by the
-image-text objectives alone, the tiny ViT never learns shape (notes/TINY_PRESET.md, finding 7).
+image-text objectives alone, the tiny ViT never learns shape (docs/findings/tiny-preset.md, finding 7).
 
 Annotations are ALBEF-style JSON lists of ``{"image": <path under image_root>, "labels": [...]}``
 (multi-label, as image-level object categories); the objective is binary cross-entropy per label
