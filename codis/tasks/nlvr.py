@@ -39,11 +39,11 @@ from torch import nn
 
 from codis.checkpoint import read_checkpoint
 from codis.config import ConfigError, ModelConfig, check_positive
-from codis.data.loaders import SkipCounter, nlvr_loader, pretrain_loader
+from codis.data.loaders import SkipCounter, pretrain_loader
 from codis.encoders import set_image_size
 from codis.tasks.base import TaskConfig, check_config, preset_config
 from codis.tasks.ve import (Backbone, ClassifierConfig, ClassifierOutput, FusionClassifier,
-                            check_image_size, empty_backbone, eval_config, evaluate_classifier,
+                            check_image_size, empty_backbone, evaluate_checkpoint,
                             finetune_classifier, load_classifier, local_shards,
                             mlp_head, pretrained_backbone, run_config_for, save_task_checkpoint)
 from codis.train import (MetricsCallback, OptimConfig, TrainConfig, fit, init_runtime,
@@ -281,17 +281,7 @@ def load_nlvr_model(path: str | Path) -> FusionClassifier:
 def evaluate(checkpoint: str | Path, shards: str | list[str], config: NLVRConfig | None = None, *,
              batch_size: int = 64, progress: bool = True,
              device: str | torch.device | None = None) -> dict[str, float]:
-    """``{"accuracy": percent}`` of a finetuned checkpoint on NLVR² shards (dev or test).
-    ``config`` defaults to the checkpoint's; its image size must be the checkpoint's. Under
-    ``torchrun`` every rank calls it, classifies its share and returns the accuracy of all;
-    ``config.eval_precision`` "auto": bf16 autocast on GPUs, fp32 on the CPU."""
-    urls = local_shards(shards, ("nlvr",))
-    runtime = init_runtime(device)
-    model = load_nlvr_model(checkpoint)
-    config = eval_config(model.task_config, config)
-    loader = nlvr_loader(urls, image_size=config.image_size, batch_size=batch_size,
-                         tokenizer=model.tokenizer, max_words=config.max_words,
-                         max_length=model.model_config.text.max_length, num_workers=config.num_workers,
-                         rank=runtime.rank, world_size=runtime.world_size)
-    return evaluate_classifier(model, loader, _nlvr_inputs, runtime=runtime, precision=config.eval_precision,
-                               progress=progress, desc="nlvr eval")
+    """``{"accuracy": percent}`` of a finetuned checkpoint on NLVR² shards (dev or test); see
+    :func:`codis.tasks.ve.evaluate_checkpoint`."""
+    return evaluate_checkpoint(TASK, load_nlvr_model, _nlvr_inputs, checkpoint, shards, config,
+                               batch_size=batch_size, progress=progress, device=device)

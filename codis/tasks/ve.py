@@ -31,7 +31,7 @@ from codis.losses import classification_loss
 from codis.encoders import TextFusionEncoder, additive_mask, build_image_encoder, set_image_size
 from codis.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
 from codis.metrics import accuracy
-from codis.data.loaders import VE_LABEL_IDS, SkipCounter, shard_urls, ve_loader
+from codis.data.loaders import VE_LABEL_IDS, SkipCounter, shard_urls, task_loader
 from codis.model import load_model
 from codis.tasks.base import TaskConfig, check_config, preset_config, training_loader
 from codis.tasks.evaluation import predict_all
@@ -357,6 +357,28 @@ def evaluate_classifier(model: nn.Module, batches: Iterable[dict], inputs: Input
     return {"accuracy": accuracy(list(predicted), list(labels))}
 
 
+def evaluate_checkpoint(kind: str, load: Callable[[str | Path], FusionClassifier], inputs: Inputs,
+                        checkpoint: str | Path, shards: str | list[str],
+                        config: ClassifierConfig | None, *, batch_size: int, progress: bool,
+                        device: str | torch.device | None) -> dict[str, float]:
+    """``{"accuracy": percent}`` of a finetuned classifier (``load(checkpoint)``) on ``kind``
+    shards. ``config`` defaults to the checkpoint's; its image size must be the checkpoint's. Under
+    ``torchrun`` every rank calls it, classifies its share and returns the accuracy of all;
+    ``config.eval_precision`` "auto": bf16 autocast on GPUs, fp32 on the CPU."""
+    urls = local_shards(shards, (kind,))
+    runtime = init_runtime(device)
+    model = load(checkpoint)
+    config = eval_config(model.task_config, config)
+    loader = task_loader(urls, kind, image_size=config.image_size, batch_size=batch_size,
+                         tokenizer=model.tokenizer, max_words=config.max_words,
+                         max_length=model.model_config.text.max_length,
+                         num_workers=config.num_workers, rank=runtime.rank,
+                         world_size=runtime.world_size)
+    return evaluate_classifier(model, loader, inputs, runtime=runtime,
+                               precision=config.eval_precision, progress=progress,
+                               desc=f"{kind} eval")
+
+
 # ---- SNLI-VE -------------------------------------------------------------------------------------
 def _ve_inputs(batch: dict) -> tuple:
     return [batch["image"]], batch["input_ids"], batch["attention_mask"]
@@ -389,17 +411,7 @@ def load_ve_model(path: str | Path) -> FusionClassifier:
 def evaluate(checkpoint: str | Path, shards: str | list[str], config: VEConfig | None = None, *,
              batch_size: int = 64, progress: bool = True,
              device: str | torch.device | None = None) -> dict[str, float]:
-    """``{"accuracy": percent}`` of a finetuned checkpoint on SNLI-VE shards (dev or test).
-    ``config`` defaults to the checkpoint's; its image size must be the checkpoint's. Under
-    ``torchrun`` every rank calls it, classifies its share and returns the accuracy of all;
-    ``config.eval_precision`` "auto": bf16 autocast on GPUs, fp32 on the CPU."""
-    urls = local_shards(shards, ("ve",))
-    runtime = init_runtime(device)
-    model = load_ve_model(checkpoint)
-    config = eval_config(model.task_config, config)
-    loader = ve_loader(urls, image_size=config.image_size, batch_size=batch_size,
-                       tokenizer=model.tokenizer, max_words=config.max_words,
-                       max_length=model.model_config.text.max_length, num_workers=config.num_workers,
-                       rank=runtime.rank, world_size=runtime.world_size)
-    return evaluate_classifier(model, loader, _ve_inputs, runtime=runtime, precision=config.eval_precision,
-                               progress=progress, desc="ve eval")
+    """``{"accuracy": percent}`` of a finetuned checkpoint on SNLI-VE shards (dev or test); see
+    :func:`evaluate_checkpoint`."""
+    return evaluate_checkpoint(TASK, load_ve_model, _ve_inputs, checkpoint, shards, config,
+                               batch_size=batch_size, progress=progress, device=device)
