@@ -199,7 +199,7 @@ class TaskSpec(_Spec):
     process; ``grad_accumulation`` reaches ALBEF's 8-GPU global batch on one device (the schedule
     then counts an epoch in steps of batch x grad_accumulation samples)."""
 
-    task: Literal["retrieval", "vqa", "nlvr", "ve"]
+    task: Literal[tuple(TASKS)]  # type: ignore[valid-type]  # the names of codis.tasks.TASKS
     name: Name
     preset: str
     config: dict[str, Any] = {}

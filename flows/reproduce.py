@@ -32,6 +32,7 @@ import yaml
 from prefect import flow
 
 from codis.files import atomic_write_json, atomic_write_text
+from codis.tasks import TASKS
 from flows import recipe as recipes
 from flows.compare import DEFAULT_METRICS, comparison_table, select_metrics
 from flows.launch import evaluation_processes
@@ -50,7 +51,7 @@ def new_run_id() -> str:
 
 def headline_metric(spec: TaskSpec) -> str:
     """The metric that ranks finetuned models of a task (``champion`` alias)."""
-    return "r_mean" if spec.task == "retrieval" else "accuracy"
+    return TASKS[spec.task].headline_metric
 
 
 @flow(name="reproduce")

@@ -579,10 +579,10 @@ def stage_label(result: StageResult) -> str:
 
 
 def report_task_key(spec: TaskSpec, zero_shot: bool) -> str:
-    """The :data:`codis.report.TASKS` key of an evaluation."""
-    if spec.task == "retrieval":
-        return "retrieval_zero_shot" if zero_shot else "retrieval_finetuned"
-    return spec.task
+    """The report row (:data:`codis.tasks.TASKS` ``report_keys``) of an evaluation: a task with
+    two rows reports zero-shot in the first and finetuned in the second."""
+    keys = TASKS[spec.task].report_keys
+    return keys[0] if zero_shot or len(keys) == 1 else keys[1]
 
 
 def report_results(recipe: Recipe, pretrained: dict[str, StageResult],
