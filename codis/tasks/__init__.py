@@ -51,10 +51,3 @@ TASKS: dict[str, TaskInfo] = {
     "nlvr": TaskInfo("nlvr", "NLVR²", "nlvr", "nlvr", "accuracy", ("nlvr",), "nlvr"),
     "ve": TaskInfo("ve", "SNLI-VE", "ve", "ve", "accuracy", ("ve",), "ve"),
 }
-
-
-def task_info(name: str) -> TaskInfo:
-    """``TASKS[name]``; an unknown task raises ValueError naming the known ones."""
-    if name not in TASKS:
-        raise ValueError(f"task: must be one of {', '.join(TASKS)}, got {name!r}")
-    return TASKS[name]

@@ -437,10 +437,16 @@ def _resolve_config(model: VQAModel, config: VQAConfig | None) -> VQAConfig:
     return config
 
 
-def _predict(model: VQAModel, shards: str | Path | list[str], config: VQAConfig, answers: list[str],
-             runtime: Runtime, *, batch_size: int, progress: bool) -> dict[Any, str]:
-    """{question_id: answer} of every question in ``shards``, on every rank: each rank answers its
-    share of the questions and the answers are gathered (:mod:`codis.tasks.evaluation`)."""
+def _predict(checkpoint: str | Path, shards: str | Path | list[str], config: VQAConfig | None,
+             answer_list: str | Path | Sequence[str] | None, *, batch_size: int, progress: bool,
+             device: str | torch.device | None) -> tuple[dict[Any, str], Runtime]:
+    """{question_id: answer} of every question in ``shards`` by the finetuned ``checkpoint``, on
+    every rank (each rank answers its share of the questions and the answers are gathered,
+    :mod:`codis.tasks.evaluation`), and the runtime it ran in."""
+    answers = load_answer_list(shards, answer_list)
+    runtime = init_runtime(device)
+    model = load_vqa_model(checkpoint).to(runtime.device)
+    config = _resolve_config(model, config)
     device = runtime.device
     model.eval()
     answer_ids, answer_mask = tokenize(model.tokenizer, answers, config.max_answer_length)
@@ -460,7 +466,7 @@ def _predict(model: VQAModel, shards: str | Path | list[str], config: VQAConfig,
         return zip(ids, [answers[best] for best in ranked[:, 0].tolist()])
 
     return predict_all(loader, best_answers, runtime, precision=config.eval_precision,
-                       progress=progress, desc="vqa eval")
+                       progress=progress, desc="vqa eval"), runtime
 
 
 def predict(checkpoint: str | Path, shards: str | Path | list[str], config: VQAConfig | None = None,
@@ -471,12 +477,8 @@ def predict(checkpoint: str | Path, shards: str | Path | list[str], config: VQAC
     VQA result file ``[{"question_id": ..., "answer": ...}, ...]`` (for the test-dev server).
     Under ``torchrun`` every rank calls it: each answers its share, all return every answer, and
     rank 0 writes ``output``. ``config.eval_precision`` "auto": bf16 autocast on GPUs, fp32 on the CPU."""
-    answers = load_answer_list(shards, answer_list)
-    runtime = init_runtime(device)
-    model = load_vqa_model(checkpoint).to(runtime.device)
-    config = _resolve_config(model, config)
-    predictions = _predict(model, shards, config, answers, runtime, batch_size=batch_size,
-                           progress=progress)
+    predictions, runtime = _predict(checkpoint, shards, config, answer_list, batch_size=batch_size,
+                                    progress=progress, device=device)
     if output is not None and runtime.is_main:
         atomic_write_json(output, [{"question_id": q, "answer": a} for q, a in predictions.items()])
     return predictions
@@ -493,18 +495,14 @@ def evaluate(checkpoint: str | Path, shards: str | Path | list[str], config: VQA
     checkpoint's (k_test, answer length). Deterministic: eval mode, shard order, no augmentation.
     Under ``torchrun`` every rank calls it, answers its share of the questions and returns the
     metrics of all. ``config.eval_precision`` "auto": bf16 autocast on GPUs, fp32 on the CPU."""
-    answers = load_answer_list(shards, answer_list)
     annotated = read_annotator_answers(shards)
     missing = [q for q, given in annotated.items() if not given]
     if missing:
         raise ValueError(f"shards: {len(missing)} question(s) have no annotator answers (first: "
                          f"{missing[0]!r}); a test split can only be predicted, see predict()")
     types = _question_types(question_types, annotated)
-    runtime = init_runtime(device)
-    model = load_vqa_model(checkpoint).to(runtime.device)
-    config = _resolve_config(model, config)
-    predictions = _predict(model, shards, config, answers, runtime, batch_size=batch_size,
-                           progress=progress)
+    predictions, _ = _predict(checkpoint, shards, config, answer_list, batch_size=batch_size,
+                              progress=progress, device=device)
     scores = {q: vqa_accuracy(predictions[q], annotated[q], official=official) for q in predictions}
     metrics = {"accuracy": 100.0 * sum(scores.values()) / len(scores)}
     if types is not None:
