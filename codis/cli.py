@@ -5,6 +5,17 @@
     codis evaluate --task retrieval --checkpoint model.pt --shards data/test [--preset demo]
     codis pretrain-vision --config vision_init.yaml
 
+A bad input (a config field, a file, a checkpoint of the wrong kind, a batch larger than the data)
+ends the command with one line, ``error: <what and where>``, and exit status 2, before any training
+or evaluation starts; ``--debug`` (or ``CODIS_DEBUG=1``) shows the traceback instead.
+
+Checkpoints (:mod:`codis.checkpoint`) carry their kind, and each command says which it takes:
+
+    finetune pretrained:   retrieval: pretrain or retrieval; vqa: pretrain; nlvr: pretrain or
+                           nlvr_ta (after the text-assignment step); ve: pretrain
+    evaluate --checkpoint: retrieval: pretrain (zero-shot) or retrieval; vqa, nlvr, ve: the
+                           task's own finetuned kind
+
 A vision initialisation config (YAML; :mod:`codis.train.vision_init`) names the labelled images, the
 output folder, the ViT (a model preset's ``vision`` with changes) and its schedule::
 
@@ -41,9 +52,10 @@ from pathlib import Path
 from typing import Any
 
 import codis  # noqa: F401
-from codis.config import ConfigError
+from codis.config import ConfigError, check_finite
 from codis.tasks import TASKS
 
+DEBUG_ENV = "CODIS_DEBUG"
 FINETUNE_KEYS = {"pretrained", "train_shards", "output_dir", "preset", "task", "train", "optim"}
 VISION_INIT_KEYS = {"train_annotations", "eval_annotations", "image_root", "output_dir", "preset",
                     "vision", "train", "optim"}
@@ -55,9 +67,23 @@ def _task_config(task: str, preset: str | None, changes: dict[str, Any] | None):
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from codis.train import PretrainConfig, pretrain
+    from codis.data.manifest import listed_samples
+    from codis.train import PretrainConfig, global_batch, pretrain
 
+    try:
+        check_finite(_load_yaml(args.config))  # NaN passes some of the configs' own checks
+    except ConfigError as error:
+        raise ConfigError(f"{args.config}: {error}") from None
     config = PretrainConfig.load(args.config)
+    listed = listed_samples(config.data.shards)  # None: tar files that no manifest lists
+    if listed is not None and not config.data.resample:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        batch = global_batch(config.train, 1, world)
+        if batch > listed[0]:
+            raise ConfigError(f"{args.config}: train.batch_size: a global batch of {batch} "
+                              f"({config.train.batch_size} x {config.train.grad_accumulation} "
+                              f"accumulation step(s) x {world} process(es)) is more than the "
+                              f"{listed[0]} samples of data.shards")
     print(pretrain(config, resume=not args.no_resume, progress=not args.no_progress,
                    stop_after=args.stop_after))
     return 0
@@ -68,7 +94,10 @@ def _load_yaml(path: str) -> dict[str, Any]:
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"no config at {path}")
-    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
@@ -77,6 +106,10 @@ def _load_yaml(path: str) -> dict[str, Any]:
 def _load_run_config(path: str, known: set[str], required: tuple[str, ...]) -> dict[str, Any]:
     """A command's YAML config checked for unknown and missing fields (errors name the field)."""
     data = _load_yaml(path)
+    try:
+        check_finite(data)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{path}: {unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
@@ -95,8 +128,20 @@ def _finetune(args: argparse.Namespace) -> int:
     with_changes(TrainConfig(), OptimConfig(), data.get("train"), data.get("optim"))  # before any IO
     shards = data["train_shards"]
     samples = shard_samples(shards if isinstance(shards, list) else [shards])
-    train, optim = task_schedule(config, samples, int(os.environ.get("WORLD_SIZE", "1")),
-                                 train_changes=data.get("train"), optim_changes=data.get("optim"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        train, optim = task_schedule(config, samples, world, train_changes=data.get("train"),
+                                     optim_changes=data.get("optim"))
+    except ConfigError as error:  # name the field as this file spells it: task.<field>
+        message = str(error)
+        if message.startswith(f"{args.task}."):
+            message = f"task.{message[len(args.task) + 1:]} (counted in the manifests of train_shards)"
+        raise ConfigError(f"{args.config}: {message}") from None
+    batch = train.batch_size * train.grad_accumulation * world
+    if batch > samples:  # the train section replaced the batch the schedule was made for
+        raise ConfigError(f"{args.config}: train.batch_size: a batch of {batch} ({train.batch_size} "
+                          f"x {train.grad_accumulation} accumulation step(s) x {world} process(es)) "
+                          f"is more than the {samples} samples of train_shards")
     print(TASKS[args.task].module().finetune(
         data["pretrained"], shards, data["output_dir"], config, train=train, optim=optim,
         progress=not args.no_progress, resume=not args.no_resume, stop_after=args.stop_after))
@@ -107,6 +152,7 @@ def _pretrain_vision(args: argparse.Namespace) -> int:
     import dataclasses
 
     from codis.config import VisionConfig, from_dict, preset
+    from codis.data.manifest import read_json
     from codis.train.vision_init import pretrain_vision
 
     from codis.train import OptimConfig, TrainConfig
@@ -115,6 +161,10 @@ def _pretrain_vision(args: argparse.Namespace) -> int:
                             ("train_annotations", "image_root", "output_dir"))
     train = from_dict(TrainConfig, data.get("train", {}), prefix="train.")
     optim = from_dict(OptimConfig, data.get("optim", {}), prefix="optim.")
+    images = read_json(data["train_annotations"]) if Path(data["train_annotations"]).is_file() else None
+    if isinstance(images, list) and train.batch_size > len(images):  # batches are full ones only
+        raise ConfigError(f"{args.config}: train.batch_size: {train.batch_size} is more than the "
+                          f"{len(images)} images of train_annotations")
     base = dataclasses.asdict(preset(data.get("preset", "tiny")).vision)
     vision = from_dict(VisionConfig, {**base, **data.get("vision", {})}, prefix="vision.")
     print(pretrain_vision(vision, data["train_annotations"], data["image_root"], data["output_dir"],
@@ -124,10 +174,25 @@ def _pretrain_vision(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_option(text: str | None, option: str) -> dict[str, Any]:
+    """A JSON mapping given on the command line; errors name the option."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{option}: not valid JSON ({error.msg} at column {error.colno}): "
+                          f"{text!r}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{option}: expected a JSON mapping such as '{{\"k_test\": 16}}', "
+                          f"got {text!r}")
+    return value
+
+
 def _evaluate(args: argparse.Namespace) -> int:
-    config = _task_config(args.task, args.preset, json.loads(args.set) if args.set else None)
+    config = _task_config(args.task, args.preset, _json_option(args.set, "--set"))
     extra = {"answer_list": args.answer_list} if args.task == "vqa" and args.answer_list else {}
-    extra.update(json.loads(args.options) if args.options else {})
+    extra.update(_json_option(args.options, "--options"))
     metrics = TASKS[args.task].module().evaluate(args.checkpoint, args.shards, config,
                                                progress=not args.no_progress, **extra)
     text = json.dumps(metrics, indent=2)
@@ -143,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="codis", description="CODIS / ALBEF pretraining, "
                                      "finetuning and evaluation", epilog=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of an error (also: {DEBUG_ENV}=1)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     pretrain = commands.add_parser("pretrain", help="pretrain from a run config (YAML)")
@@ -151,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
 
     finetune = commands.add_parser("finetune", help="finetune a pretrained checkpoint on a task")
     finetune.add_argument("--task", required=True, choices=TASKS)
-    finetune.add_argument("--config", required=True, help="finetuning config (YAML, see --help)")
+    finetune.add_argument("--config", required=True,
+                          help="finetuning config (YAML; its pretrained checkpoint's kind: see --help)")
     finetune.set_defaults(run=_finetune)
 
     vision_init = commands.add_parser(
@@ -168,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
 
     evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint on a task's shards")
     evaluate.add_argument("--task", required=True, choices=TASKS)
-    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--checkpoint", required=True,
+                          help="model.pt of the task's finetune stage (retrieval: or a pretrained "
+                               "one, zero-shot)")
     evaluate.add_argument("--shards", required=True, help="shard folder written by the shard stage")
     evaluate.add_argument("--preset", default=None, help="the task's preset (default: the paper's)")
     evaluate.add_argument("--set", default=None, help='JSON changes to the preset, e.g. \'{"k_test": 16}\'')
@@ -182,9 +252,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, FileNotFoundError) as error:
-        print(f"codis {args.command}: {error}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
+        # bad input (ConfigError, CheckpointError, ... are ValueErrors): one line, unless asked
+        if args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        print(f"error: {error_message(error)}", file=sys.stderr)
         return 2
+
+
+def error_message(error: BaseException) -> str:
+    """What a command prints for ``error``: its message (OSError's ``[Errno 2] ...`` prefix left
+    out), or its class name when it has none."""
+    if isinstance(error, OSError) and error.strerror and error.filename:
+        return f"{error.filename}: {error.strerror}"
+    return str(error) or type(error).__name__
 
 
 if __name__ == "__main__":

@@ -65,6 +65,19 @@ def check_positive(value: Any, field_name: str) -> None:
     check(is_number(value) and value > 0, field_name, f"must be a positive number, got {value!r}")
 
 
+def check_finite(data: Any, field_name: str = "") -> None:
+    """Every float in a nested mapping / list (a YAML file's content) is finite: NaN or infinity
+    raises ConfigError naming the dotted field, whatever the field's own check would let through."""
+    if isinstance(data, float):
+        check(math.isfinite(data), field_name or "value", f"must be a finite number, got {data!r}")
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            check_finite(value, f"{field_name}.{key}" if field_name else str(key))
+    elif isinstance(data, (list, tuple)):
+        for index, value in enumerate(data):
+            check_finite(value, f"{field_name}.{index}" if field_name else str(index))
+
+
 def check_bool(value: Any, field_name: str) -> None:
     check(isinstance(value, bool), field_name, f"must be true or false, got {value!r}")
 
@@ -151,7 +164,7 @@ class TextConfig:
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        check(0.0 <= self.dropout < 1.0, "text.dropout", f"must be in [0, 1), got {self.dropout}")
+        check_number(self.dropout, "text.dropout", 0.0, 1.0, high_open=True)
         _positive(self, "text", "init_std")
         _positive(self, "text", "hidden_size", "text_layers", "fusion_layers", "heads",
                   "intermediate_size", "max_length")
@@ -199,8 +212,7 @@ class CodebookConfig:
     ot: OTConfig = field(default_factory=OTConfig)
 
     def __post_init__(self) -> None:
-        check(isinstance(self.size, int) and self.size >= 2, "codebook.size",
-               f"must be an integer >= 2, got {self.size!r}")
+        check_int(self.size, "codebook.size", 2)
         _positive(self, "codebook", "temperature")
 
 
@@ -216,9 +228,7 @@ class LossWeights:
 
     def __post_init__(self) -> None:
         for name in ("ica", "itm", "mlm", "code"):
-            value = getattr(self, name)
-            check(isinstance(value, (int, float)) and value >= 0, f"loss_weights.{name}",
-                   f"must be a number >= 0, got {value!r}")
+            check_number(getattr(self, name), f"loss_weights.{name}", 0.0)
 
 
 @dataclass(frozen=True)
@@ -241,14 +251,15 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check(self.mode in MODES, "mode", f"must be one of {', '.join(MODES)}; got {self.mode!r}")
-        _positive(self, "", "embed_dim", "queue_size", "temperature")
-        check(0.0 <= self.momentum < 1.0, "momentum", f"must be in [0, 1), got {self.momentum}")
-        check(0.0 <= self.alpha <= 1.0, "alpha", f"must be in [0, 1], got {self.alpha}")
-        check(0.0 < self.temperature_min <= self.temperature <= self.temperature_max,
+        for name in ("embed_dim", "queue_size"):
+            check_int(getattr(self, name), name, 1)
+        _positive(self, "", "temperature", "temperature_min", "temperature_max")
+        check_number(self.momentum, "momentum", 0.0, 1.0, high_open=True)
+        check_number(self.alpha, "alpha", 0.0, 1.0)
+        check(self.temperature_min <= self.temperature <= self.temperature_max,
                "temperature", f"must lie in [temperature_min, temperature_max] = "
                f"[{self.temperature_min}, {self.temperature_max}], got {self.temperature}")
-        check(0.0 < self.mlm_probability < 1.0, "mlm_probability",
-               f"must be in (0, 1), got {self.mlm_probability}")
+        check_number(self.mlm_probability, "mlm_probability", 0.0, 1.0, low_open=True, high_open=True)
 
     @property
     def intra_modal(self) -> bool:

@@ -38,7 +38,9 @@ class StageOptions(BaseModel):
 
     ``store``: the shared stage store. ``tracking_uri``: MLflow; empty uses ``MLFLOW_TRACKING_URI``,
     else ``sqlite:///<store's parent>/mlflow.db``. ``track: false`` turns MLflow off.
-    ``parent_run_id``: an MLflow run to attach this stage's run to."""
+    ``parent_run_id``: an MLflow run to attach this stage's run to. ``keep_training_state``: keep
+    a finished training stage's ``checkpoints/`` (resumable state; a recipe's
+    ``store.keep_training_state``)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -48,6 +50,7 @@ class StageOptions(BaseModel):
     experiment: str = "codis-stages"
     parent_run_id: str | None = None
     progress: bool = True
+    keep_training_state: bool = False
 
 
 def make_context(options: StageOptions) -> StageContext:
@@ -57,7 +60,8 @@ def make_context(options: StageOptions) -> StageContext:
                       options.experiment,
                       artifact_location=default_artifact_location(runs_root, options.experiment))
     return StageContext(store=store, tracker=tracker, parent_run_id=options.parent_run_id,
-                        progress=options.progress)
+                        progress=options.progress,
+                        keep_training_state=options.keep_training_state)
 
 
 @flow(name="generate_demo")

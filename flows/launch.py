@@ -4,11 +4,14 @@ subprocess while following the metrics it writes.
 Pretraining with several processes runs :func:`torchrun_command` (:mod:`flows.pretrain_entry`,
 whose rank 0 appends to ``metrics.jsonl``); evaluation with several runs
 :func:`evaluate_command` (``codis evaluate``, whose rank 0 writes ``metrics.json``). Both run on
-this machine through :func:`run_logged`.
+this machine through :func:`run_logged`. :func:`pretrain_run_config` is the run config of one
+variant of a recipe as the pretrain stage builds it, which ``flows.pretrain_entry --recipe`` (a
+torchrun job outside the flow: infra/README.md) trains.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import subprocess
@@ -18,7 +21,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from flows.recipe import PretrainSpec
+from codis.data.manifest import shard_files
+from codis.train import PretrainConfig
+from flows import recipe as recipes
+from flows.recipe import PretrainSpec, VariantSpec
 
 OnRecord = Callable[[int, dict[str, float]], None]
 """Called with ``(step, metrics)`` for each line of a followed ``metrics.jsonl``."""
@@ -53,6 +59,22 @@ def torchrun_command(spec: PretrainSpec, run_config: str | Path, *, metrics: str
     if metrics is not None:
         command += ["--metrics", str(metrics)]
     return command
+
+
+def pretrain_run_config(spec: PretrainSpec, name: str, variant: VariantSpec,
+                        shards: Sequence[str | Path], output_dir: str | Path,
+                        steps_scale: float = 1.0, vision_weights: str | Path | None = None,
+                        ) -> PretrainConfig:
+    """The run config (``run.yaml``) of variant ``name`` over the tar files of the shard folders
+    ``shards``, written to ``output_dir``: :func:`flows.recipe.pretrain_config`, its ViT
+    initialised from ``vision_weights`` (a vision_init stage's weights file) if given. Errors name
+    the recipe field (``variants.<name>....``)."""
+    config = recipes.pretrain_config(spec, variant, shard_files(shards), output_dir, steps_scale,
+                                     where=f"variants.{name}")
+    if vision_weights is not None:
+        vision = dataclasses.replace(config.model.vision, pretrained=str(vision_weights))
+        config = dataclasses.replace(config, model=config.model.replace(vision=vision))
+    return config
 
 
 def evaluation_processes(spec: PretrainSpec) -> int:

@@ -11,10 +11,15 @@ codis's own frozen dataclasses (:class:`~codis.train.TrainConfig`, :class:`~codi
 as field types, so their fields are not repeated here and their ``__post_init__`` checks run at
 load time. Overrides given as partial mappings (a variant's model changes, a task's train / optim
 changes) are merged onto their base and validated the same way. Every error names the field.
+Numbers are numbers: a bool where one is expected (``steps: true``, which pydantic would take as 1)
+and NaN or infinity anywhere are refused. Batches are checked against the data they draw from: at
+validation for demo world files (whose sizes follow from ``demo_world``), and before each training
+stage from its shards' manifests (:func:`task_schedule`, :func:`pretrain_config`).
 
-Paths in a recipe: ``demo://rel/path`` is a file of the generated demo world; ``${VAR}`` is
-replaced by an environment variable (an unset one is an error naming the field); other relative
-paths are relative to the working directory.
+Paths in a recipe: ``demo://rel/path`` is a file of the generated demo world, and must be one that
+the demo world generates and that fits its field (:func:`demo_world_files`; a typo is refused
+listing the valid names); ``${VAR}`` is replaced by an environment variable (an unset one is an
+error naming the field); other relative paths are relative to the working directory.
 """
 
 from __future__ import annotations
@@ -22,17 +27,21 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import posixpath
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag,
-                      ValidationError, create_model, field_validator, model_validator)
+                      ValidationError, ValidationInfo, create_model, field_validator,
+                      model_validator)
 
 import codis  # noqa: F401  - the torchvision shim first
 from codis.config import PRESETS, ConfigError, ModelConfig, VisionConfig, merge_dicts
 from codis.data.demo_world import DemoWorldConfig
+from codis.data.demo_world.config import CAPTIONS_PER_RETRIEVAL_IMAGE
+from codis.data.manifest import listed_samples
 from codis.data.download import DownloadConfig
 from codis.tasks import TASKS
 from codis.tasks.base import TaskConfig
@@ -57,8 +66,16 @@ class RecipeError(ValueError):
     """A recipe is invalid; the message names the file and the field."""
 
 
+_FIELDS_ONLY = "fields_only"  # validation context: the fields' own checks, not Recipe._check
+
+
+# No NaN or infinity anywhere (a NaN learning rate would train to NaN weights); bools given for
+# numbers are refused by _bool_numbers (pydantic would take `steps: true` as 1).
+_STRICTNESS = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(**_STRICTNESS, frozen=True)
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -69,7 +86,9 @@ class UrlSource(_Spec):
     stage serves over loopback HTTP. ``base_url`` prefixes urls without a scheme. ``download``:
     codis's :class:`~codis.data.download.DownloadConfig` (img2dataset's distributor, processes,
     threads, image size ...); the distributor, process and thread counts change only speed, so
-    they are not part of the stage key."""
+    they are not part of the stage key. ``download.min_success_rate`` (default 0.5) is the
+    fraction of rows that must become samples, else the stage fails (not complete) and its re-run
+    retries the shards that fell short."""
 
     name: Name
     url_list: str
@@ -258,6 +277,18 @@ class TrackingSpec(_Spec):
     log_system_metrics: bool = True
 
 
+class StoreSpec(_Spec):
+    """The stage store. ``keep_training_state``: keep a finished training stage's resumable
+    training state (``checkpoints/step-*.pt``: weights, optimiser, RNG states; most of a small
+    run's store) after its marker is written. Not part of any stage key."""
+
+    keep_training_state: bool = Field(
+        default=False,
+        description="keep the training-state checkpoints (checkpoints/step-*.pt) of finished "
+                    "vision_init, pretrain, text_assignment and finetune stages; they only serve "
+                    "to resume an interrupted stage")
+
+
 class Recipe(_Spec):
     """A whole reproduction; see ``pipelines/README.md``."""
 
@@ -271,16 +302,21 @@ class Recipe(_Spec):
     tasks: list[TaskSpec] = []
     report: ReportSpec = ReportSpec()
     tracking: TrackingSpec = TrackingSpec()
+    store: StoreSpec = StoreSpec()
     retries: int = Field(default=0, ge=0)
     steps_scale: float = Field(default=1.0, gt=0)
 
     @model_validator(mode="after")
-    def _check(self) -> "Recipe":
+    def _check(self, info: ValidationInfo) -> "Recipe":
+        if info.context and info.context.get(_FIELDS_ONLY):
+            return self
         if self.demo_world is None:
-            for where, value in _path_fields(self):
+            for where, value, _ in _path_fields(self):
                 if value.startswith(DEMO_SCHEME):
                     raise ValueError(f"{where}: {value!r} refers to the demo world, but the recipe "
                                      "has no demo_world section")
+        else:
+            _check_demo_paths(self)
         for name, variant in self.variants.items():
             where = f"variants.{name}"
             model_config(variant, where=f"{where}.model")
@@ -315,6 +351,8 @@ class Recipe(_Spec):
         if self.report.baseline_variant and self.report.baseline_variant not in self.variants:
             raise ValueError(f"report.baseline_variant: {self.report.baseline_variant!r} is not a "
                              f"variant (variants: {', '.join(self.variants)})")
+        if self.demo_world is not None:
+            _check_demo_sizes(self)
         return self
 
     # derived names ------------------------------------------------------------------------------
@@ -372,19 +410,24 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
 def apply_override(data: dict[str, Any], override: str) -> None:
     """Apply ``dotted.path=value`` (value parsed as YAML; list items by index) to a raw recipe."""
     if "=" not in override:
-        raise RecipeError(f"override {override!r}: expected dotted.path=value")
+        raise RecipeError(f"--set {override!r}: expected dotted.path=value")
     path, _, text = override.partition("=")
     keys = path.strip().split(".")
     if not all(keys):
-        raise RecipeError(f"override {override!r}: empty name in {path!r}")
-    value = yaml.safe_load(text)
+        raise RecipeError(f"--set {override!r}: empty name in {path!r}")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        problem = " ".join(str(getattr(error, "problem", None) or error).split())
+        raise RecipeError(f"--set {override!r}: the value {text!r} is not valid YAML "
+                          f"({problem})") from None
     node: Any = data
     for depth, key in enumerate(keys):
         last = depth == len(keys) - 1
         where = ".".join(keys[:depth + 1])
         if isinstance(node, list):
             if not key.isdigit() or int(key) >= len(node):
-                raise RecipeError(f"override {override!r}: {where}: no list item {key}")
+                raise RecipeError(f"--set {override!r}: {where}: no list item {key}")
             if last:
                 node[int(key)] = value
             else:
@@ -395,7 +438,7 @@ def apply_override(data: dict[str, Any], override: str) -> None:
             else:
                 node = node.setdefault(key, {})
         else:
-            raise RecipeError(f"override {override!r}: {'.'.join(keys[:depth])} is not a mapping")
+            raise RecipeError(f"--set {override!r}: {'.'.join(keys[:depth])} is not a mapping")
 
 
 def _join(where: str, message: str) -> str:
@@ -420,16 +463,34 @@ def _location(loc: tuple) -> str:
     return ".".join(str(part) for part in parts)
 
 
+def _message(item: dict[str, Any]) -> str:
+    if item["type"] == "finite_number":  # pydantic's message leaves out the value
+        return f"must be a finite number, got {item['input']!r}"
+    return item["msg"]
+
+
 def describe_validation_error(error: ValidationError) -> str:
-    return "\n".join(_join(_location(item["loc"]), item["msg"]) for item in error.errors())
+    return "\n".join(_join(_location(item["loc"]), _message(item)) for item in error.errors())
 
 
 def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
     """Validate a raw recipe mapping; a bad field raises :class:`RecipeError` naming it."""
     try:
+        # each field first: a bool taken for a number must not surface as a later check's error
+        fields = Recipe.model_validate(data, context={_FIELDS_ONLY: True})
+        found = _bool_numbers(data, fields, "")
+        if found:
+            raise RecipeError(_invalid(source, found))
         return Recipe.model_validate(data)
     except ValidationError as error:
-        raise RecipeError(f"{source}: invalid recipe\n{describe_validation_error(error)}") from None
+        raise RecipeError(_invalid(source, describe_validation_error(error).split("\n"))) from None
+
+
+def _invalid(source: str, problems: list[str]) -> str:
+    """``<file>: invalid recipe: <problem>`` on one line, or one problem per line."""
+    if len(problems) == 1:
+        return f"{source}: invalid recipe: {problems[0]}"
+    return f"{source}: invalid recipe\n" + "\n".join(problems)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
@@ -453,14 +514,45 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     stdlib dataclasses take their extra-field policy from the enclosing model, so an unknown key
     at any depth (``codebook.sizee``) is an error, as it is inside :class:`Recipe`."""
     if cls not in _WRAPPERS:
-        _WRAPPERS[cls] = create_model(f"_{cls.__name__}Fields", __config__=ConfigDict(extra="forbid"),
+        _WRAPPERS[cls] = create_model(f"_{cls.__name__}Fields", __config__=_STRICTNESS,
                                       value=(cls, ...))
     try:
-        return _WRAPPERS[cls].model_validate({"value": data}).value
+        value = _WRAPPERS[cls].model_validate({"value": data}).value
     except ValidationError as error:
-        details = "; ".join(_join(".".join([where, *map(str, e["loc"][1:])]), e["msg"])
+        details = "; ".join(_join(".".join([where, *map(str, e["loc"][1:])]), _message(e))
                             for e in error.errors())
         raise ValueError(details) from None
+    _check_no_bool_numbers(data, value, where)
+    return value
+
+
+def _bool_numbers(raw: Any, value: Any, where: str) -> list[str]:
+    """``<field>: must be a number, got True`` for each field where ``raw`` (the YAML) holds a bool
+    that validation turned into a number; found by walking the raw data beside what it became."""
+    if isinstance(raw, bool):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            kind = "an integer" if isinstance(value, int) else "a number"
+            return [f"{where}: must be {kind}, got {raw}"]
+        return []
+    prefix = f"{where}." if where else ""
+    found: list[str] = []
+    if isinstance(raw, dict):
+        for key, item in raw.items():
+            if isinstance(value, dict):
+                if key in value:
+                    found += _bool_numbers(item, value[key], f"{prefix}{key}")
+            elif isinstance(key, str) and hasattr(value, key):  # a model or a dataclass
+                found += _bool_numbers(item, getattr(value, key), f"{prefix}{key}")
+    elif isinstance(raw, list) and isinstance(value, (list, tuple)) and len(raw) == len(value):
+        for index, (item, converted) in enumerate(zip(raw, value)):
+            found += _bool_numbers(item, converted, f"{prefix}{index}")
+    return found
+
+
+def _check_no_bool_numbers(raw: Any, value: Any, where: str) -> None:
+    found = _bool_numbers(raw, value, where)
+    if found:
+        raise ValueError("; ".join(found))
 
 
 def _check_overrides(cls: type, changes: dict[str, Any], where: str) -> None:
@@ -535,7 +627,12 @@ def pretrain_optim_config(spec: PretrainSpec, variant: VariantSpec, steps_scale:
 def pretrain_config(spec: PretrainSpec, variant: VariantSpec, shards: list[str] | list[Path],
                     output_dir: str | Path, steps_scale: float = 1.0, where: str = "variant",
                     ) -> PretrainConfig:
-    """The :class:`~codis.train.PretrainConfig` (``run.yaml``) of one variant over ``shards``."""
+    """The :class:`~codis.train.PretrainConfig` (``run.yaml``) of one variant over ``shards``.
+    When ``shards`` are whole shard folders, their manifests' sample and shard counts are checked
+    against the batch and the processes first (:func:`check_pretrain_data`)."""
+    listed = listed_samples(list(shards))
+    if listed is not None:
+        check_pretrain_data(spec, variant, listed[0], listed[1], where=where)
     data = spec.data
     return PretrainConfig(
         output_dir=str(output_dir),
@@ -560,22 +657,61 @@ def task_config(spec: TaskSpec, where: str = "task") -> TaskConfig:
         raise ValueError(f"{where}.{'preset' if name == 'preset' else 'config.' + name}: {message}") from None
 
 
-def task_schedule(spec: TaskSpec, train_samples: int, steps_scale: float = 1.0,
+def task_schedule(spec: TaskSpec, train_samples: int, steps_scale: float = 1.0, *,
+                  where: str | None = None, source: str = "the training shards' manifests",
                   ) -> tuple[TrainConfig, OptimConfig]:
     """The finetuning schedule: :func:`codis.train.schedules.task_schedule` of the task config over
     ``train_samples`` on one process (``grad_accumulation`` micro-batches per step stand for ALBEF's
-    GPUs), with the recipe's ``train`` / ``optim`` changes and ``steps_scale``."""
+    GPUs), with the recipe's ``train`` / ``optim`` changes and ``steps_scale``. A batch that the
+    samples cannot fill raises ValueError naming the recipe field (under ``where``, default
+    ``tasks[<task>.<name>]``) and ``source``, where the sample count came from."""
+    where = where or f"tasks[{spec.label}]"
     return _schedule(task_config(spec), train_samples, spec.grad_accumulation, spec.train, spec.optim,
-                     steps_scale, spec.label)
+                     steps_scale, f"{where}.config.", where, source)
 
 
-def text_assignment_schedule(spec: TaskSpec, pretrain_samples: int, steps_scale: float = 1.0,
+def text_assignment_schedule(spec: TaskSpec, pretrain_samples: int, steps_scale: float = 1.0, *,
+                             where: str | None = None,
+                             source: str = "the pretraining shards' manifests",
                              ) -> tuple[TrainConfig, OptimConfig]:
-    """The NLVR² TA step's schedule over ``pretrain_samples`` pairs, with the recipe's changes."""
+    """The NLVR² TA step's schedule over ``pretrain_samples`` pairs, with the recipe's changes
+    (errors as :func:`task_schedule`'s; the TA batch is the task config's ``ta_batch_size``)."""
     assert spec.text_assignment is not None
     ta = spec.text_assignment
+    where = where or f"tasks[{spec.label}]"
     return _schedule(task_config(spec).text_assignment(), pretrain_samples, 1, ta.train, ta.optim,
-                     steps_scale, f"{spec.label}.text_assignment")
+                     steps_scale, f"{where}.config.ta_", f"{where}.text_assignment", source)
+
+
+def check_batch_fits(samples: int, batch: int, field: str, source: str, detail: str = "") -> None:
+    """A batch of ``batch`` samples fits in ``samples``: an epoch of full batches is not empty (the
+    loaders drop a partial last batch, so a larger batch fails only once training starts)."""
+    if batch > samples:
+        raise ValueError(f"{field}: a batch of {batch}{detail} is more than the {samples} samples of "
+                         f"{source}; no epoch would hold one full batch")
+
+
+def check_pretrain_data(spec: PretrainSpec, variant: VariantSpec, samples: int,
+                        shards: int | None = None, *, where: str = "variant",
+                        source: str = "the pretraining shards' manifests") -> None:
+    """Unless ``data.resample``: the pretraining data fills a global batch (batch_size x
+    grad_accumulation x processes) and gives every process at least one of its ``shards``
+    (processes read whole shards). Necessary conditions, not sufficient ones: each DataLoader
+    worker batches its own shards. Errors name the recipe field and the sample or shard count."""
+    train = _build(TrainConfig, merge_dicts(dataclasses.asdict(spec.train), variant.train),
+                   f"{where}.train")
+    if spec.data.resample:  # shards drawn with replacement: the stream never runs dry
+        return
+    processes = spec.nodes * spec.gpus_per_node
+    batch = global_batch(train, spec.nodes, spec.gpus_per_node)
+    field = f"{where}.train.batch_size" if "batch_size" in variant.train else "pretrain.train.batch_size"
+    detail = ("" if batch == train.batch_size else f" ({train.batch_size} x {train.grad_accumulation} "
+              f"accumulation step(s) x {processes} process(es))")
+    check_batch_fits(samples, batch, field, source, detail)
+    if shards is not None and shards < processes:
+        raise ValueError(f"pretrain.gpus_per_node: {processes} processes (nodes x gpus_per_node) "
+                         f"but {shards} shard(s) in {source}; every process reads whole shards, so "
+                         "use fewer processes, smaller shards or pretrain.data.resample: true")
 
 
 def _check_schedule_changes(train: dict[str, Any], optim: dict[str, Any], where: str) -> None:
@@ -585,16 +721,37 @@ def _check_schedule_changes(train: dict[str, Any], optim: dict[str, Any], where:
         schedules.with_changes(TrainConfig(), OptimConfig(), train, optim)
     except ConfigError as error:
         raise ValueError(f"{where}.{error}") from None
+    # codis's checks let NaN through some float fields; these refuse it (and bools) by name
+    _build(TrainConfig, merge_dicts(dataclasses.asdict(TrainConfig()), train), f"{where}.train")
+    _build(OptimConfig, merge_dicts(dataclasses.asdict(OptimConfig()), optim), f"{where}.optim")
 
 
 def _schedule(config: TaskConfig, samples: int, grad_accumulation: int, train: dict[str, Any],
-              optim: dict[str, Any], steps_scale: float, where: str) -> tuple[TrainConfig, OptimConfig]:
+              optim: dict[str, Any], steps_scale: float, config_field: str, where: str, source: str,
+              ) -> tuple[TrainConfig, OptimConfig]:
+    """``config_field``: the prefix of the task config's fields in the recipe (``tasks.1.config.``);
+    ``where``: the section holding the ``train`` / ``optim`` changes."""
     try:
-        return schedules.task_schedule(config, samples, grad_accumulation=grad_accumulation,
-                                       train_changes=train, optim_changes=optim,
-                                       steps_scale=steps_scale)
+        schedule = schedules.task_schedule(config, samples, grad_accumulation=grad_accumulation,
+                                           train_changes=train, optim_changes=optim,
+                                           steps_scale=steps_scale)
     except ConfigError as error:
+        field, _, message = str(error).partition(": ")
+        if field.startswith(f"{config.task}."):  # the task config's field, e.g. vqa.batch_size
+            name = f"{config_field}{field[len(config.task) + 1:]}"
+            if field.endswith(".batch_size") and config.batch_size <= samples:  # accumulation's fault
+                name = (f"{where}.train.grad_accumulation" if "grad_accumulation" in train
+                        else f"{where}.grad_accumulation")
+            raise ValueError(f"{name}: {message} (counted in {source})") from None
         raise ValueError(f"{where}.{error}") from None
+    # the train changes may have replaced the batch that the schedule was computed for
+    step_batch = schedule[0].batch_size * schedule[0].grad_accumulation
+    field = next((f"{where}.train.{name}" for name in ("batch_size", "grad_accumulation")
+                  if name in train), f"{config_field}batch_size")
+    detail = "" if step_batch == schedule[0].batch_size else (
+        f" ({schedule[0].batch_size} x {schedule[0].grad_accumulation} accumulation step(s))")
+    check_batch_fits(samples, step_batch, field, source, detail)
+    return schedule
 
 
 def metric_name(spec: TaskSpec, metric: str, zero_shot: bool = False) -> str:
@@ -607,33 +764,142 @@ def metric_name(spec: TaskSpec, metric: str, zero_shot: bool = False) -> str:
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def _path_fields(recipe: Recipe) -> list[tuple[str, str]]:
-    """Every path-valued field of a recipe as (field name, value)."""
-    found: list[tuple[str, str]] = []
+def _path_fields(recipe: Recipe) -> list[tuple[str, str, str]]:
+    """Every path-valued field of a recipe as (field name, value, role). The role says what the
+    file is for: ``url_list``, ``image_root``, ``argument`` (a task's evaluate_args), ``pretrain``
+    or ``labelled`` (vision_init) annotations, or a task's name for its annotations."""
+    found: list[tuple[str, str, str]] = []
 
-    def source(where: str, item: UrlSource | AnnotationSource) -> None:
+    def source(where: str, item: UrlSource | AnnotationSource, role: str) -> None:
         if isinstance(item, UrlSource):
-            found.append((f"{where}.url_list", item.url_list))
+            found.append((f"{where}.url_list", item.url_list, "url_list"))
         else:
-            found.extend((f"{where}.annotations.{i}", a) for i, a in enumerate(item.annotations))
-            found.append((f"{where}.image_root", item.image_root))
+            found.extend((f"{where}.annotations.{i}", a, role) for i, a in enumerate(item.annotations))
+            found.append((f"{where}.image_root", item.image_root, "image_root"))
 
     for index, item in enumerate(recipe.pretrain_data):
-        source(f"pretrain_data.{index}", item)
+        source(f"pretrain_data.{index}", item, "pretrain")
     if recipe.vision_init is not None:
         init = recipe.vision_init
-        found.append(("vision_init.annotations", init.annotations))
+        found.append(("vision_init.annotations", init.annotations, "labelled"))
         if init.eval_annotations is not None:
-            found.append(("vision_init.eval_annotations", init.eval_annotations))
-        found.append(("vision_init.image_root", init.image_root))
+            found.append(("vision_init.eval_annotations", init.eval_annotations, "labelled"))
+        found.append(("vision_init.image_root", init.image_root, "image_root"))
     for index, task in enumerate(recipe.tasks):
         for part, item in enumerate(task.train_data):
-            source(f"tasks.{index}.train_data.{part}", item)
-        source(f"tasks.{index}.eval_data", task.eval_data)
+            source(f"tasks.{index}.train_data.{part}", item, task.task)
+        source(f"tasks.{index}.eval_data", task.eval_data, task.task)
         for key, value in task.evaluate_args.items():
             if is_path_argument(value):
-                found.append((f"tasks.{index}.evaluate_args.{key}", value))
+                found.append((f"tasks.{index}.evaluate_args.{key}", value, "argument"))
     return found
+
+
+# ---- the demo world's files ----------------------------------------------------------------------
+# The split files that codis.data.demo_world.generate_demo_world writes per folder, from the
+# DemoWorldConfig field that sizes them. tests/test_recipes.py holds demo_world_files to a
+# generated world's manifest, so the two cannot drift apart.
+_DEMO_SPLIT_FILES = {"retrieval": "retrieval_images", "vqa": "vqa_images", "nlvr": "nlvr_pairs",
+                     "ve": "ve_images", "classification": "classification_images"}
+_DEMO_URL_LIST = "pretrain/urls.parquet"  # the one url list codis.data.download.download_demo serves
+
+
+def demo_world_files(world: DemoWorldConfig) -> dict[str, int | None]:
+    """The files of a demo world of ``world``'s sizes (paths under ``demo://``) and the samples each
+    holds: records of an annotation file, pairs that download from the url list (its dead and
+    non-image rows fail by design); None for files that hold no samples."""
+    per_item = {"retrieval": CAPTIONS_PER_RETRIEVAL_IMAGE, "vqa": world.questions_per_image,
+                "ve": world.hypotheses_per_image}
+    pairs = world.pretrain_images * world.captions_per_pretrain_image
+    files: dict[str, int | None] = {"pretrain/captions.json": pairs, _DEMO_URL_LIST: pairs}
+    for folder, field in _DEMO_SPLIT_FILES.items():
+        for split, count in getattr(world, field).items():
+            # retrieval: one record per caption for train, one per image (all captions) else
+            rows = count if folder == "retrieval" and split != "train" else count * per_item.get(folder, 1)
+            files[f"{folder}/{split}.json"] = rows
+    files.update({"vqa/answer_list.json": None, "meta/scenes.json": None,
+                  "meta/vqa_question_types.json": None, "manifest.json": None})
+    return files
+
+
+def _demo_name(value: str) -> str:
+    """The path under the demo world of a ``demo://`` value ("" for the world's root)."""
+    name = posixpath.normpath(value[len(DEMO_SCHEME):] or ".")
+    return "" if name == "." else name
+
+
+def _demo_choices(files: dict[str, int | None], role: str) -> list[str]:
+    """The demo world's paths that fit a path field of ``role`` (see :func:`_path_fields`): the
+    served url list, the root as image root, a task's own folder, any annotation file for
+    pretraining pairs or labelled images, any file for a task argument."""
+    if role == "url_list":
+        return [_DEMO_URL_LIST]
+    if role == "image_root":
+        return [""]  # annotation files name their images relative to the world's root
+    if role == "argument":
+        return list(files)
+    records = [name for name, rows in files.items() if rows is not None and name.endswith(".json")]
+    if role in TASKS:  # a task reads its own folder's layout (retrieval/, vqa/, ...)
+        return [name for name in records if name.startswith(f"{role}/")]
+    return records  # pretraining pairs or labelled images: any file whose records fit
+
+
+def _check_demo_paths(recipe: Recipe) -> None:
+    """Every ``demo://`` path names a file that the demo world generates and that fits its field
+    (a VQA task reads vqa/ files; only pretrain/urls.parquet is served for download)."""
+    assert recipe.demo_world is not None
+    files = demo_world_files(recipe.demo_world)
+    for where, value, role in _path_fields(recipe):
+        if not value.startswith(DEMO_SCHEME):
+            continue
+        choices = _demo_choices(files, role)
+        if _demo_name(value) in choices:
+            continue
+        valid = ", ".join(DEMO_SCHEME + name for name in choices)
+        if role == "image_root":
+            raise ValueError(f"{where}: {value!r}: the demo world's annotation files name their "
+                             f"images relative to its root; valid here: {valid}")
+        known = "the demo world generates" if _demo_name(value) not in files else "fits here"
+        raise ValueError(f"{where}: {value!r} is not a file that {known}; valid here: {valid}")
+
+
+def _demo_samples(recipe: Recipe, sources: list[Any]) -> tuple[int, str] | None:
+    """The samples that ``sources`` (url lists, annotation sources or file names) hold when every
+    file is one of the demo world, and a description of those files."""
+    assert recipe.demo_world is not None
+    files = demo_world_files(recipe.demo_world)
+    names = [path for item in sources for path in (
+        [item] if isinstance(item, str) else
+        [item.url_list] if isinstance(item, UrlSource) else item.annotations)]
+    if not names or not all(name.startswith(DEMO_SCHEME) for name in names):
+        return None
+    rows = [files.get(_demo_name(name)) for name in names]
+    if any(count is None for count in rows):
+        return None
+    return sum(rows), f"demo_world ({', '.join(names)})"
+
+
+def _check_demo_sizes(recipe: Recipe) -> None:
+    """Batches against the sizes of the demo world's files, before anything is generated: a batch
+    (or a global batch over processes) that the data cannot fill fails here, naming its field."""
+    pretrain = _demo_samples(recipe, recipe.pretrain_data)
+    if pretrain is not None:
+        for name, variant in recipe.variants.items():
+            check_pretrain_data(recipe.pretrain, variant, pretrain[0], where=f"variants.{name}",
+                                source=pretrain[1])
+    if recipe.vision_init is not None:
+        init = recipe.vision_init
+        found = _demo_samples(recipe, [init.annotations])
+        if found is not None:
+            check_batch_fits(found[0], init.train.batch_size, "vision_init.train.batch_size", found[1])
+    for index, task in enumerate(recipe.tasks):
+        where = f"tasks.{index}"
+        found = _demo_samples(recipe, task.train_data) if task.finetune else None
+        if found is not None:
+            task_schedule(task, found[0], recipe.steps_scale, where=where, source=found[1])
+        if task.text_assignment is not None and pretrain is not None:
+            text_assignment_schedule(task, pretrain[0], recipe.steps_scale, where=where,
+                                     source=pretrain[1])
 
 
 def resolve_path(value: str, world: str | Path | None, where: str = "path") -> Path:
@@ -669,7 +935,7 @@ def check_inputs(recipe: Recipe) -> None:
     """Every input outside the demo world exists (environment variables set, files and folders
     present): called before any work, so a typo fails in a second, not after hours."""
     problems = []
-    for where, value in _path_fields(recipe):
+    for where, value, _ in _path_fields(recipe):
         if value.startswith(DEMO_SCHEME):
             continue
         try:

@@ -21,22 +21,28 @@ of the report.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import shutil
+import signal
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 from prefect import flow
 
+from codis.cli import DEBUG_ENV, error_message
 from codis.files import atomic_write_json, atomic_write_text
 from codis.tasks import TASKS
 from flows import recipe as recipes
 from flows.compare import DEFAULT_METRICS, comparison_table, select_metrics
 from flows.launch import evaluation_processes
-from flows.recipe import Recipe, RecipeError, TaskSpec, UrlSource
+from flows.recipe import Recipe, TaskSpec, UrlSource
+from flows.server import PrefectApiError, prefect_api
 from flows.stages import (StageContext, analyze_task, download_task, evaluate_task,
                           finetune_task, generate_demo_task, pretrain_task, register_task,
                           report_task, run_logger, shard_task, stage_label, text_assignment_task,
@@ -78,6 +84,7 @@ def reproduce(recipe: str = "pipelines/demo.yaml", overrides: list[str] | None =
     tracker = Tracker(uri, spec.experiment,
                       artifact_location=default_artifact_location(root, spec.experiment),
                       system_metrics=spec.tracking.log_system_metrics)
+    tracker.end_stale_runs()  # what earlier runs killed with -9 left RUNNING
     from prefect.runtime import flow_run
 
     parent = tracker.start_run(f"{spec.name}-{run_id}", tags={
@@ -88,7 +95,8 @@ def reproduce(recipe: str = "pipelines/demo.yaml", overrides: list[str] | None =
                        "overrides": list(overrides or []), "run_dir": str(folder)})
     parent.log_artifact(folder / "recipe.yaml")
     ctx = StageContext(store=Store(root / "store"), tracker=tracker, parent_run_id=parent.run_id,
-                       run_dir=folder, progress=progress)
+                       run_dir=folder, progress=progress,
+                       keep_training_state=spec.store.keep_training_state)
     summary: dict[str, Any] = {"recipe": spec.name, "recipe_file": str(Path(recipe).resolve()),
                                "run_id": run_id, "run_dir": str(folder), "store": str(ctx.store.root),
                                "status": "running", "started": time.time(),
@@ -97,10 +105,10 @@ def reproduce(recipe: str = "pipelines/demo.yaml", overrides: list[str] | None =
                                "prefect_flow_run_id": flow_run.id, "stages": []}
     try:
         _reproduce(spec, ctx, summary, parent)
-    except BaseException:
+    except BaseException as error:
         summary["status"] = "failed"
         _write_summary(folder, summary)
-        tracker.end_run(parent, "FAILED")
+        tracker.end_after(parent, error)  # FAILED, or KILLED when interrupted
         raise
     summary["status"] = "completed"
     summary["finished"] = time.time()
@@ -249,11 +257,32 @@ def _reproduce(spec: Recipe, ctx: StageContext, summary: dict[str, Any], parent:
 
 
 # ---- command line --------------------------------------------------------------------------------
+@contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM raises SystemExit(143) meanwhile, so that cleanup runs (``finally`` blocks, MLflow
+    runs ending KILLED) instead of the process just vanishing. While the flow runs, Prefect turns
+    SIGTERM into its own TerminationSignal first, then passes it on to this handler."""
+    def terminate(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread: signals are not ours to handle
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flows.reproduce",
         description="Reproduce a recipe (pipelines/*.yaml) with Prefect and MLflow. Without a "
-                    "PREFECT_API_URL the flow runs against a temporary local Prefect API.")
+                    "PREFECT_API_URL the run starts a local Prefect server of its own, which ends "
+                    "with it (CODIS_PREFECT_STARTUP_TIMEOUT: seconds to wait for it, default "
+                    "300); with one, that API must answer within PREFECT_API_REQUEST_TIMEOUT.")
     parser.add_argument("--recipe", default="pipelines/demo.yaml", help="recipe file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                         help="override a recipe field, e.g. --set pretrain.train.steps=20 (repeatable)")
@@ -271,20 +300,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--validate", action="store_true",
                         help="only validate the recipe and its inputs, then exit")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of a bad-input error (also: {DEBUG_ENV}=1)")
     args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    if args.steps_scale is not None and not (math.isfinite(args.steps_scale) and args.steps_scale > 0):
+        print(f"error: --steps-scale: must be a finite number > 0, got {args.steps_scale}",
+              file=sys.stderr)
+        return 2
     try:
         spec = recipes.load_recipe(args.recipe, args.overrides, args.steps_scale)
         recipes.check_inputs(spec)
-    except RecipeError as error:
-        print(error, file=sys.stderr)
+    except (ValueError, FileNotFoundError) as error:  # RecipeError is a ValueError
+        if debug:
+            raise
+        print(f"error: {error_message(error)}", file=sys.stderr)
         return 2
     if args.validate:
         print(f"{args.recipe}: valid ({len(spec.variants)} variants, {len(spec.tasks)} tasks)")
         return 0
-    summary = reproduce(recipe=args.recipe, overrides=args.overrides, steps_scale=args.steps_scale,
-                        runs_root=args.runs_root, run_dir=args.run_dir, run_id=args.run_id,
-                        tracking_uri=args.tracking_uri, track=not args.no_tracking,
-                        progress=not args.no_progress)
+    with sigterm_as_exit():
+        try:
+            with prefect_api() as api:  # checked, or a local server stopped when this ends
+                print(f"Prefect API: {api.describe()}", flush=True)
+                summary = reproduce(recipe=args.recipe, overrides=args.overrides,
+                                    steps_scale=args.steps_scale, runs_root=args.runs_root,
+                                    run_dir=args.run_dir, run_id=args.run_id,
+                                    tracking_uri=args.tracking_uri, track=not args.no_tracking,
+                                    progress=not args.no_progress)
+        except PrefectApiError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        except (ValueError, FileNotFoundError, NotADirectoryError) as error:
+            # bad input found by a stage (a record, a checkpoint, a batch the data cannot fill)
+            if debug:
+                raise
+            print(f"error: {error_message(error)}", file=sys.stderr)
+            return 2
     print()
     print(f"report:      {summary['report']['html']}")
     print(f"             {summary['report']['markdown']}")
@@ -296,8 +348,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{summary['mlflow']['experiment']!r}")
         print(f"             mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000 "
               "--workers 1   (or: bash scripts/ui.sh)")
-    print("Prefect UI:  bash scripts/ui.sh  (this run used a temporary local API unless "
-          "PREFECT_API_URL was set)")
+    print("Prefect UI:  bash scripts/ui.sh  (it shows the runs recorded in $PREFECT_HOME; "
+          "with PREFECT_API_URL=http://127.0.0.1:4200/api runs go to its server)")
     return 0
 
 

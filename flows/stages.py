@@ -21,7 +21,9 @@ Each stage runs through :func:`run_stage`: its key comes from its parameters, th
 codis modules it runs (:func:`flows.fingerprint.code_fingerprint`) and its inputs
 (:mod:`flows.store`); a stage already complete in the store is skipped (its MLflow child run is
 tagged ``codis.cached=true`` and carries the stored metrics), otherwise it runs in its folder and
-its child run records parameters, live training metrics and the outputs' manifests.
+its child run records parameters, live training metrics and the outputs' manifests. Once a
+training stage (vision_init, pretrain, text_assignment, finetune) is complete, its resumable training state
+goes (:func:`drop_training_state`) unless the recipe's ``store.keep_training_state`` keeps it.
 
 Pretraining with one process runs in this process (the callback logs each ``log_every`` step to
 MLflow, ``metrics.jsonl`` and the Prefect log); with more it runs
@@ -37,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +102,7 @@ class StageContext:
     parent_run_id: str | None = None
     run_dir: Path | None = None
     progress: bool = True
+    keep_training_state: bool = False
 
 
 # ---- running one stage ---------------------------------------------------------------------------
@@ -107,14 +111,16 @@ Work = Callable[[Path, Any], StageOutput]
 
 def run_stage(ctx: StageContext, stage: str, label: str, params: dict[str, Any],
               inputs: dict[str, Any], work: Work, *, tags: dict[str, Any] | None = None,
-              ) -> StageResult:
+              verify: Sequence[str] = ()) -> StageResult:
     """Run ``work(folder, mlflow_run)`` as stage ``stage`` unless it is complete in the store; in
-    both cases record an MLflow child run ``<stage>[<label>]`` under ``ctx.parent_run_id``."""
+    both cases record an MLflow child run ``<stage>[<label>]`` under ``ctx.parent_run_id``.
+    ``verify``: the stage's shard folders, checked against their manifests before a completed
+    stage is reused (one that fails runs again: :meth:`flows.store.Store.lookup`)."""
     logger = run_logger()
     params = {**params, "code": code_fingerprint(stage, params.get("task"))}
     key, _ = ctx.store.prepare(stage, params, inputs)
     folder = ctx.store.folder(stage, key)
-    found = ctx.store.lookup(stage, key)
+    found = ctx.store.lookup(stage, key, verify=verify, log=logger.warning)
     name = f"{stage}[{label}]" if label else stage
     run_tags = {"codis.stage": stage, "codis.stage_key": key, "codis.stage_dir": str(folder),
                 "codis.cached": "true" if found else "false", **(tags or {})}
@@ -129,6 +135,7 @@ def run_stage(ctx: StageContext, stage: str, label: str, params: dict[str, Any],
                       "run_dir": str(ctx.run_dir) if ctx.run_dir else None, **_prefect_ids()}
         result = ctx.store.run(
             stage, params, inputs, lambda path: work(path, run), key=key, provenance=provenance,
+            verify=verify,
             on_wait=lambda: logger.info("%s: the same stage is running elsewhere; waiting", name))
         if result.cached:  # finished by a concurrent run while this one waited for the lock
             run.set_tags({"codis.cached": "true"})
@@ -216,7 +223,7 @@ def download_stage(ctx: StageContext, source: UrlSource, world: str | None = Non
                                     f"{prefix}.success_rate": float(totals["success_rate"])})
 
     return run_stage(ctx, "download", source.name, params, {"url_list": url_list}, work,
-                     tags={"codis.dataset": source.name})
+                     tags={"codis.dataset": source.name}, verify=["shards"])
 
 
 def shard_stage(ctx: StageContext, source: AnnotationSource, kind: str, world: str | None = None,
@@ -239,7 +246,7 @@ def shard_stage(ctx: StageContext, source: AnnotationSource, kind: str, world: s
                            metrics={f"shard.{label}.samples": float(manifest["num_samples"])})
 
     return run_stage(ctx, "shard", label, params, {"annotations": files, "image_root": image_root},
-                     work, tags={"codis.dataset": label, "codis.kind": kind})
+                     work, tags={"codis.dataset": label, "codis.kind": kind}, verify=["shards"])
 
 
 def vision_init_stage(ctx: StageContext, spec: VisionInitSpec, vision: VisionConfig,
@@ -268,7 +275,8 @@ def vision_init_stage(ctx: StageContext, spec: VisionInitSpec, vision: VisionCon
             metrics={**sink.final(), **{f"vision_init.{k}": float(v) for k, v in scores.items()
                                         if k.startswith("balanced_accuracy")}})
 
-    return run_stage(ctx, "vision_init", "vision_init", params, inputs, work)
+    return drop_training_state(
+        ctx, run_stage(ctx, "vision_init", "vision_init", params, inputs, work))
 
 
 def pretrain_stage(ctx: StageContext, name: str, variant: VariantSpec, spec: PretrainSpec,
@@ -277,11 +285,9 @@ def pretrain_stage(ctx: StageContext, name: str, variant: VariantSpec, spec: Pre
     """Pretrain one model variant on the tar files of ``shards`` (folders of shard stages);
     ``vision_weights`` (a vision_init stage's weights file) initialises its ViT."""
     tars = shard_files(shards)
-    config = recipes.pretrain_config(spec, variant, tars, "<stage folder>", steps_scale,
-                                     where=f"variants.{name}")
-    if vision_weights is not None:
-        vision = dataclasses.replace(config.model.vision, pretrained=str(vision_weights))
-        config = dataclasses.replace(config, model=config.model.replace(vision=vision))
+    # The same function builds torchrun's run.yaml for multi-node runs (flows.pretrain_entry).
+    config = launch.pretrain_run_config(spec, name, variant, shards, "<stage folder>", steps_scale,
+                                        vision_weights)
     run_config = config.to_dict()
     run_config.pop("output_dir")
     run_config["data"].pop("shards")  # the inputs' identities stand for them in the key
@@ -317,9 +323,24 @@ def pretrain_stage(ctx: StageContext, name: str, variant: VariantSpec, spec: Pre
                            metrics=sink.final() or _final_from_jsonl(jsonl, "pretrain"),
                            info={"machine": describe_machine()})
 
-    return run_stage(ctx, "pretrain", name, params, inputs, work,
-                     tags={"codis.variant": name, "codis.mode": config.model.mode,
-                           "codis.launcher": launch.launcher(spec)})
+    return drop_training_state(ctx, run_stage(
+        ctx, "pretrain", name, params, inputs, work,
+        tags={"codis.variant": name, "codis.mode": config.model.mode,
+              "codis.launcher": launch.launcher(spec)}))
+
+
+TRAINING_STATE = "checkpoints"
+"""Where :func:`codis.train.fit` keeps a stage's resumable training state (``step-*.pt``)."""
+
+
+def drop_training_state(ctx: StageContext, result: StageResult) -> StageResult:
+    """Delete a finished training stage's resumable state unless the recipe keeps it
+    (``store.keep_training_state``). Called after the marker is written: a kill before it leaves
+    the state for the re-run to resume from, a kill after it leaves files that the next run
+    which uses the stage deletes (a cached stage included)."""
+    if not ctx.keep_training_state:
+        shutil.rmtree(Path(result.path) / TRAINING_STATE, ignore_errors=True)
+    return result
 
 
 def _final_from_jsonl(path: Path, prefix: str) -> dict[str, float]:
@@ -348,9 +369,9 @@ def text_assignment_stage(ctx: StageContext, spec: TaskSpec, pretrained: str,
         return StageOutput(outputs={"model": "model.pt", "metrics": "metrics.jsonl"},
                            metrics=sink.final())
 
-    return run_stage(ctx, "text_assignment", label, params,
-                     {"pretrained": pretrained, "shards": tars}, work,
-                     tags={"codis.task": spec.task, "codis.dataset": spec.name, "codis.variant": variant})
+    return drop_training_state(ctx, run_stage(
+        ctx, "text_assignment", label, params, {"pretrained": pretrained, "shards": tars}, work,
+        tags={"codis.task": spec.task, "codis.dataset": spec.name, "codis.variant": variant}))
 
 
 def finetune_stage(ctx: StageContext, spec: TaskSpec, pretrained: str, train_shards: Sequence[str],
@@ -374,8 +395,9 @@ def finetune_stage(ctx: StageContext, spec: TaskSpec, pretrained: str, train_sha
                            metrics=sink.final())
 
     inputs = {"pretrained": pretrained, "shards": shard_files(train_shards)}
-    return run_stage(ctx, "finetune", label, params, inputs, work,
-                     tags={"codis.task": spec.task, "codis.dataset": spec.name, "codis.variant": variant})
+    return drop_training_state(ctx, run_stage(
+        ctx, "finetune", label, params, inputs, work,
+        tags={"codis.task": spec.task, "codis.dataset": spec.name, "codis.variant": variant}))
 
 
 def evaluate_stage(ctx: StageContext, spec: TaskSpec, checkpoint: str, eval_shards: str,

@@ -15,6 +15,15 @@ and tar shards). Stages therefore write in place rather than in a temporary fold
 end: the folder's path never changes, so the paths recorded inside checkpoints and run configs
 stay true, and an interrupted stage resumes instead of starting over.
 
+A completed stage whose outputs are shard folders lists them in its marker's ``verify`` (the
+download and shard stages pass ``verify=["shards"]``): before such a stage is returned as done,
+each folder's shards are checked against its manifest (size and sha256,
+:func:`codis.data.shards.verify_shards`; digests are cached in the folder by file size and mtime,
+so a check of unchanged files costs a ``stat`` each). A stage that fails the check is not reused:
+the differing shard files are deleted, the marker is moved aside to ``_stage.rejected.json``
+(:data:`REJECTED`, with the reason) and the log names the shards; the stage then runs again in its
+folder, rewriting just those shards (write_shards and the download both redo a missing shard).
+
 Two reproductions running the same stage at once are serialised by an exclusive ``flock`` on
 ``<store>/<stage>/.locks/<key>.lock``: the second waits, then finds the marker and skips. Different keys
 never share a folder. (``flock`` is per host; on a shared network file system give each host its
@@ -24,21 +33,26 @@ own store or one writer per stage.)
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
+import logging
 import os
 import socket
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
+from codis.data.shards import verify_mode, verify_shards
 from codis.files import atomic_write_json, sha256_file
+from codis.processes import file_lock
+
+_LOG = logging.getLogger(__name__)
 
 MARKER = "_stage.json"
 STARTED = "_stage.started.json"
+REJECTED = "_stage.rejected.json"
+"""Where a completed stage's marker goes when its outputs fail their check (see the module doc)."""
 KEY_VERSION = 1
 """Part of every key: bump it when the stage functions change what they write."""
 KEY_LENGTH = 16
@@ -160,27 +174,13 @@ class StageResult:
 @dataclass(frozen=True)
 class StageOutput:
     """What a stage's work function returns: ``outputs`` (paths relative to the stage folder,
-    lists of them, or other JSON values) and ``metrics`` (floats)."""
+    lists of them, or other JSON values), ``metrics`` (floats), and ``verify``: shard folders
+    (relative to the stage folder) checked against their manifests whenever the stage is reused."""
 
     outputs: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
-
-
-@contextmanager
-def _locked(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if on_wait is not None:
-                on_wait()
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    verify: list[str] = field(default_factory=list)
 
 
 class Store:
@@ -192,13 +192,42 @@ class Store:
     def folder(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
-    def lookup(self, stage: str, key: str) -> StageResult | None:
-        """The completed stage ``stage/key``, or None."""
+    def lookup(self, stage: str, key: str, *, verify: Sequence[str] = (),
+               log: Callable[[str], None] | None = None) -> StageResult | None:
+        """The completed stage ``stage/key``, or None: also when a shard folder listed by its
+        marker's ``verify`` field or by ``verify`` (for markers written without the field) differs
+        from its manifest. Then the differing shards are deleted, the marker moved to
+        :data:`REJECTED`, and ``log`` (default: this module's logger) told which shards failed, so
+        that running the stage again redoes them."""
         folder = self.folder(stage, key)
-        marker = folder / MARKER
-        if not marker.is_file():
+        path = folder / MARKER
+        if not path.is_file():
             return None
-        return StageResult.from_marker(folder, json.loads(marker.read_text(encoding="utf-8")), True)
+        marker = json.loads(path.read_text(encoding="utf-8"))
+        if not self._intact(folder, marker, verify, log or _LOG.warning):
+            return None
+        return StageResult.from_marker(folder, marker, True)
+
+    def _intact(self, folder: Path, marker: dict[str, Any], verify: Sequence[str],
+                log: Callable[[str], None]) -> bool:
+        """Check the shard folders a completed stage lists; reject the stage if one differs."""
+        mode = verify_mode()  # a bad setting is an error of its own, not a broken stage
+        for relative in dict.fromkeys([*marker.get("verify", []), *verify]):
+            try:
+                verify_shards(folder / relative, mode=mode)
+            except (ValueError, FileNotFoundError) as error:  # ShardIntegrityError, bad manifest
+                for shard in getattr(error, "paths", []):
+                    shard.unlink(missing_ok=True)
+                try:
+                    atomic_write_json(folder / REJECTED, {**marker, "rejected": {
+                        "time": time.time(), "folder": relative, "reason": str(error)}})
+                    (folder / MARKER).unlink()
+                except FileNotFoundError:  # rejected by a concurrent lookup already
+                    pass
+                log(f"{marker['stage']}/{marker['key']}: not reused, {relative}/ fails its "
+                    f"check: {error}; the stage runs again")
+                return False
+        return True
 
     def prepare(self, stage: str, params: Mapping[str, Any], inputs: InputPaths) -> tuple[str, dict]:
         """The key of a stage call and its inputs' identities (nothing is written)."""
@@ -208,23 +237,27 @@ class Store:
     def run(self, stage: str, params: Mapping[str, Any], inputs: InputPaths,
             work: Callable[[Path], StageOutput], *, key: str | None = None,
             on_wait: Callable[[], None] | None = None,
-            provenance: Mapping[str, Any] | None = None) -> StageResult:
-        """Run ``work(folder)`` unless ``stage`` with these parameters and inputs is complete.
+            provenance: Mapping[str, Any] | None = None,
+            verify: Sequence[str] = ()) -> StageResult:
+        """Run ``work(folder)`` unless ``stage`` with these parameters and inputs is complete (and
+        its shard folders, ``verify`` and those its marker lists, pass their check: see
+        :meth:`lookup`).
 
         ``work`` writes its files into ``folder`` (which may hold a previous attempt's files) and
-        returns their names; the marker is written after it returns. An exception leaves the
-        folder without a marker, to be resumed by the next call."""
+        returns their names; the marker is written after it returns, listing ``verify`` and the
+        output's ``verify`` as the folders to check on reuse. An exception leaves the folder
+        without a marker, to be resumed by the next call."""
         params = json.loads(canonical_json(params))
         computed, ids = self.prepare(stage, params, inputs)
         if key is not None and key != computed:
             raise ValueError(f"stage {stage}: key {key} does not match its inputs ({computed})")
         key = computed
-        found = self.lookup(stage, key)
+        found = self.lookup(stage, key, verify=verify)
         if found is not None:
             return found
         folder = self.folder(stage, key)
-        with _locked(self.root / stage / ".locks" / f"{key}.lock", on_wait):
-            found = self.lookup(stage, key)  # finished by someone else while we waited
+        with file_lock(self.root / stage / ".locks" / f"{key}.lock", on_wait):
+            found = self.lookup(stage, key, verify=verify)  # finished elsewhere while we waited
             if found is not None:
                 return found
             folder.mkdir(parents=True, exist_ok=True)
@@ -237,7 +270,8 @@ class Store:
             marker = {
                 "format": 1, "stage": stage, "key": key, "params": params, "inputs": ids,
                 "input_paths": _paths(inputs), "outputs": output.outputs,
-                "metrics": output.metrics, "info": output.info, "started": started,
+                "metrics": output.metrics, "info": output.info,
+                "verify": list(dict.fromkeys([*verify, *output.verify])), "started": started,
                 "finished": time.time(), "duration_s": round(time.time() - started, 3),
                 "resumed": resumed, "host": socket.gethostname(), "pid": os.getpid(),
                 "provenance": dict(provenance or {}),

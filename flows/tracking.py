@@ -21,23 +21,59 @@ thread-local "active run", so stages may run in other threads or processes. Layo
   folder holding ``model.pt`` (what :func:`codis.model.load_model` reads). Aliases:
   ``candidate`` on every new version, ``champion`` on a version whose score beats the current
   champion's (tags ``codis.score`` / ``codis.score_name``).
+
+Concurrent reproductions may share one store and one MLflow database:
+
+* a local ``sqlite:///`` database is created (MLflow's schema migrations) and the experiment
+  looked up or created under an exclusive ``flock`` on ``<db>.lock`` beside it, so two first
+  runs in a fresh folder do not both migrate it; creating an experiment or a registered model
+  that a concurrent run just created is not an error;
+* registering a version is serialised per model by a ``flock`` on a file in ``<db>.locks/``
+  (local database): the check for a version carrying the stage's ``codis.stage_key``, the new
+  version and its aliases happen as one step, so a checkpoint is registered once, ``candidate``
+  only moves to a newer version and ``champion`` only to a better score. Against a tracking
+  server (no shared lock) the new version is checked afterwards: of the versions with the same
+  stage key the lowest number is kept and a duplicate just created is deleted again (aliases
+  are then best effort: two registrations at the same instant may each miss the other's).
+
+Run states: ``FINISHED``; ``FAILED`` when the stage or the reproduction raised an error;
+``KILLED`` when it was stopped from outside (Ctrl-C, SIGTERM, Prefect cancelling it: every
+:class:`BaseException` that is not an :class:`Exception`). Ctrl-C and SIGTERM wait until the
+MLflow call under way has returned (:func:`signals_deferred`): one raised inside a SQLite write
+would leave the database locked and the run impossible to end. A process killed outright (``kill
+-9``, a lost machine) cannot end its runs, so every run carries the tags ``codis.host`` and
+``codis.pid`` of the process that created it, and :meth:`Tracker.end_stale_runs` (called when a
+reproduction starts) ends the experiment's runs still ``RUNNING`` whose process on this host is
+gone, or is no longer the Python process that created them, as ``KILLED`` with the tag
+``codis.ended_by=cleanup``. (Host names must therefore differ between machines sharing one
+database, as they do between hosts and Kubernetes pods.)
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.util
 import json
 import logging
 import math
 import os
-from contextlib import contextmanager
+import re
+import signal
+import socket
+import threading
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, ContextManager, Iterator, Mapping
+
+from codis.processes import file_lock
 
 log = logging.getLogger(__name__)
 
 PARAM_LIMIT = 6000  # MLflow's maximum parameter value length
 CANDIDATE, CHAMPION = "candidate", "champion"
+STAGE_KEY, HOST, PID, ENDED_BY = "codis.stage_key", "codis.host", "codis.pid", "codis.ended_by"
+ALREADY_EXISTS, DOES_NOT_EXIST = "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"
 
 
 def default_tracking_uri(runs_root: str | Path) -> str:
@@ -53,6 +89,106 @@ def resolve_tracking_uri(tracking_uri: str | None, runs_root: str | Path) -> str
 
 def default_artifact_location(runs_root: str | Path, experiment: str) -> str:
     return (Path(runs_root) / "mlartifacts" / experiment).resolve().as_uri()
+
+
+def sqlite_file(uri: str | None) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (``sqlite:////abs/path`` or a relative
+    ``sqlite:///path``), else None (a server, an in-memory database)."""
+    if not uri or not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def ending_status(error: BaseException) -> str:
+    """The state of a run that ``error`` ended: ``FAILED`` for an error of the code, ``KILLED``
+    when the run was stopped from outside (KeyboardInterrupt, SystemExit, Prefect's
+    TerminationSignal: BaseExceptions that are not Exceptions)."""
+    return "FAILED" if isinstance(error, Exception) else "KILLED"
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held back until the block ends, then delivered to their handlers.
+
+    An exception that a signal handler raises in the middle of an MLflow call on a SQLite store
+    leaves that call's transaction open: the database stays locked for every later write of the
+    process, and the interrupted run could not even be ended (measured: "database is locked" after
+    the 20 s busy timeout). Python runs signal handlers in the main thread only, so other threads
+    need nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous: dict[int, Any] = {}
+    for number in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(number)
+        if handler is not None:  # None: set outside Python, and not restorable from here
+            previous[number] = signal.signal(number, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in caught:
+            signal.raise_signal(number)
+
+
+class _Deferring:
+    """An MlflowClient whose calls each run under :func:`signals_deferred`."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._client, name)
+        if not callable(value):
+            return value
+
+        @functools.wraps(value)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with signals_deferred():
+                return value(*args, **kwargs)
+
+        return call
+
+
+def _process_start(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), from /proc; None without it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+    except (OSError, StopIteration, ValueError):
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # the name in parentheses may hold spaces
+    return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
+def process_alive(pid: int, since_ms: int | None = None) -> bool:
+    """Whether ``pid`` is still the live Python process of this user that started before
+    ``since_ms`` (a run's start time): a pid that the system handed to another process since
+    (a shell, a later python) is not the run's process."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False  # another user's process: not the one that created our run
+    proc = Path(f"/proc/{pid}")
+    if not proc.is_dir():
+        return True  # no procfs (macOS): the signal check is all there is
+    try:
+        command = (proc / "cmdline").read_bytes().lower()  # empty for a zombie
+    except OSError:
+        return False
+    if b"python" not in command:
+        return False
+    started = _process_start(pid)
+    # btime has a resolution of one second, hence the margin.
+    return started is None or since_ms is None or started <= since_ms / 1000 + 2
 
 
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -137,19 +273,38 @@ class Tracker:
         self.system_metrics = system_metrics and system_metrics_available()
         self.client: Any = None
         self.experiment_id: str | None = None
+        self.database: Path | None = None
         if uri is None:
             return
         from mlflow import MlflowClient
 
-        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        found = self.client.get_experiment_by_name(experiment)
-        if found is not None:
-            self.experiment_id = found.experiment_id
-        else:
-            # Only a local store gets an explicit artifact folder; a tracking server decides its own.
+        self.database = sqlite_file(uri)
+        # The first client of a fresh database runs MLflow's migrations: two at once fail
+        # ("table ... already exists"), hence one at a time.
+        with self._lock(self.database.with_name(self.database.name + ".lock")
+                        if self.database else None), signals_deferred():
+            self.client = _Deferring(MlflowClient(tracking_uri=uri, registry_uri=uri))
+            # Only a local store gets an explicit artifact folder; a server decides its own.
             local = uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
-            self.experiment_id = self.client.create_experiment(
-                experiment, artifact_location=artifact_location if local else None)
+            self.experiment_id = self._experiment(experiment,
+                                                  artifact_location if local else None)
+
+    @staticmethod
+    def _lock(path: Path | None) -> ContextManager[None]:
+        return file_lock(path) if path is not None else nullcontext()
+
+    def _experiment(self, name: str, artifact_location: str | None) -> str:
+        from mlflow.exceptions import MlflowException
+
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException as error:  # created meanwhile by a concurrent run (on a server)
+            if error.error_code != ALREADY_EXISTS:
+                raise
+        return self.client.get_experiment_by_name(name).experiment_id
 
     @property
     def enabled(self) -> bool:
@@ -159,7 +314,8 @@ class Tracker:
                   tags: Mapping[str, Any] | None = None) -> RunHandle:
         if not self.enabled:
             return RunHandle(None, None)
-        all_tags = {k: str(v) for k, v in (tags or {}).items() if v is not None}
+        all_tags = {HOST: socket.gethostname(), PID: str(os.getpid()),
+                    **{k: str(v) for k, v in (tags or {}).items() if v is not None}}
         if parent:
             all_tags["mlflow.parentRunId"] = parent
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
@@ -169,23 +325,63 @@ class Tracker:
         if handle.enabled:
             self.client.set_terminated(handle.run_id, status)
 
+    def end_after(self, handle: RunHandle, error: BaseException) -> None:
+        """End ``handle`` as ``error`` ended it (:func:`ending_status`), while ``error``
+        propagates: a failure to record that is logged, never raised over ``error``."""
+        try:
+            self.end_run(handle, ending_status(error))
+        except Exception as failure:  # noqa: BLE001 - the original error matters more
+            log.warning("could not end MLflow run %s: %s", handle.run_id, failure)
+
+    def end_stale_runs(self) -> list[str]:
+        """End as ``KILLED`` (tag ``codis.ended_by=cleanup``) the runs of the experiment still
+        ``RUNNING`` whose creating process on this host (tags ``codis.host``/``codis.pid``) is
+        gone (:func:`process_alive`): what ``kill -9`` leaves. Returns their ids."""
+        if not self.enabled:
+            return []
+        ended: list[str] = []
+        token = None
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id], max_results=1000, page_token=token,
+                filter_string=f"attributes.status = 'RUNNING' and "
+                              f"tags.`{HOST}` = '{socket.gethostname()}'")
+            for run in page:
+                try:
+                    pid = int(run.data.tags.get(PID, ""))
+                except ValueError:
+                    continue
+                if process_alive(pid, run.info.start_time):
+                    continue
+                self.client.set_tag(run.info.run_id, ENDED_BY, "cleanup")
+                self.client.set_terminated(run.info.run_id, "KILLED")
+                ended.append(run.info.run_id)
+            token = page.token
+            if not token:
+                break
+        if ended:
+            log.info("ended %d MLflow run(s) left RUNNING by dead processes", len(ended))
+        return ended
+
     @contextmanager
     def stage_run(self, name: str, *, parent: str | None, tags: Mapping[str, Any],
                   params: Mapping[str, Any] | None = None) -> Iterator[RunHandle]:
-        """A child run around one stage: FINISHED on success, FAILED on an exception, with system
-        metrics sampled meanwhile where psutil is installed."""
-        handle = self.start_run(name, parent=parent, tags=tags)
-        handle.log_params(params or {})
-        monitor = None
-        if handle.enabled and self.system_metrics:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            monitor = SystemMetricsMonitor(handle.run_id, tracking_uri=self.uri)
-            monitor.start()
+        """A child run around one stage: FINISHED on success, FAILED on an error, KILLED when
+        interrupted (:func:`ending_status`), with system metrics sampled meanwhile where psutil
+        is installed."""
+        handle, monitor = RunHandle(None, None), None
         try:
+            with signals_deferred():  # an interrupt right after the run exists still ends it
+                handle = self.start_run(name, parent=parent, tags=tags)
+            handle.log_params(params or {})
+            if handle.enabled and self.system_metrics:
+                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+                monitor = SystemMetricsMonitor(handle.run_id, tracking_uri=self.uri)
+                monitor.start()
             yield handle
-        except BaseException:
-            self.end_run(handle, "FAILED")
+        except BaseException as error:
+            self.end_after(handle, error)
             raise
         finally:
             if monitor is not None:
@@ -201,36 +397,84 @@ class Tracker:
         ``model_name`` with the ``candidate`` alias, and ``champion`` when ``score`` beats the
         current champion's (higher is better; a champion without a score always loses).
 
-        Idempotent by ``stage_key``: a version already registered for it is returned unchanged."""
+        Idempotent by ``stage_key``: a version already registered for it is returned unchanged,
+        also when a concurrent run registers the same checkpoint (see the module docstring)."""
         if not self.enabled or not handle.enabled:
             return {"registered": False, "reason": "tracking is off"}
-        from mlflow.exceptions import MlflowException
-
-        client = self.client
-        try:
-            client.get_registered_model(model_name)
-        except MlflowException:
-            client.create_registered_model(
-                model_name, description="codis-pipeline checkpoints (model.pt for "
-                                        "codis.model.load_model or the task's loader)")
-        for version in client.search_model_versions(f"name='{model_name}'"):
-            if version.tags.get("codis.stage_key") == stage_key:
-                return {"registered": False, "model": model_name, "version": int(version.version),
-                        "aliases": list(version.aliases), "reason": "already registered"}
-        handle.log_artifact(checkpoint, "checkpoint")
-        version_tags = {"codis.stage_key": stage_key, **{k: str(v) for k, v in (tags or {}).items()}}
-        if score is not None:
-            version_tags.update({"codis.score": repr(float(score)), "codis.score_name": score_name or ""})
-        version = client.create_model_version(
-            model_name, source=f"runs:/{handle.run_id}/checkpoint", run_id=handle.run_id,
-            tags=version_tags)
-        client.set_registered_model_alias(model_name, CANDIDATE, version.version)
-        aliases = [CANDIDATE]
-        if score is not None and self._beats_champion(model_name, float(score)):
-            client.set_registered_model_alias(model_name, CHAMPION, version.version)
-            aliases.append(CHAMPION)
+        self._ensure_registered_model(model_name)
+        with self._lock(self._registry_lock(model_name)):
+            found = self._version_for(model_name, stage_key)
+            if found is not None:
+                return self._existing(found, "already registered")
+            handle.log_artifact(checkpoint, "checkpoint")
+            version_tags = {STAGE_KEY: stage_key, **{k: str(v) for k, v in (tags or {}).items()}}
+            if score is not None:
+                version_tags.update({"codis.score": repr(float(score)),
+                                     "codis.score_name": score_name or ""})
+            version = self.client.create_model_version(
+                model_name, source=f"runs:/{handle.run_id}/checkpoint", run_id=handle.run_id,
+                tags=version_tags)
+            kept = self._version_for(model_name, stage_key) or version
+            if int(kept.version) != int(version.version):
+                # A concurrent run (on a server: no lock) registered the same key first.
+                self.client.delete_model_version(model_name, version.version)
+                return self._existing(kept, "registered concurrently")
+            aliases = []
+            if self._newer_than(model_name, CANDIDATE, int(version.version)):
+                self.client.set_registered_model_alias(model_name, CANDIDATE, version.version)
+                aliases.append(CANDIDATE)
+            if score is not None and self._beats_champion(model_name, float(score)):
+                self.client.set_registered_model_alias(model_name, CHAMPION, version.version)
+                aliases.append(CHAMPION)
         return {"registered": True, "model": model_name, "version": int(version.version),
                 "aliases": aliases}
+
+    def _registry_lock(self, model_name: str) -> Path | None:
+        """The lock serialising registrations of ``model_name`` in a local database."""
+        if self.database is None:
+            return None
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", model_name)[:80]
+        digest = hashlib.sha256(model_name.encode()).hexdigest()[:8]
+        return self.database.with_name(self.database.name + ".locks") / f"{safe}-{digest}.lock"
+
+    def _ensure_registered_model(self, model_name: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(model_name)
+            return
+        except MlflowException as error:
+            if error.error_code != DOES_NOT_EXIST:
+                raise
+        try:
+            self.client.create_registered_model(
+                model_name, description="codis-pipeline checkpoints (model.pt for "
+                                        "codis.model.load_model or the task's loader)")
+        except MlflowException as error:  # a concurrent run created it meanwhile
+            if error.error_code != ALREADY_EXISTS:
+                raise
+
+    def _version_for(self, model_name: str, stage_key: str) -> Any | None:
+        """The lowest version of ``model_name`` registered for ``stage_key``, or None."""
+        same = [v for v in self.client.search_model_versions(f"name='{model_name}'")
+                if v.tags.get(STAGE_KEY) == stage_key]
+        return min(same, key=lambda v: int(v.version)) if same else None
+
+    def _existing(self, version: Any, reason: str) -> dict[str, Any]:
+        # Versions from a search carry no aliases; a version read on its own does.
+        version = self.client.get_model_version(version.name, version.version)
+        return {"registered": False, "model": version.name, "version": int(version.version),
+                "aliases": sorted(version.aliases), "reason": reason}
+
+    def _newer_than(self, model_name: str, alias: str, version: int) -> bool:
+        """Whether ``version`` is newer than the one ``alias`` names (True without one)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            held = self.client.get_model_version_by_alias(model_name, alias)
+        except MlflowException:
+            return True
+        return version > int(held.version)
 
     def _beats_champion(self, model_name: str, score: float) -> bool:
         from mlflow.exceptions import MlflowException

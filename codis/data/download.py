@@ -6,6 +6,16 @@ handler). This module adds what a reproducible pipeline needs around it:
 
 * the URL list and the config are checked before anything starts (missing columns name themselves
   and the file);
+* the subprocess dies with its caller. img2dataset runs in its own process group (a session) under
+  a small ``sh`` guard that has Linux's parent-death signal set (``prctl(PR_SET_PDEATHSIG)``): when
+  the caller dies, even by ``kill -9``, the guard kills the whole group (img2dataset, its spawn
+  workers, its logger). Before that, an orphan went on downloading after the loopback server (a
+  thread of the caller) had died, wrote every remaining shard full of "Connection refused", and the
+  re-run took those shards as finished. The group id is recorded in ``_work/img2dataset.json``
+  with a random token that every member carries in its environment; each run first kills a group
+  left over from an earlier one (only once a member of that group is seen to carry the token, so a
+  reused id is never hit). Elsewhere than Linux there is no parent-death signal: the leftover
+  sweep then needs ``/proc`` and does nothing without it;
 * resuming: img2dataset always runs with ``--incremental_mode incremental``. img2dataset 1.47.0
   takes a shard as done when ``NNNNN_stats.json`` exists in the output folder (it globs ``*.json``
   there and parses the number before ``_``); a shard writes that file only after its ``.tar`` and
@@ -17,14 +27,39 @@ handler). This module adds what a reproducible pipeline needs around it:
   would mix two datasets). A user re-running an interrupted download sees the shard progress bar
   start at k/n (and, at INFO level, "resuming: k of n shards already done"); only the missing
   shards are fetched, from their first URL, and finished shards are not touched. Re-running a
-  complete download starts no subprocess and only rewrites the manifest.
-* a manifest (``manifest.json``, written atomically once every shard is there) with the totals,
-  the failure reasons, every shard's sample count and sha256, the config, and the source list's
-  sha256. It is removed before img2dataset starts (img2dataset would read it as a shard's stats
-  file and crash), so its presence means the folder is complete.
+  complete download starts no subprocess and only rewrites the manifest;
+* a re-run retries what failed: a finished shard is redone (logged as "shard N is redone: ...")
+  when its success rate is below ``min_success_rate`` (whatever its failures were: a re-run is how
+  one retries after fixing a server, the network or ``base_url``), or when most of its failures
+  are transient (:func:`is_transient`: connection refused / reset, timeouts, name resolution that
+  may succeed later, HTTP 429 and 5xx). An outage (a server down, a lost network, an orphan
+  downloader) makes transient failures dominate a shard; an ordinary web list fails mostly for good
+  (404, 403, dead hosts, bodies that are not images) with a sprinkle of timeouts, and redoing whole
+  shards for those would turn every resume of a CC3M download into a full one. Permanent failures
+  (404, not an image) stay failures;
+* a success threshold: ``DownloadConfig.min_success_rate`` (default 0.5) of the list's rows must
+  become samples, or :class:`DownloadError` is raised (naming the list, the rate, the most frequent
+  failure reasons and what to do) and no manifest is written, so the stage is not complete;
+* deterministic content: img2dataset writes samples in the order its threads finish and tar
+  headers with the current time, so two downloads of one list differed. Each finished shard is
+  rewritten canonically before it counts (before the success check and the manifest): tar members
+  sorted by key, then by name (``key.jpg``, ``key.json``, ``key.txt``), with fixed headers (mtime 0,
+  mode 0444, uid/gid 0, empty user and group names), and parquet rows sorted by key. When
+  ``base_url`` was given, the ``url`` in each sample's ``.json`` and in the parquet is the list's
+  own (relative) value, not the served address (the demo's loopback server has a new port every
+  run); the per-sample ``.json`` holds nothing else that changes between runs (url, caption, key,
+  status, error message, sizes). Rewrites are atomic; ``_work/canonical/NNNNN.json`` records the
+  sha256 of a shard's canonical tar and parquet, so an interrupted rewrite is redone and a
+  canonical shard is not rewritten again. Two downloads of the same list with the same settings
+  thus give byte-identical ``.tar`` and ``.parquet`` files and the same sha256s in the manifest
+  (as long as the same URLs succeed);
+* a manifest (``manifest.json``, written atomically once every shard is there and the threshold is
+  met) with the totals, the failure reasons, every shard's sample count and sha256, the config, and
+  the source list's sha256. It is removed before img2dataset starts (img2dataset would read it as a
+  shard's stats file and crash), so its presence means the folder is complete.
 
-Output layout is img2dataset's webdataset format: ``NNNNN.tar`` (``key.jpg``, ``key.txt``,
-``key.json``), ``NNNNN.parquet`` (one row per URL, failures included), ``NNNNN_stats.json``;
+Output layout is img2dataset's webdataset format: ``NNNNN.tar`` (``key.jpg``, ``key.json``,
+``key.txt``), ``NNNNN.parquet`` (one row per URL, failures included), ``NNNNN_stats.json``;
 plus ``download.log`` (img2dataset's output, appended per run), ``_work/`` and ``manifest.json``.
 """
 
@@ -32,31 +67,37 @@ from __future__ import annotations
 
 import dataclasses
 import http.server
+import io
 import json
 import logging
 import math
 import os
 import re
+import secrets
 import shutil
+import signal
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from dataclasses import dataclass
 from functools import partial
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import quote, urlsplit
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from codis.config import check, check_choice, check_int
+from codis.config import check, check_choice, check_int, check_number
 from codis.data.manifest import MANIFEST
 from codis.files import atomic_path, atomic_write_json, sha256_file
+from codis.processes import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +108,19 @@ ENCODE_FORMATS: tuple[str, ...] = ("jpg", "png", "webp")
 LOG_FILE = "download.log"
 WORK_DIR = "_work"
 REQUEST_FILE = "request.json"  # in _work/: what the shards in this folder were made from
+GROUP_FILE = "img2dataset.json"  # in _work/: the process group of a running img2dataset
+CANONICAL_DIR = "canonical"  # in _work/: NNNNN.json, the sha256s of a shard's canonical files
+_GROUP_ENV = "CODIS_IMG2DATASET_GROUP"  # every member of the group carries the run's token
+# Kills the whole process group when the guard is told its parent died (SIGTERM from the
+# parent-death signal) or is stopped; otherwise waits for img2dataset and exits with its status.
+_GUARD = 'trap "kill -KILL 0" TERM HUP INT; "$@" & wait $!'
+# Failures that a later attempt may not have: the peer or network was down or slow, or the server
+# said so (429, 5xx). urllib reports them as "<urlopen error [Errno 111] Connection refused>",
+# "timed out", "Remote end closed connection without response", "HTTP Error 503: ...".
+_TRANSIENT_RE = re.compile(
+    r"connection (refused|reset|aborted)|timed? ?out|temporary failure in name resolution"
+    r"|remote end closed|incompleteread|broken pipe|network is unreachable"
+    r"|\[errno (32|101|103|104|110|111|-3)\]|http error (429|5\d\d)\b", re.IGNORECASE)
 _STATS_RE = re.compile(r"^(\d+)_stats\.json$")
 _SHARD_DIGITS = 5  # img2dataset's oom_shard_count default: shard names are 00000, 00001, ...
 # Settings that change what the shards hold: resuming with any of them changed would mix datasets.
@@ -84,6 +138,13 @@ class DownloadConfig:
     the random crops would then see (img2dataset's default ``border``). 256 px is the paper's
     pretraining resolution. ``processes_count`` / ``thread_count`` / ``distributor`` only change
     speed, never the shards; ``input_format=None`` takes the format from the file's suffix.
+
+    ``min_success_rate``: the fraction of the list's rows that must become samples, else the
+    download raises :class:`DownloadError` and writes no manifest. 0.5 is far below what a healthy
+    download gives (the demo world loses 5 of 3005 rows on purpose; CC3M and SBU, years after
+    publication, still give roughly 70-80% through img2dataset) and far above what a broken one
+    gives (a server or network down, a wrong ``base_url`` or url column: nearly every row fails).
+    0 accepts any result.
     """
 
     url_col: str = "url"
@@ -100,6 +161,7 @@ class DownloadConfig:
     encode_format: str = "jpg"
     encode_quality: int = 95
     max_shard_retry: int = 1
+    min_success_rate: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("url_col", "caption_col"):
@@ -115,6 +177,7 @@ class DownloadConfig:
                      "timeout", "max_shard_retry"):
             check_int(getattr(self, name), f"DownloadConfig.{name}", 1)
         check_int(self.retries, "DownloadConfig.retries", 0)
+        check_number(self.min_success_rate, "DownloadConfig.min_success_rate", 0.0, 1.0)
         check_choice(self.resize_mode, "DownloadConfig.resize_mode", RESIZE_MODES)
         check_choice(self.distributor, "DownloadConfig.distributor", DISTRIBUTORS)
         check_choice(self.encode_format, "DownloadConfig.encode_format", ENCODE_FORMATS)
@@ -185,26 +248,39 @@ def validate_url_list(path: str | Path, config: DownloadConfig) -> int:
     return rows
 
 
+class DownloadError(RuntimeError):
+    """A download that finished below ``DownloadConfig.min_success_rate`` (no manifest written)."""
+
+
+def is_transient(reason: str) -> bool:
+    """Whether an img2dataset failure reason (a ``status_dict`` key, a parquet ``error_message``)
+    may not recur on another attempt: connection refused / reset, timeouts, temporary name
+    resolution failures, HTTP 429 and 5xx. 404s, dead hosts and undecodable bodies are permanent."""
+    return _TRANSIENT_RE.search(reason) is not None
+
+
 def _shard_name(shard_id: int) -> str:
     return f"{shard_id:0{_SHARD_DIGITS}d}"
+
+
+def _absolute_url(url: str | None, base_url: str) -> str | None:
+    if url is None or urlsplit(url).scheme:
+        return url
+    return base_url.rstrip("/") + "/" + quote(url.lstrip("/"))
+
+
+def _read_columns(path: Path, fmt: str, columns: list[str]) -> pa.Table:
+    if fmt == "parquet":
+        return pq.read_table(path, columns=columns)
+    return pa_csv.read_csv(path, parse_options=_csv_options(fmt)).select(columns)
 
 
 def _rewrite_with_base_url(path: Path, fmt: str, config: DownloadConfig, base_url: str,
                            work_dir: Path) -> Path:
     """Copy the list's url and caption columns to a parquet file with relative urls made absolute."""
-    if fmt == "parquet":
-        table = pq.read_table(path, columns=[config.url_col, config.caption_col])
-    else:
-        table = pa_csv.read_csv(path, parse_options=_csv_options(fmt)).select(
-            [config.url_col, config.caption_col])
-    base = base_url.rstrip("/") + "/"
-
-    def absolute(url: str | None) -> str | None:
-        if url is None or urlsplit(url).scheme:
-            return url
-        return base + quote(url.lstrip("/"))
-
-    urls = pa.array([absolute(u) for u in table.column(config.url_col).to_pylist()], pa.string())
+    table = _read_columns(path, fmt, [config.url_col, config.caption_col])
+    urls = pa.array([_absolute_url(u, base_url) for u in table.column(config.url_col).to_pylist()],
+                    pa.string())
     table = table.set_column(table.schema.get_field_index(config.url_col), config.url_col, urls)
     out = work_dir / "urls.parquet"
     with atomic_path(out) as tmp:
@@ -244,12 +320,30 @@ def _scan_shards(output_dir: Path) -> tuple[list[int], list[int]]:
         stem = output_dir / _shard_name(shard)
         try:
             stats = json.loads(path.read_text())
-            ok = isinstance(stats, dict) and "count" in stats and "successes" in stats
+            ok = (isinstance(stats, dict) and "count" in stats and "successes" in stats
+                  and isinstance(stats.get("status_dict"), dict))
         except (OSError, ValueError):
             ok = False
         ok = ok and stem.with_suffix(".tar").is_file() and stem.with_suffix(".parquet").is_file()
         (complete if ok else incomplete).append(shard)
     return complete, incomplete
+
+
+def _read_stats(output_dir: Path, shard: int) -> dict[str, Any]:
+    return json.loads((output_dir / f"{_shard_name(shard)}_stats.json").read_text())
+
+
+def _redo_reason(stats: dict[str, Any], config: DownloadConfig) -> str | None:
+    """Why a finished shard of an unfinished download should be downloaded again, if it should."""
+    count, successes = int(stats["count"]), int(stats["successes"])
+    failures = {r: int(n) for r, n in stats["status_dict"].items() if r != "success"}
+    transient = sum(n for reason, n in failures.items() if is_transient(reason))
+    if count and successes / count < config.min_success_rate:
+        return (f"{successes} of its {count} rows succeeded, below min_success_rate "
+                f"{config.min_success_rate:g}")
+    if transient > sum(failures.values()) - transient:
+        return f"{transient} of its {sum(failures.values())} failures are transient"
+    return None
 
 
 def _check_request(output_dir: Path, work_dir: Path, request: dict[str, Any],
@@ -269,38 +363,114 @@ def _check_request(output_dir: Path, work_dir: Path, request: dict[str, Any],
     atomic_write_json(record, request)
 
 
+# ---- the img2dataset process group -------------------------------------------------------------
+
+def group_members(pgid: int, token: str) -> list[int]:
+    """Live processes of group ``pgid`` whose environment carries ``token`` (from ``/proc``;
+    [] where there is none). Zombies have no environment left and do not count."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    marker = f"{_GROUP_ENV}={token}".encode()
+    members = []
+    for name in os.listdir(proc):
+        if not name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(name)) != pgid:
+                continue
+            environ = (proc / name / "environ").read_bytes()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if marker in environ.split(b"\0"):
+            members.append(int(name))
+    return members
+
+
+def _parent_pid(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])  # "pid (comm) state ppid ..."; comm may hold ")"
+
+
+def _end_group(pgid: int, token: str, timeout: float = 60.0) -> bool:
+    """SIGKILL process group ``pgid`` once one of its members is seen to carry ``token`` (a group id
+    is not reused while the group has members, so a verified group is ours), and wait until no
+    member is left. Returns whether there was one."""
+    found = False
+    deadline = time.monotonic() + timeout
+    while group_members(pgid, token):
+        found = True
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"img2dataset's process group {pgid} survives SIGKILL")
+        time.sleep(0.1)
+    return found
+
+
+def _end_leftover(work_dir: Path) -> None:
+    """Kill an img2dataset that an earlier run in this folder left behind (refuse a live run's)."""
+    record = work_dir / GROUP_FILE
+    try:
+        group = json.loads(record.read_text())
+        pgid, token, parent = int(group["pgid"]), str(group["token"]), int(group["parent"])
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, KeyError, TypeError):
+        record.unlink(missing_ok=True)
+        return
+    members = group_members(pgid, token)
+    if pgid in members and _parent_pid(pgid) == parent:
+        # Its guard dies with its parent, so a live guard still under it is a live download.
+        raise RuntimeError(f"{work_dir.parent}: another download into this folder is running "
+                           f"(process {parent}, img2dataset process group {pgid}); wait for it "
+                           "or stop it first")
+    if members and _end_group(pgid, token):
+        log.warning("killed img2dataset process group %d, left running by an earlier download "
+                    "into %s", pgid, work_dir.parent)
+    record.unlink(missing_ok=True)
+
+
 def _run_img2dataset(args: list[str], log_path: Path, work_dir: Path, output_dir: Path,
                      n_shards: int, n_done: int, progress: bool) -> int:
-    """Run the CLI with its output appended to ``log_path``; tqdm counts finished shards.
-
-    Returns the log offset where this run's output starts (for error messages)."""
+    """Run the CLI in its own process group with its output appended to ``log_path``; tqdm
+    counts finished shards. Returns the log offset where this run's output starts."""
+    token = secrets.token_hex(8)
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="disabled",
-               WANDB_SILENT="true", PYTHONUNBUFFERED="1")
+               WANDB_SILENT="true", PYTHONUNBUFFERED="1", **{_GROUP_ENV: token})
+    record = work_dir / GROUP_FILE
     with open(log_path, "ab") as log_file:
         log_file.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(args)}\n".encode())
         log_file.flush()
         start = log_file.tell()
-        proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, cwd=work_dir,
-                                env=env, stdin=subprocess.DEVNULL)
+        # start_new_session: a group of its own (killed as one, and the terminal's Ctrl-C no
+        # longer reaches it: the except clause below stops it instead).
+        proc = subprocess.Popen(["/bin/sh", "-c", _GUARD, "img2dataset-guard", *args],
+                                stdout=log_file, stderr=subprocess.STDOUT, cwd=work_dir, env=env,
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=die_with_parent(signal.SIGTERM))
         bar = tqdm(total=n_shards, initial=n_done, unit="shard", desc="img2dataset",
                    disable=not progress)
         try:
+            atomic_write_json(record, {"pgid": proc.pid, "token": token, "parent": os.getpid()})
             while proc.poll() is None:
                 time.sleep(0.5)
                 finished = len(list(output_dir.glob("*_stats.json")))
                 if finished != bar.n:
                     bar.update(finished - bar.n)
         except BaseException:
-            # Ctrl-C reaches img2dataset too; give it a moment to clean up, then make sure it is gone.
-            if proc.poll() is None:
-                proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            if proc.poll() is None:  # not reaped yet, so the group id is still the guard's
+                os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
             raise
         finally:
+            _end_group(proc.pid, token)  # whatever img2dataset left running
+            record.unlink(missing_ok=True)
             bar.update(len(list(output_dir.glob("*_stats.json"))) - bar.n)
             bar.close()
     if proc.returncode != 0:
@@ -316,13 +486,106 @@ def _tail(log_path: Path, start: int, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+# ---- canonical shards ----------------------------------------------------------------------------
+
+UrlFix = Callable[[str, Any], Any]  # (key, recorded url) -> url to store
+
+
+def _served_as(recorded: Any, listed: Any) -> bool:
+    """Whether img2dataset's ``recorded`` url is the list's ``listed`` one, absolute or made
+    absolute by some ``base_url`` (the demo's loopback port differs between runs)."""
+    if recorded == listed:
+        return True
+    if not isinstance(listed, str) or not isinstance(recorded, str) or urlsplit(listed).scheme:
+        return False
+    return bool(urlsplit(recorded).scheme) and recorded.endswith("/" + quote(listed.lstrip("/")))
+
+
+def _list_url(urls: list[Any], samples_per_shard: int, shard: int, key: str, recorded: Any) -> Any:
+    """The list's own url of sample ``key`` of ``shard``, checked against the one recorded."""
+    # img2dataset's compute_key: key = shard * 10**ceil(log10(samples_per_shard)) + index in shard
+    index = int(key) - shard * 10 ** math.ceil(math.log10(samples_per_shard))
+    row = shard * samples_per_shard + index
+    if not (0 <= index < samples_per_shard and row < len(urls) and _served_as(recorded, urls[row])):
+        raise RuntimeError(f"shard {_shard_name(shard)}, key {key}: url {recorded!r} is not row "
+                           f"{row} of the URL list; the folder is inconsistent, use a new one")
+    return urls[row]
+
+
+def _rewrite_tar(path: Path, fix_url: UrlFix | None) -> None:
+    """Members sorted by (key, extension), fixed headers, urls fixed in each ``.json``."""
+    with tarfile.open(path, "r:") as source:
+        members = source.getmembers()
+        if len({m.name for m in members}) != len(members):
+            raise RuntimeError(f"{path}: holds a member name twice; delete the shard's files to "
+                               "download it again")
+        with atomic_path(path) as tmp, open(tmp, "wb") as stream:
+            with tarfile.open(fileobj=stream, mode="w", format=tarfile.PAX_FORMAT) as target:
+                for member in sorted(members, key=lambda m: m.name.partition(".")[::2]):
+                    handle = source.extractfile(member) if member.isfile() else None
+                    if handle is None:
+                        raise RuntimeError(f"{path}: {member.name} is not a regular file")
+                    data = handle.read()
+                    key, _, extension = member.name.partition(".")
+                    if extension == "json" and fix_url is not None:
+                        meta = json.loads(data)
+                        meta["url"] = fix_url(key, meta.get("url"))
+                        data = json.dumps(meta, indent=4).encode()  # as img2dataset writes it
+                    info = tarfile.TarInfo(member.name)
+                    info.size, info.mtime, info.mode = len(data), 0, 0o444
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = ""
+                    target.addfile(info, io.BytesIO(data))
+            stream.flush()
+            os.fsync(stream.fileno())
+
+
+def _rewrite_parquet(path: Path, fix_url: UrlFix | None) -> None:
+    """Rows sorted by key, urls fixed."""
+    table = pq.read_table(path)
+    if fix_url is not None:
+        urls = [fix_url(k, u) for k, u in zip(table.column("key").to_pylist(),
+                                               table.column("url").to_pylist())]
+        index = table.schema.get_field_index("url")
+        table = table.set_column(index, table.schema.field(index), pa.array(urls, pa.string()))
+    table = table.take(pc.sort_indices(table, sort_keys=[("key", "ascending")])).combine_chunks()
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def _canonical_shard(output_dir: Path, work_dir: Path, shard: int, fix_url: UrlFix | None) -> str:
+    """Rewrite a finished shard canonically unless its marker says it is; returns the tar's sha256.
+
+    Rewriting a canonical shard gives the same bytes, so a rewrite cut off anywhere is simply
+    done again (the marker is written last)."""
+    name = _shard_name(shard)
+    tar, parquet = output_dir / f"{name}.tar", output_dir / f"{name}.parquet"
+    marker = work_dir / CANONICAL_DIR / f"{name}.json"
+    digests = {"tar": sha256_file(tar), "parquet": sha256_file(parquet)}
+    try:
+        recorded = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        recorded = None
+    if recorded != digests:
+        _rewrite_tar(tar, fix_url)
+        _rewrite_parquet(parquet, fix_url)
+        digests = {"tar": sha256_file(tar), "parquet": sha256_file(parquet)}
+        atomic_write_json(marker, digests)
+    return digests["tar"]
+
+
+# ---- the download --------------------------------------------------------------------------------
+
 def download(url_list: str | Path, output_dir: str | Path, config: DownloadConfig, *,
              base_url: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Download ``url_list`` into webdataset shards in ``output_dir``; returns the manifest.
 
-    Re-running after an interruption resumes (only missing shards are fetched). ``base_url``
-    prefixes url values that have no scheme (a list of paths relative to a web root, like the
-    demo's); absolute urls are left alone.
+    Re-running after an interruption resumes (only missing shards are fetched, and finished ones
+    that fall short are redone: see the module docstring). ``base_url`` prefixes url values that
+    have no scheme (a list of paths relative to a web root, like the demo's); absolute urls are
+    left alone, and the shards record each url as the list writes it. Raises
+    :class:`DownloadError`, writing no manifest, when fewer than ``config.min_success_rate`` of the
+    rows become samples.
     """
     url_list = Path(url_list).resolve()
     rows = validate_url_list(url_list, config)
@@ -332,21 +595,36 @@ def download(url_list: str | Path, output_dir: str | Path, config: DownloadConfi
     source_sha = sha256_file(url_list)
     n_shards = math.ceil(rows / config.samples_per_shard)
 
+    if work_dir.is_dir():
+        _end_leftover(work_dir)  # before looking at shards: an orphan may still be writing them
     complete, incomplete = _scan_shards(output_dir) if output_dir.is_dir() else ([], [])
     request = {"source_sha256": source_sha, "rows": rows,
                **{k: getattr(config, k) for k in _OUTPUT_FIELDS}}
     work_dir.mkdir(parents=True, exist_ok=True)
     _check_request(output_dir, work_dir, request, bool(complete or incomplete))
+    for stray in output_dir.glob(".*.tmp"):  # a rewrite or manifest cut off by a kill
+        stray.unlink()
 
     expected = set(range(n_shards))
-    if not expected <= set(complete):
+    redo = {}
+    if not ((output_dir / MANIFEST).is_file() and expected <= set(complete)):
+        for shard in sorted(expected & set(complete)):
+            reason = _redo_reason(_read_stats(output_dir, shard), config)
+            if reason is not None:
+                redo[shard] = reason
+    if redo or not expected <= set(complete):
         (output_dir / MANIFEST).unlink(missing_ok=True)  # img2dataset would parse it as shard stats
-        for shard in incomplete:
-            log.warning("shard %s is incomplete: downloading it again", _shard_name(shard))
+        for shard in sorted(incomplete + list(redo)):
+            if shard in redo:
+                log.warning("shard %s is redone: %s", _shard_name(shard), redo[shard])
+            else:
+                log.warning("shard %s is incomplete: downloading it again", _shard_name(shard))
             for suffix in ("_stats.json", ".tar", ".parquet"):
                 Path(f"{output_dir / _shard_name(shard)}{suffix}").unlink(missing_ok=True)
-        if complete:
-            log.info("resuming: %d of %d shards already done in %s", len(complete), n_shards, output_dir)
+            (work_dir / CANONICAL_DIR / f"{_shard_name(shard)}.json").unlink(missing_ok=True)
+        done = len(set(complete) - set(redo))
+        if done:
+            log.info("resuming: %d of %d shards already done in %s", done, n_shards, output_dir)
         source, source_fmt = url_list, fmt
         if base_url is not None:
             source = _rewrite_with_base_url(url_list, fmt, config, base_url, work_dir)
@@ -368,7 +646,7 @@ def download(url_list: str | Path, output_dir: str | Path, config: DownloadConfi
             "--enable_wandb", "False",
         ]
         log_start = _run_img2dataset(args, output_dir / LOG_FILE, work_dir, output_dir,
-                                     n_shards, len(complete), progress)
+                                     n_shards, done, progress)
         complete, _ = _scan_shards(output_dir)
         missing = sorted(expected - set(complete))
         if missing:
@@ -378,35 +656,77 @@ def download(url_list: str | Path, output_dir: str | Path, config: DownloadConfi
                 f"to resume. Last lines of {output_dir / LOG_FILE}:\n"
                 f"{_tail(output_dir / LOG_FILE, log_start)}")
 
-    manifest = _manifest(output_dir, sorted(expected), config, url_list, source_sha, rows, base_url)
+    fix_url = None
+    if base_url is not None:
+        urls = _read_columns(url_list, fmt, [config.url_col]).column(0).to_pylist()
+        fix_url = partial(_list_url, urls, config.samples_per_shard)
+    digests = {shard: _canonical_shard(output_dir, work_dir, shard,
+                                       None if fix_url is None else partial(fix_url, shard))
+               for shard in sorted(expected)}
+    totals, status = _totals(output_dir, sorted(expected), url_list, rows)
+    _check_success(url_list, output_dir, totals, status, config)
+    manifest = _manifest(output_dir, digests, totals, status, config, url_list, source_sha, rows,
+                         base_url)
     atomic_write_json(output_dir / MANIFEST, manifest)
     return manifest
 
 
-def _manifest(output_dir: Path, shard_ids: list[int], config: DownloadConfig, url_list: Path,
-              source_sha: str, rows: int, base_url: str | None) -> dict[str, Any]:
+def _totals(output_dir: Path, shard_ids: list[int], url_list: Path,
+            rows: int) -> tuple[dict[str, int], dict[str, int]]:
+    """Summed counts and failure reasons (most frequent first) of the shards' stats files."""
     totals = {"count": 0, "successes": 0, "failed_to_download": 0, "failed_to_resize": 0}
     status: dict[str, int] = {}
-    shards = []
     for shard in shard_ids:
-        stem = output_dir / _shard_name(shard)
-        stats = json.loads(Path(f"{stem}_stats.json").read_text())
+        stats = _read_stats(output_dir, shard)
         for key in totals:
             totals[key] += int(stats[key])
         for reason, n in stats["status_dict"].items():
             status[reason] = status.get(reason, 0) + int(n)
-        tar = stem.with_suffix(".tar")
-        shards.append({"name": tar.name, "parquet": stem.with_suffix(".parquet").name,
-                       "count": int(stats["count"]), "samples": int(stats["successes"]),
-                       "bytes": tar.stat().st_size, "sha256": sha256_file(tar)})
     if totals["count"] != rows:
         raise RuntimeError(f"{output_dir}: shards hold {totals['count']} rows but {url_list} has "
                            f"{rows}; the folder is inconsistent, use a new output folder")
+    return totals, dict(sorted(status.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _check_success(url_list: Path, output_dir: Path, totals: dict[str, int],
+                   status: dict[str, int], config: DownloadConfig) -> None:
+    rate = totals["successes"] / totals["count"]
+    if rate >= config.min_success_rate:
+        return
+    (output_dir / MANIFEST).unlink(missing_ok=True)
+    failures = {r: n for r, n in status.items() if r != "success"}
+    top = "; ".join(f"{reason!r} ({n})" for reason, n in list(failures.items())[:3])
+    transient = sum(n for reason, n in failures.items() if is_transient(reason))
+    if transient:
+        retry = (f"{transient} of the failures look transient (a server or the network down, "
+                 "timeouts): once the URLs answer again, run the same download again")
+    else:
+        retry = "Once the URLs are right (or the files are back), run the same download again"
+    raise DownloadError(
+        f"{url_list}: only {totals['successes']} of {totals['count']} rows were downloaded "
+        f"({rate:.1%}), below DownloadConfig.min_success_rate {config.min_success_rate:g}. Most "
+        f"frequent failures: {top}. {retry}; it redoes the shards that "
+        "fall short and keeps the others. If the list really has that many dead links, lower "
+        f"min_success_rate. No manifest was written to {output_dir}; img2dataset's log: "
+        f"{output_dir / LOG_FILE}")
+
+
+def _manifest(output_dir: Path, digests: dict[int, str], totals: dict[str, int],
+              status: dict[str, int], config: DownloadConfig, url_list: Path, source_sha: str,
+              rows: int, base_url: str | None) -> dict[str, Any]:
+    shards = []
+    for shard, digest in digests.items():
+        stem = output_dir / _shard_name(shard)
+        stats = _read_stats(output_dir, shard)
+        tar = stem.with_suffix(".tar")
+        shards.append({"name": tar.name, "parquet": stem.with_suffix(".parquet").name,
+                       "count": int(stats["count"]), "samples": int(stats["successes"]),
+                       "bytes": tar.stat().st_size, "sha256": digest})
     return {
         "source": {"url_list": str(url_list), "sha256": source_sha, "rows": rows,
                    "base_url": base_url},
         "totals": {**totals, "success_rate": totals["successes"] / totals["count"]},
-        "status_dict": dict(sorted(status.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "status_dict": status,
         "shards": shards,
         "config": config.to_dict(),
         "runner": {"img2dataset": metadata.version("img2dataset"),

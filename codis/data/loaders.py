@@ -3,13 +3,20 @@
 Every loader is the same webdataset pipeline, built by :func:`_build`:
 
     shard list -> [resample | seeded shard shuffle -> split_by_node] -> split_by_worker
-    -> tar members -> [this rank's share (evaluation)] -> [sample shuffle buffer] -> PIL decode
-    -> per-task sample mapping -> batches
+    -> tar members, counted per shard -> [this rank's share (evaluation)] -> [sample shuffle
+    buffer] -> PIL decode -> per-task sample mapping -> batches
 
 Only the per-task sample mapping differs (a small function per kind) and, in the batch, which
-text field is tokenised. Training streams skip broken data (undecodable images, truncated tars)
-and count it in a :class:`SkipCounter`; evaluation loaders raise instead, since a silently
-dropped test sample would change the metric.
+text field is tokenised.
+
+Before a loader is built, the shard folders it reads are checked against their manifests
+(:func:`codis.data.shards.verify_shards`, via :func:`shard_urls`): a shard whose size or sha256
+differs fails the loader, naming it, before any compute. Training streams then skip data that
+still breaks (undecodable images, truncated tars) and count the samples lost, exactly, in a
+:class:`SkipCounter`: a shard read to its end is compared with its manifest's sample count, so
+the members a broken tar never yielded count too. Evaluation loaders raise instead, since a
+silently dropped test sample would change the metric: a :class:`ShardDataError` naming the shard,
+the sample key and the member.
 """
 
 from __future__ import annotations
@@ -28,11 +35,12 @@ import torch
 import webdataset as wds
 from transformers import PreTrainedTokenizerBase
 from webdataset.shardlists import expand_urls
+from webdataset.tariterators import tarfile_samples
 from webdataset.utils import make_seed
 
 from codis.config import check, check_choice, check_int
 from codis.data.manifest import MANIFEST
-from codis.data.shards import PROGRESS, VE_LABEL_NAMES
+from codis.data.shards import PROGRESS, VE_LABEL_NAMES, shard_sample_counts, verify_shards
 from codis.text import clean_caption, tokenize
 from codis.transforms import eval_transform, pretrain_transform, train_transform
 
@@ -45,24 +53,45 @@ VE_LABEL_IDS: dict[str, int] = {name: index for index, name in enumerate(reverse
 neutral 1, entailment 2."""
 
 
-class SkipCounter:
-    """A webdataset error handler that logs the error, counts it, and lets the stream go on.
+class ShardDataError(ValueError):
+    """Data of a shard that cannot be read: the message names the shard, and the sample key where
+    there is one. (Its text is fixed: webdataset appends its stream and URL to the ``args`` of the
+    errors that pass through it.)"""
 
-    The count sits in shared memory, so errors handled inside DataLoader worker processes show up
-    in the parent's :attr:`count`. One count is one handled error: a sample whose image does not
-    decode or whose fields are missing, or the unread rest of a truncated shard (a truncation can
-    cost one error for the broken member and one for the tar stream). webdataset's own
-    ``warn_and_continue`` is not used because it sleeps half a second per error.
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class SkipCounter:
+    """A webdataset error handler for training streams: logs what broke (shard and key), counts
+    the samples lost and lets the stream go on.
+
+    :attr:`count` is the number of samples lost: one for each sample that fails to decode or to
+    map (a handled error), plus, for each shard read to its end, the samples its manifest lists
+    that the tar never yielded (a truncated or corrupt tar loses every member after the damage,
+    sometimes without an error; :func:`_read_shards` adds them). So the count is exact for shards
+    with a manifest; a broken tar without one counts as one sample (a lower bound). The count
+    sits in shared memory, so samples lost inside DataLoader worker processes show up in the
+    parent's :attr:`count`. webdataset's own ``warn_and_continue`` is not used because it sleeps
+    half a second per error.
     """
 
     def __init__(self) -> None:
         self._count = multiprocessing.Value("q", 0)
 
     def __call__(self, exn: BaseException) -> bool:
-        with self._count.get_lock():
-            self._count.value += 1
-        _LOG.warning("skipping broken data: %s", describe_error(exn))
+        self.add(1, describe_error(exn))
         return True
+
+    def add(self, samples: int, what: str) -> None:
+        """Count ``samples`` lost, logging ``what`` (which should name the shard)."""
+        with self._count.get_lock():
+            self._count.value += samples
+        _LOG.warning("skipping %d sample(s): %s", samples, what)
 
     @property
     def count(self) -> int:
@@ -71,11 +100,79 @@ class SkipCounter:
 
 def describe_error(exn: BaseException) -> str:
     """One line naming what broke: webdataset's DecodingError carries the shard, key and member
-    as attributes and the real error as its cause."""
+    as attributes and the real error as its cause; a ShardDataError names them in its message."""
     if isinstance(exn, wds.DecodingError):
-        return (f"cannot decode member {exn.k!r} of sample {exn.key!r} in {exn.url}: "
+        return (f"{exn.url}: cannot decode member {exn.k!r} of sample {exn.key!r}: "
                 f"{exn.__cause__!r}")[:500]
+    if isinstance(exn, ShardDataError):
+        return str(exn)[:500]
     return repr(exn)[:500]
+
+
+def _raise_named(exn: BaseException) -> bool:
+    """Evaluation's error handler: never skip; raise a ShardDataError naming shard and key."""
+    if isinstance(exn, ShardDataError):
+        raise exn
+    raise ShardDataError(describe_error(exn)) from exn
+
+
+def _naming_errors(sample: dict, function: Callable[[dict], dict]) -> dict:
+    """``function(sample)``; an error names the sample's shard and key (webdataset's map does not)."""
+    try:
+        return function(sample)
+    except Exception as exn:
+        raise ShardDataError(f"{sample.get('__url__')}: sample {sample.get('__key__')!r}: "
+                             f"{type(exn).__name__}: {exn}"[:500]) from exn
+
+
+def _read_shards(sources: Iterator[dict], expected: dict[str, int],
+                 skips: SkipCounter | None) -> Iterator[dict]:
+    """Shards (webdataset's ``{"url": ...}`` stream) -> samples, one shard at a time, and what
+    each shard lost.
+
+    A shard read to its end must yield the samples its manifest lists (``expected``); a truncated
+    or corrupt tar ends early, with an error or, when the damage falls between members, without
+    one. Training (``skips`` given) logs the shard and the last key read and counts the missing
+    samples; evaluation (``skips`` None) raises a ShardDataError naming them. A stream that stops
+    inside a shard (a resampled stream cut at its last step) counts nothing for it.
+    """
+    for source in sources:
+        url = source["url"]
+        state: dict[str, Any] = {"member": None, "last": None, "error": None}
+
+        def note_member(name: str) -> str:  # webdataset's rename hook: the member being read
+            state["member"] = name
+            return name
+
+        def handle(exn: BaseException) -> bool:
+            if isinstance(exn, ShardDataError):
+                raise exn
+            member = state["member"]
+            where = (f"{url}: the tar breaks at or after member {member!r} (sample "
+                     f"{member.split('.', 1)[0]!r})" if member else f"{url}: the tar cannot be read")
+            # webdataset appends " @ <stream>" to the message; the shard is named already
+            cause = f"{type(exn).__name__}: {str(exn.args[0]).split(' @ ')[0] if exn.args else ''}"
+            if skips is None:
+                raise ShardDataError(f"{where}: {cause[:300]}") from exn
+            if state["error"] is None:  # a broken tar stream raises again on every later read
+                _LOG.warning("%s: %s", where, cause[:300])
+            state["error"] = exn
+            return True
+
+        seen = 0
+        for sample in tarfile_samples(iter([source]), handler=handle, rename_files=note_member):
+            seen += 1
+            state["last"] = sample.get("__key__")
+            yield sample
+        want = expected.get(url)
+        lost = (1 if state["error"] is not None else 0) if want is None else want - seen
+        if lost > 0:
+            what = (f"{url}: read {seen} sample(s), its manifest lists {want}" if want is not None
+                    else f"{url}: broken tar, samples after {state['last']!r} lost (no manifest "
+                         "to count them; counted as one)")
+            if skips is None:
+                raise ShardDataError(f"{what} (the last key read: {state['last']!r})")
+            skips.add(lost, what)
 
 
 class ShardLoader:
@@ -102,10 +199,15 @@ def _drop_inherited_thread_exit_handlers(worker_id: int) -> None:
     threading._threading_atexits.clear()  # private, but the only hook: see the docstring
 
 
-def shard_urls(shards: str | Path | list[str], kinds: tuple[str, ...] | None = None) -> list[str]:
+def shard_urls(shards: str | Path | list[str], kinds: tuple[str, ...] | None = None, *,
+               verify: bool = True) -> list[str]:
     """Expand a shard spec: a list of paths, a brace pattern (``data/shard-{000000..000009}.tar``),
     a folder written by :func:`codis.data.shards.write_shards` (its manifest's shards, whose kind must be
-    in ``kinds``), or any other folder of ``*.tar`` files (e.g. img2dataset's output)."""
+    in ``kinds``), or any other folder of ``*.tar`` files (e.g. img2dataset's output).
+
+    With ``verify`` the shards that a manifest lists (a folder's, or for paths their folder's) are
+    checked against it first (:func:`codis.data.shards.verify_shards`): a ShardIntegrityError names
+    each shard whose size or sha256 differs."""
     if isinstance(shards, (list, tuple)):
         urls = [str(s) for s in shards]
     elif Path(shards).is_dir():
@@ -127,6 +229,8 @@ def shard_urls(shards: str | Path | list[str], kinds: tuple[str, ...] | None = N
         urls = expand_urls(str(shards))
     if not urls:
         raise ValueError(f"shards: no shards found in {shards!r}")
+    if verify:
+        verify_shards(urls)
     return urls
 
 
@@ -136,8 +240,7 @@ def _image(sample: dict) -> Any:
     for name in IMAGE_MEMBERS:
         if name in sample:
             return sample[name]
-    raise KeyError(f"sample {sample.get('__key__')} in {sample.get('__url__')}: no image member "
-                   f"(one of {', '.join(IMAGE_MEMBERS)})")
+    raise KeyError(f"no image member (one of {', '.join(IMAGE_MEMBERS)})")
 
 
 def _caption_sample(sample: dict, transform: Callable, max_words: int) -> dict:
@@ -277,7 +380,7 @@ def _build(urls: list[str], task: _Task, transform: Callable, *, batch_size: int
           "world_size (training loaders split their shards by the torch.distributed rank)")
     check_int(num_workers, "num_workers", 0)
     check_int(shuffle_buffer, "shuffle_buffer", 0)
-    handler = skips if train else wds.reraise_exception
+    handler = skips if train else _raise_named
     if resample:
         # Each rank and worker draws its own shards (ResampledShards seeds by rank and worker id),
         # so there is nothing to split.
@@ -290,7 +393,8 @@ def _build(urls: list[str], task: _Task, transform: Callable, *, batch_size: int
     else:
         # Evaluation: shard order; with world_size > 1 this rank keeps its share of the samples.
         stages = [wds.SimpleShardList(urls), wds.split_by_worker]
-    stages.append(wds.tarfile_to_samples(handler=handler))
+    stages.append(partial(_read_shards, expected=shard_sample_counts(urls),
+                          skips=skips if train else None))
     if world_size > 1:
         stages.append(partial(_rank_share, shard_index={url: i for i, url in enumerate(urls)},
                               rank=rank, world_size=world_size))
@@ -299,9 +403,10 @@ def _build(urls: list[str], task: _Task, transform: Callable, *, batch_size: int
         stages.append(wds.shuffle(shuffle_buffer, seed=make_seed(seed, epoch, 1)))
     stages += [
         wds.decode("pil", handler=handler),
-        wds.map(partial(_with_sample_seed, to_sample=task.to_sample, seed=seed, epoch=epoch,
-                        transform=transform, max_words=max_words) if train else
-                partial(task.to_sample, transform=transform, max_words=max_words), handler=handler),
+        wds.map(partial(_naming_errors, function=(
+            partial(_with_sample_seed, to_sample=task.to_sample, seed=seed, epoch=epoch,
+                    transform=transform, max_words=max_words) if train else
+            partial(task.to_sample, transform=transform, max_words=max_words))), handler=handler),
         wds.batched(batch_size, partial=not drop_last,
                     collation_fn=partial(_collate, tokenizer=tokenizer, max_length=max_length,
                                          text_field=task.text_field)),

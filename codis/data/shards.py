@@ -12,14 +12,29 @@ shard (name, count, sha256, first/last key, and a fingerprint of the records and
 came from); a re-run with the same inputs keeps each shard whose file still has the recorded
 sha256 and rewrites the others. ``manifest.json`` is written last and exists only while the
 directory is complete.
+
+:func:`verify_shards` checks a shard folder (this module's or the download's, whose manifest
+lists the same per-shard size and sha256) against its manifest: the store calls it before reusing
+a shard or download stage, the loaders before they read a folder. Re-hashing hundreds of GB for
+every check would be too slow, so a verified digest is cached in the folder's
+``.verified-digests`` (:data:`VERIFIED`) under the file's name, size and mtime: a shard whose size
+or mtime changed is hashed again, but an in-place rewrite that keeps both (``touch -r``, or a
+write within the same timestamp tick as the check that cached it, which is why files modified less
+than two seconds before hashing are never cached) is not noticed. ``CODIS_VERIFY_SHARDS=full`` (or
+``mode="full"``) re-hashes every shard; ``off`` skips the check.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -27,8 +42,10 @@ import webdataset as wds
 from tqdm import tqdm
 
 from codis.config import check_choice, check_int
-from codis.data.manifest import MANIFEST
+from codis.data.manifest import MANIFEST, read_manifest, record_location
 from codis.files import atomic_path, atomic_write_json, sha256_file
+
+_LOG = logging.getLogger(__name__)
 
 FORMAT = "codis-shards/1"
 PROGRESS = "manifest.partial.json"
@@ -56,28 +73,43 @@ the loaders' class ids and the demo world's labels derive from it)."""
 LABEL_NAMES_BY_KIND: dict[str, tuple[str, ...]] = {"nlvr": NLVR_LABEL_NAMES, "ve": VE_LABEL_NAMES}
 
 
+def _type_names(types: type | tuple[type, ...]) -> str:
+    names = {"str": "a string", "int": "an integer", "list": "a list"}
+    return " or ".join(names.get(t.__name__, t.__name__) for t in
+                       (types if isinstance(types, tuple) else (types,)))
+
+
 def _validate_records(records: list[dict], kind: str) -> None:
+    """Each record has the fields of ``kind`` with the right types; an error names the record
+    (``<file>: record <i>`` for :func:`~codis.data.manifest.read_annotations`' lists) and the field."""
     required = _REQUIRED[kind]
     for index, record in enumerate(records):
+        where = record_location(records, index)
         if not isinstance(record, dict):
-            raise ValueError(f"record {index}: expected a mapping, got {type(record).__name__}")
+            raise ValueError(f"{where}: expected a mapping, got {type(record).__name__}")
         for key, types in required.items():
             if key not in record:
-                raise ValueError(f"record {index}: missing key {key!r} (kind {kind!r} needs "
+                raise ValueError(f"{where}: missing key {key!r} (kind {kind!r} needs "
                                  f"{', '.join(required)})")
             if not isinstance(record[key], types) or isinstance(record[key], bool):
-                raise ValueError(f"record {index}: {key!r} has type {type(record[key]).__name__}")
+                raise ValueError(f"{where}: {key!r} must be {_type_names(types)}, got "
+                                 f"{type(record[key]).__name__} {record[key]!r:.60}")
         if kind == "nlvr" and (len(record["images"]) != 2
                                or not all(isinstance(p, str) for p in record["images"])):
-            raise ValueError(f"record {index}: 'images' must be a list of two paths")
+            raise ValueError(f"{where}: 'images' must be a list of two paths")
         if kind == "retrieval_eval" and (not record["caption"]
                                          or not all(isinstance(c, str) for c in record["caption"])):
-            raise ValueError(f"record {index}: 'caption' must be a non-empty list of strings")
+            raise ValueError(f"{where}: 'caption' must be a non-empty list of strings")
         if kind in LABEL_NAMES_BY_KIND and record["label"] not in LABEL_NAMES_BY_KIND[kind]:
-            raise ValueError(f"record {index}: 'label' is {record['label']!r}, expected one of "
+            raise ValueError(f"{where}: 'label' is {record['label']!r}, expected one of "
                              f"{', '.join(LABEL_NAMES_BY_KIND[kind])}")
-        if kind == "vqa" and "answer" in record and not isinstance(record["answer"], (list, str)):
-            raise ValueError(f"record {index}: 'answer' must be a list of strings (or one string)")
+        if kind == "vqa" and "answer" in record:
+            # the answers become the tokenizer's input: strings only (ALBEF: the annotators' list)
+            answer = record["answer"]
+            if not (isinstance(answer, str) or isinstance(answer, list) and answer
+                    and all(isinstance(a, str) for a in answer)):
+                raise ValueError(f"{where}: 'answer' must be a string or a non-empty list of "
+                                 f"strings, got {answer!r:.60}")
 
 
 def _image_paths(record: dict, kind: str) -> list[str]:
@@ -210,3 +242,189 @@ def write_shards(records: list[dict], image_root: str | Path, output_dir: str | 
     atomic_write_json(out / MANIFEST, manifest)
     (out / PROGRESS).unlink(missing_ok=True)
     return manifest
+
+
+# ---- integrity: shard files against their manifest ------------------------------------------------
+VERIFIED = ".verified-digests"
+"""The sidecar of a shard folder, JSON: ``{"format": 1, "files": {name: {"size", "mtime_ns",
+"sha256"}}}``, the digests :func:`verify_shards` computed, reused while a file's size and mtime are
+unchanged. Not named ``*.json``: img2dataset reads every ``*.json`` of its output folder as a
+shard's stats."""
+VERIFY_ENV = "CODIS_VERIFY_SHARDS"
+VERIFY_MODES = ("cached", "full", "off")
+# A file modified this recently may be modified again within the same mtime tick: not cached.
+_RACY_NS = 2_000_000_000
+
+
+class ShardIntegrityError(ValueError):
+    """Shard files that differ from their manifest. ``problems``: ``(shard path, what differs)``
+    for each, in manifest order."""
+
+    def __init__(self, message: str, problems: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(message)
+        self.problems = [tuple(problem) for problem in problems]
+
+    @property
+    def paths(self) -> list[Path]:
+        return [Path(path) for path, _ in self.problems]
+
+
+def entry_samples(entry: dict[str, Any]) -> int | None:
+    """The samples one shard of a manifest holds: ``samples`` in the download's entries (whose
+    ``count`` is URL rows, failed ones included), ``count`` in :func:`write_shards`'."""
+    value = entry.get("samples", entry.get("count"))
+    return None if value is None else int(value)
+
+
+def _entry_size(entry: dict[str, Any]) -> int | None:
+    value = entry.get("size", entry.get("bytes"))  # write_shards' and the download's field
+    return None if value is None else int(value)
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def _listed(source: str | Path | Sequence[str | Path]) -> list[tuple[Path, list[tuple[str, dict]]]]:
+    """``(folder, [(url, manifest entry)])`` for the shards ``source`` names that a manifest lists:
+    a shard folder or its manifest.json (all its shards; the manifest must exist), or shard paths
+    (those whose folder has a manifest listing them; others have nothing to be checked against)."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if path.is_dir() or path.name == MANIFEST:
+            folder = path if path.is_dir() else path.parent
+            return [(folder, [(str(folder / e["name"]), e) for e in read_manifest(folder)["shards"]])]
+        source = [source]
+    wanted: dict[Path, list[str]] = {}
+    for url in map(str, source):
+        if _is_local(url):
+            wanted.setdefault(Path(url).parent, []).append(url)
+    groups = []
+    for folder, urls in wanted.items():
+        if not (folder / MANIFEST).is_file():
+            continue
+        entries = {e["name"]: e for e in read_manifest(folder)["shards"]}
+        listed = [(url, entries[Path(url).name]) for url in dict.fromkeys(urls)
+                  if Path(url).name in entries]
+        if listed:
+            groups.append((folder, listed))
+    return groups
+
+
+def shard_sample_counts(urls: Sequence[str]) -> dict[str, int]:
+    """``{url: samples}`` for the shards among ``urls`` that their folder's manifest lists (the
+    loaders compare what they read with it)."""
+    return {url: count for _, listed in _listed(list(urls)) for url, entry in listed
+            if (count := entry_samples(entry)) is not None}
+
+
+def verify_mode(mode: str | None = None) -> str:
+    """``mode``, else the :data:`VERIFY_ENV` environment variable, else "cached"; checked."""
+    if mode is None:
+        value = os.environ.get(VERIFY_ENV, "") or "cached"
+        check_choice(value, VERIFY_ENV, VERIFY_MODES)
+        return value
+    check_choice(mode, "mode", VERIFY_MODES)
+    return mode
+
+
+@contextmanager
+def _exclusive(folder: Path) -> Iterator[None]:
+    """Hold an exclusive flock on the folder's manifest, so that processes verifying one folder at
+    once (the ranks of a torchrun job) hash it once: the others then find the cache. The manifest
+    is opened for reading, so a read-only folder is locked too."""
+    try:
+        handle = open(folder / MANIFEST, "rb")
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _read_cache(folder: Path) -> dict[str, dict]:
+    try:
+        data = json.loads((folder / VERIFIED).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    files = data.get("files") if isinstance(data, dict) and data.get("format") == 1 else None
+    return files if isinstance(files, dict) else {}
+
+
+def _digest(path: Path, stat: os.stat_result, cache: dict[str, dict], full: bool) -> tuple[str, bool]:
+    """The sha256 of ``path`` (cached under its name, size and mtime) and whether it was hashed."""
+    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    known = cache.get(path.name)
+    if not full and isinstance(known, dict) and known.get("sha256") and \
+            {k: known.get(k) for k in stamp} == stamp:
+        return known["sha256"], False
+    started = time.time_ns()
+    digest = sha256_file(path)
+    after = path.stat()
+    if (after.st_size, after.st_mtime_ns) == (stat.st_size, stat.st_mtime_ns) \
+            and stat.st_mtime_ns < started - _RACY_NS:
+        cache[path.name] = {**stamp, "sha256": digest}
+    else:
+        cache.pop(path.name, None)
+    return digest, True
+
+
+def verify_shards(source: str | Path | Sequence[str | Path], *, mode: str | None = None,
+                  ) -> dict[str, int]:
+    """Check shard files against their manifest: each must exist with the manifest's size and
+    sha256 (an entry without them is checked for what it has).
+
+    ``source``: a shard folder (or its ``manifest.json``): every shard it lists; or a list of shard
+    paths: those that their folder's manifest lists (remote URLs and folders without a manifest
+    have nothing to be checked against). ``mode`` (default: the :data:`VERIFY_ENV` environment
+    variable, else "cached"): "cached" re-hashes only files whose size or mtime changed since a
+    check cached their digest in the folder's :data:`VERIFIED` (see the module docstring for what
+    that misses), "full" re-hashes every file, "off" checks nothing.
+
+    Returns ``{"shards": checked, "hashed": re-hashed}``. Raises :class:`ShardIntegrityError`
+    naming every differing shard (path, expected and actual size or sha256), FileNotFoundError /
+    ValueError for a missing or unreadable manifest.
+    """
+    mode = verify_mode(mode)
+    if mode == "off":
+        return {"shards": 0, "hashed": 0}
+    problems: list[tuple[str, str]] = []
+    checked = hashed = 0
+    for folder, listed in _listed(source):
+        with _exclusive(folder):
+            cache = _read_cache(folder)
+            before = json.dumps(cache, sort_keys=True)
+            for url, entry in listed:
+                path = folder / entry["name"]
+                checked += 1
+                try:
+                    stat = path.stat()
+                except FileNotFoundError:
+                    problems.append((url, "missing (listed in its folder's manifest)"))
+                    continue
+                size = _entry_size(entry)
+                if size is not None and stat.st_size != size:
+                    problems.append((url, f"{stat.st_size} bytes, its manifest lists {size}"))
+                    continue
+                if not entry.get("sha256"):
+                    continue
+                digest, fresh = _digest(path, stat, cache, mode == "full")
+                hashed += fresh
+                if digest != entry["sha256"]:
+                    problems.append((url, f"sha256 {digest[:16]}..., its manifest lists "
+                                          f"{entry['sha256'][:16]}..."))
+            if json.dumps(cache, sort_keys=True) != before:
+                try:
+                    atomic_write_json(folder / VERIFIED, {"format": 1, "files": cache})
+                except OSError as error:  # a read-only folder: verified, just not cached
+                    _LOG.debug("%s: cannot cache verified digests (%s)", folder, error)
+    if problems:
+        shown = "; ".join(f"{url}: {what}" for url, what in problems[:3])
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ShardIntegrityError(f"{len(problems)} shard(s) differ from their manifest: "
+                                  f"{shown}{more}", problems)
+    return {"shards": checked, "hashed": hashed}

@@ -51,7 +51,7 @@ from codis.files import atomic_write_json
 from codis.metrics import vqa_accuracy
 from codis.data.loaders import SkipCounter, shard_urls, vqa_loader
 from codis.model import CodisModel, PretrainOutput, load_model
-from codis.data.manifest import MANIFEST
+from codis.data.manifest import MANIFEST, read_json
 from codis.tasks.base import TaskConfig, check_config, preset_config, training_loader
 from codis.text import load_tokenizer, tokenize
 from codis.tasks.evaluation import predict_all
@@ -402,7 +402,7 @@ def load_answer_list(shards: str | Path | list[str] | None = None,
         path = Path(answer_list)
         if not path.is_file():
             raise FileNotFoundError(f"{origin}: no answer list at {path}")
-        answers = json.loads(path.read_text(encoding="utf-8"))
+        answers = read_json(path)
         origin = str(path)
     else:
         answers = list(answer_list)
@@ -521,7 +521,10 @@ def _question_types(question_types: str | Path | Mapping[str, str] | None,
         path = Path(question_types)
         if not path.is_file():
             raise FileNotFoundError(f"question_types: no file at {path}")
-        question_types = json.loads(path.read_text(encoding="utf-8"))
+        question_types = read_json(path)
+        if not isinstance(question_types, dict):
+            raise ValueError(f"{path}: question_types: expected a JSON mapping of question ids to "
+                             f"types, got a {type(question_types).__name__}")
     types = {str(q): t for q, t in dict(question_types).items()}
     unknown = [q for q in annotated if str(q) not in types]
     if unknown:

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Protocol
 
-from codis.config import ConfigError, check_int, from_dict
+from codis.config import ConfigError, check_int, check_number, from_dict
 
 
 @dataclass(frozen=True)
@@ -28,13 +28,9 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         for name in ("lr", "warmup_lr", "min_lr"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value <= 0:
-                raise ConfigError(f"optim.{name}: must be a positive number, got {value!r}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"optim.weight_decay: must be >= 0, got {self.weight_decay}")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ConfigError(f"optim.warmup_steps: must be an integer >= 0, got {self.warmup_steps!r}")
+            check_number(getattr(self, name), f"optim.{name}", 0, low_open=True)
+        check_number(self.weight_decay, "optim.weight_decay", 0)
+        check_int(self.warmup_steps, "optim.warmup_steps", 0)
 
 
 @dataclass(frozen=True)
@@ -61,15 +57,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accumulation", "checkpoint_every",
                      "keep_checkpoints", "log_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"train.{name}: must be an integer >= 1, got {value!r}")
+            check_int(getattr(self, name), f"train.{name}", 1)
         for name in ("alpha_warmup_steps", "itm_uniform_negative_steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"train.{name}: must be an integer >= 0, got {value!r}")
-        if self.clip_grad_norm < 0:
-            raise ConfigError(f"train.clip_grad_norm: must be >= 0 (0 = off), got {self.clip_grad_norm}")
+            check_int(getattr(self, name), f"train.{name}", 0)
+        check_number(self.clip_grad_norm, "train.clip_grad_norm (0 = off)", 0)
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"train.precision: must be auto, fp32 or bf16, got {self.precision!r}")
 
