@@ -66,6 +66,19 @@ def wait_healthy(url: str, process: subprocess.Popen, log: Path, limit: float = 
     raise TimeoutError(f"{url} not healthy after {limit} s:\n{log.read_text()[-3000:]}")
 
 
+def assert_flow_run_completed(api: str, flow_run_id: Any, log: Path) -> None:
+    """The flow run ``flow_run_id`` ended Completed on the Prefect API ``api``; otherwise the
+    assertion shows its state and the end of the worker's ``log``."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run_id).state
+    assert state is not None and state.is_completed(), \
+        f"flow run state {state}:\n{log.read_text()[-6000:]}"
+
+
 def run_cli(args: list[str], env: dict[str, str], timeout: float) -> str:
     done = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)

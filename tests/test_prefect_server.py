@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 import flows  # noqa: F401  - PREFECT_SERVER_ANALYTICS_ENABLED before prefect is imported
-from stack import PREFECT, REPO, free_port, run_cli, stop, wait_healthy
+from stack import (PREFECT, assert_flow_run_completed, free_port, run_cli, start, stop,
+                   wait_healthy)
 
 pytestmark = pytest.mark.slow
 
@@ -67,19 +68,11 @@ def test_deployment_runs_on_a_worker_and_lands_in_mlflow(tmp_path: Path) -> None
                                                                   parameters=parameters)
 
         # Worker SIGTERM is ignored by a long-running worker; --run-once exits by itself.
-        with open(worker_log, "wb") as log:
-            worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "codis-local",
-                                       "--run-once"], env=client_env, cwd=REPO, stdout=log,
-                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      start_new_session=True)
+        worker = start([PREFECT, "worker", "start", "--pool", "codis-local", "--run-once"],
+                       client_env, worker_log)
         processes.append((worker, signal.SIGKILL))
         worker.wait(timeout=480)
-
-        with temporary_settings(updates={PREFECT_API_URL: api}):
-            with get_client(sync_client=True) as client:
-                state = client.read_flow_run(flow_run.id).state
-        assert state is not None and state.is_completed(), \
-            f"flow run state {state}:\n{worker_log.read_text()[-4000:]}"
+        assert_flow_run_completed(api, flow_run.id, worker_log)
     finally:
         for process, sig in reversed(processes):
             stop(process, sig)

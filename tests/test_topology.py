@@ -36,8 +36,9 @@ import torch
 import yaml
 
 from flows import pretrain_entry
-from stack import (INFRA, PREFECT, as_argv, clean_env, documented_torchrun, env_items,
-                   free_port, interpolate, run_cli, start, stop, wait_healthy)
+from stack import (INFRA, PREFECT, as_argv, assert_flow_run_completed, clean_env,
+                   documented_torchrun, env_items, free_port, interpolate, run_cli, start, stop,
+                   wait_healthy)
 
 COMPOSE = yaml.safe_load((INFRA / "docker-compose.yml").read_text())
 INSTALL_HINT = ("bash scripts/setup.sh installs it when run as root where apt-get exists; else "
@@ -263,11 +264,7 @@ def test_reproduction_runs_through_the_production_topology(
     worker = start([*worker_argv, "--run-once"], worker_env, worker_log)
     launched(worker, signal.SIGKILL)  # a worker busy with a run ignores SIGTERM
     worker.wait(timeout=900)
-    with temporary_settings(updates={PREFECT_API_URL: api}):
-        with get_client(sync_client=True) as client:
-            state = client.read_flow_run(flow_run.id).state
-    assert state is not None and state.is_completed(), \
-        f"flow run state {state}:\n{worker_log.read_text()[-6000:]}"
+    assert_flow_run_completed(api, flow_run.id, worker_log)
 
     # Prefect's and MLflow's records are in PostgreSQL.
     assert postgres.query("prefect", values["PREFECT_DB_PASSWORD"],
