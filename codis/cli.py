@@ -1,4 +1,4 @@
-"""The ``codis`` command line. Every command also runs under ``torchrun`` (one process per GPU).
+"""The codis command line. Every command also runs under torchrun (one process per GPU).
 
     codis pretrain --config run.yaml
     codis finetune --task retrieval --config finetune.yaml
@@ -6,40 +6,8 @@
     codis pretrain-vision --config vision_init.yaml
 
 A bad input (a config field, a file, a checkpoint of the wrong kind, a batch larger than the data)
-ends the command with one line, ``error: <what and where>``, and exit status 2, before any training
-or evaluation starts; ``--debug`` (or ``CODIS_DEBUG=1``) shows the traceback instead.
-
-Checkpoints (:mod:`codis.checkpoint`) carry their kind, and each command says which it takes:
-
-    finetune pretrained:   retrieval: pretrain or retrieval; vqa: pretrain; nlvr: pretrain or
-                           nlvr_ta (after the text-assignment step); ve: pretrain
-    evaluate --checkpoint: retrieval: pretrain (zero-shot) or retrieval; vqa, nlvr, ve: the
-                           task's own finetuned kind
-
-A vision initialisation config (YAML; :mod:`codis.train.vision_init`) names the labelled images, the
-output folder, the ViT (a model preset's ``vision`` with changes) and its schedule::
-
-    train_annotations: world/classification/train.json
-    eval_annotations: world/classification/val.json     # optional
-    image_root: world
-    output_dir: runs/vision_init
-    preset: tiny
-    vision: {stem: conv}
-    train: {steps: 3000, batch_size: 64}
-    optim: {lr: 1.0e-3}
-
-A finetuning config (YAML) names the pretrained checkpoint, the training shards, the output
-folder and the task preset with changes. It trains with the task's schedule (ALBEF's epochs,
-batch, learning rates over the shards' sample count and the processes; the same function the flows
-use), and the optional ``train`` / ``optim`` sections replace fields of that schedule::
-
-    pretrained: runs/pretrain/model.pt
-    train_shards: runs/shards/retrieval_train
-    output_dir: runs/retrieval
-    preset: demo               # the task's preset (e.g. coco, flickr, vqa, nlvr, ve, demo)
-    task: {k_test: 16, epochs: 3}   # changes to the preset's fields
-    train: {log_every: 10}     # changes to the resulting schedule (optional)
-    optim: {lr: 1.0e-4}
+ends the command with one line, "error: <what and where>", and exit status 2, before any training
+or evaluation starts; --debug (or CODIS_DEBUG=1) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -56,6 +24,60 @@ from codis.config import ConfigError, check_finite
 from codis.tasks import TASKS
 
 DEBUG_ENV = "CODIS_DEBUG"
+
+# What --help shows besides the options: plain text (argparse prints it as written), each part
+# under the top-level help and under the help of the commands it concerns.
+CHECKPOINT_KINDS = """\
+Checkpoints carry their kind (codis.checkpoint), and each command says which it takes:
+
+    finetune pretrained:   retrieval: pretrain or retrieval; vqa: pretrain; nlvr: pretrain or
+                           nlvr_ta (after the text-assignment step); ve: pretrain
+    evaluate --checkpoint: retrieval: pretrain (zero-shot) or retrieval; vqa, nlvr, ve: the
+                           task's own finetuned kind
+"""
+PRETRAIN_EXAMPLE = """\
+A pretraining config (YAML; a recipe's pretrain stage writes one, run.yaml in its folder) names
+the output folder, the shards, the model (a preset with changes) and the schedule:
+
+    output_dir: runs/pretrain
+    data:
+      shards: [runs/shards/pretrain]    # shard folders, tar files or brace patterns
+      hflip: false                      # captions that say "left of" / "right of"
+      crop_min_scale: 0.8
+    model:
+      preset: tiny                      # tiny, small, base
+      mode: codis                       # albef, albef_intra, codis_cross, codis, codis_student
+      vision: {stem: conv, pretrained: runs/vision_init/vision.safetensors}
+    train: {steps: 1800, batch_size: 32, checkpoint_every: 600, log_every: 10}
+    optim: {lr: 1.0e-3, warmup_steps: 50}
+"""
+VISION_INIT_EXAMPLE = """\
+A vision initialisation config (YAML; codis.train.vision_init) names the labelled images, the
+output folder, the ViT (a model preset's vision with changes) and its schedule:
+
+    train_annotations: world/classification/train.json
+    eval_annotations: world/classification/val.json     # optional
+    image_root: world
+    output_dir: runs/vision_init
+    preset: tiny
+    vision: {stem: conv}
+    train: {steps: 3000, batch_size: 64}
+    optim: {lr: 1.0e-3}
+"""
+FINETUNE_EXAMPLE = """\
+A finetuning config (YAML) names the pretrained checkpoint, the training shards, the output
+folder and the task preset with changes. It trains with the task's schedule (ALBEF's epochs,
+batch, learning rates over the shards' sample count and the processes; the same function the flows
+use), and the optional train / optim sections replace fields of that schedule:
+
+    pretrained: runs/pretrain/model.pt
+    train_shards: runs/shards/retrieval_train
+    output_dir: runs/retrieval
+    preset: demo                    # the task's preset (e.g. coco, flickr, vqa, nlvr, ve, demo)
+    task: {k_test: 16, epochs: 3}   # changes to the preset's fields
+    train: {log_every: 10}          # changes to the resulting schedule (optional)
+    optim: {lr: 1.0e-4}
+"""
 FINETUNE_KEYS = {"pretrained", "train_shards", "output_dir", "preset", "task", "train", "optim"}
 VISION_INIT_KEYS = {"train_annotations", "eval_annotations", "image_root", "output_dir", "preset",
                     "vision", "train", "optim"}
@@ -205,36 +227,45 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="codis", description="CODIS / ALBEF pretraining, "
-                                     "finetuning and evaluation", epilog=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    raw = argparse.RawDescriptionHelpFormatter  # the examples' line breaks and indents kept
+    parser = argparse.ArgumentParser(
+        prog="codis", description="CODIS / ALBEF pretraining, finetuning and evaluation",
+        epilog="\n".join((__doc__ or "", CHECKPOINT_KINDS, PRETRAIN_EXAMPLE, VISION_INIT_EXAMPLE,
+                           FINETUNE_EXAMPLE)), formatter_class=raw)
     parser.add_argument("--debug", action="store_true",
                         help=f"show the traceback of an error (also: {DEBUG_ENV}=1)")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    pretrain = commands.add_parser("pretrain", help="pretrain from a run config (YAML)")
-    pretrain.add_argument("--config", required=True, help="run config written by a recipe or by hand")
+    def command(name: str, summary: str, *examples: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=summary, description=summary,
+                                   epilog="\n".join(examples) or None, formatter_class=raw)
+
+    pretrain = command("pretrain", "pretrain from a run config (YAML)", PRETRAIN_EXAMPLE)
+    pretrain.add_argument("--config", required=True,
+                          help="run config written by a recipe or by hand (see below)")
     pretrain.set_defaults(run=_pretrain)
 
-    finetune = commands.add_parser("finetune", help="finetune a pretrained checkpoint on a task")
+    finetune = command("finetune", "finetune a pretrained checkpoint on a task", FINETUNE_EXAMPLE,
+                       CHECKPOINT_KINDS)
     finetune.add_argument("--task", required=True, choices=TASKS)
     finetune.add_argument("--config", required=True,
-                          help="finetuning config (YAML; its pretrained checkpoint's kind: see --help)")
+                          help="finetuning config (YAML; its pretrained checkpoint's kind: see below)")
     finetune.set_defaults(run=_finetune)
 
-    vision_init = commands.add_parser(
-        "pretrain-vision", help="supervised initialisation of the ViT on labelled images")
-    vision_init.add_argument("--config", required=True, help="vision initialisation config (YAML, see --help)")
+    vision_init = command("pretrain-vision", "supervised initialisation of the ViT on labelled images",
+                          VISION_INIT_EXAMPLE)
+    vision_init.add_argument("--config", required=True,
+                             help="vision initialisation config (YAML, see below)")
     vision_init.set_defaults(run=_pretrain_vision)
 
-    for command in (pretrain, finetune, vision_init):
-        command.add_argument("--no-resume", action="store_true",
-                             help="ignore checkpoints in output_dir and start from step 0")
-        command.add_argument("--stop-after", type=int, default=None,
-                             help="stop after this many steps of this invocation (a resumable slice)")
-        command.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for each in (pretrain, finetune, vision_init):
+        each.add_argument("--no-resume", action="store_true",
+                          help="ignore checkpoints in output_dir and start from step 0")
+        each.add_argument("--stop-after", type=int, default=None,
+                          help="stop after this many steps of this invocation (a resumable slice)")
+        each.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint on a task's shards")
+    evaluate = command("evaluate", "evaluate a checkpoint on a task's shards", CHECKPOINT_KINDS)
     evaluate.add_argument("--task", required=True, choices=TASKS)
     evaluate.add_argument("--checkpoint", required=True,
                           help="model.pt of the task's finetune stage (retrieval: or a pretrained "

@@ -6,14 +6,16 @@ never tensors. What a reproduction runs is described by a recipe (``pipelines/*.
 (:mod:`flows.store`), so a re-run skips finished work with or without a Prefect server.
 
 Modules, each importing only those before it: :mod:`flows.recipe` (schema, mapping onto codis
-configs), :mod:`flows.store` (stage keys and completion markers), :mod:`flows.tracking` (MLflow
-runs, model registry), :mod:`flows.fingerprint` (the code part of stage keys),
-:mod:`flows.launch` (torchrun command lines, running and following a subprocess),
-:mod:`flows.stages` (one function and one Prefect task per stage), :mod:`flows.deployments` (one
-deployable flow per stage, for ``prefect.yaml``), :mod:`flows.compare` (side-by-side tables of
-MLflow runs), :mod:`flows.server` (the Prefect API of a command-line run: the one named by
-``PREFECT_API_URL``, checked, or a local server it owns), :mod:`flows.reproduce` (the parent flow
-and its CLI); and :mod:`flows.pretrain_entry`, the process that torchrun starts for pretraining.
+configs, the shipped recipes), :mod:`flows.store` (stage keys and completion markers),
+:mod:`flows.tracking` (MLflow runs, model registry), :mod:`flows.fingerprint` (the code part of
+stage keys), :mod:`flows.launch` (torchrun command lines, running and following a subprocess),
+:mod:`flows.server` (the Prefect API of a command-line run: the one named by ``PREFECT_API_URL``,
+checked, or a local server it owns; links to Prefect runs), :mod:`flows.stages` (one function
+and one Prefect task per stage), :mod:`flows.plan` (the stages of a recipe, each run or reused
+when first needed), :mod:`flows.deployments` (one deployable flow per stage, addressed by recipe,
+variant and task, for ``prefect.yaml``), :mod:`flows.compare` (side-by-side tables of MLflow
+runs), :mod:`flows.reproduce` (the parent flow and its CLI); and :mod:`flows.pretrain_entry`, the
+process that torchrun starts for pretraining.
 
 Importing :mod:`flows` from a source checkout points ``PREFECT_HOME`` (Prefect's settings and its
 local database) at the checkout's ``.cache/prefect`` unless it is set already, as

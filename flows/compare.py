@@ -5,9 +5,18 @@
     python -m flows.compare --runs <run id> <run id> --metrics 'retrieval.*' --out runs/cmp.md
 
 A reproduction's parent run carries every variant's final metrics as ``<variant>/<metric>``;
-each variant becomes a row (``<recipe>/<variant>`` when several reproductions are compared). Any
-other run becomes one row of its own metrics. The table is printed and saved as Markdown, with a
-CSV beside it.
+each variant becomes a column. With one reproduction it is named by its variant; with several,
+``<recipe>/<variant>``, and when that names two columns alike (the same recipe twice), every
+column also gets its run's id prefix: ``demo/codis (84244072)``. Any other run becomes one column
+of its own metrics, named after the run. With several runs a second table lists the parameters
+that differ between them (``steps_scale``, ``overrides``, ...; not ``run_dir``, which always
+does).
+
+The tables are printed and saved as Markdown, with a CSV of the metrics beside it: at ``--out``,
+else as ``comparison-<run id prefixes>.md`` in the first run's folder (its ``codis.run_dir`` tag:
+the reproduction's ``runs/<recipe>-<run id>/``, whose own ``comparison.md`` it leaves alone), or
+under ``runs/comparisons/`` when this machine does not have that folder. Comparing the same runs
+again rewrites the same file; other runs never overwrite it.
 """
 
 from __future__ import annotations
@@ -22,8 +31,14 @@ from typing import Any, Mapping, Sequence
 
 from flows.tracking import resolve_tracking_uri
 
-DEFAULT_METRICS = ("pretrain.loss", "*.r_mean", "*.txt_r1", "*.img_r1", "*.accuracy")
-"""Shown unless ``--metrics`` says otherwise: the pretraining loss and each task's headline."""
+DEFAULT_METRICS = ("pretrain.ica_i2t", "pretrain.ica_t2i", "pretrain.itm", "pretrain.mlm",
+                   "*.r_mean", "*.txt_r1", "*.img_r1", "*.accuracy")
+"""Shown unless ``--metrics`` says otherwise: the pretraining losses that every mode computes
+alike (the cross-modal contrastive terms, ITM, MLM) and each task's headline. Not the total
+``pretrain.loss``: CODIS adds intra-modal and codebook terms to it, so its total is larger than
+ALBEF's without meaning a worse model."""
+UNCOMPARED_PARAMS = ("run_dir",)
+"""Parameters that differ between any two reproductions by construction."""
 
 
 def select_metrics(rows: Mapping[str, Mapping[str, float]], patterns: Sequence[str]) -> list[str]:
@@ -70,28 +85,58 @@ def comparison_csv(rows: Mapping[str, Mapping[str, float]], metrics: Sequence[st
 
 def rows_from_runs(runs: Sequence[Any]) -> dict[str, dict[str, float]]:
     """Rows from MLflow runs: a reproduction parent run gives one row per variant (its
-    ``<variant>/<metric>`` metrics), any other run one row named after it."""
-    rows: dict[str, dict[str, float]] = {}
+    ``<variant>/<metric>`` metrics), any other run one row named after it; named as the module
+    docstring says."""
     several = len(runs) > 1
-    for run in runs:
-        metrics = run.data.metrics
-        recipe = run.data.tags.get("codis.recipe", run.info.run_name)
-        if run.data.tags.get("codis.kind") == "reproduction":
-            variants: dict[str, dict[str, float]] = {}
-            for key, value in metrics.items():
-                if "/" in key and not key.startswith("system/"):
-                    variant, metric = key.split("/", 1)
-                    variants.setdefault(variant, {})[metric] = value
-            for variant, values in variants.items():
-                name = f"{recipe}/{variant}" if several else variant
-                rows[_unique(rows, name, run)] = values
-        else:
-            rows[_unique(rows, run.info.run_name or run.info.run_id, run)] = dict(metrics)
-    return rows
+    named = [(name, run, values) for run in runs for name, values in _run_rows(run, several)]
+    alike = len({name for name, _, _ in named}) < len(named)
+    return {f"{name} ({_short(run)})" if alike else name: values for name, run, values in named}
 
 
-def _unique(rows: Mapping[str, Any], name: str, run: Any) -> str:
-    return name if name not in rows else f"{name} ({run.info.run_id[:8]})"
+def _run_rows(run: Any, several: bool) -> list[tuple[str, dict[str, float]]]:
+    if run.data.tags.get("codis.kind") != "reproduction":
+        return [(run.info.run_name or run.info.run_id, dict(run.data.metrics))]
+    recipe = run.data.tags.get("codis.recipe", run.info.run_name)
+    variants: dict[str, dict[str, float]] = {}
+    for key, value in run.data.metrics.items():
+        if "/" in key and not key.startswith("system/"):
+            variant, metric = key.split("/", 1)
+            variants.setdefault(variant, {})[metric] = value
+    return [(f"{recipe}/{variant}" if several else variant, values)
+            for variant, values in variants.items()]
+
+
+def _short(run: Any) -> str:
+    return run.info.run_id[:8]
+
+
+def run_label(run: Any) -> str:
+    return f"{run.info.run_name or run.info.run_id} ({_short(run)})"
+
+
+def differences_table(runs: Sequence[Any]) -> str | None:
+    """A Markdown table of the parameters whose values differ between ``runs`` (one column per
+    run, "-" where a run lacks one), or None when none does."""
+    names = sorted({name for run in runs for name in run.data.params} - set(UNCOMPARED_PARAMS))
+    differing = [name for name in names
+                 if len({run.data.params.get(name) for run in runs}) > 1]
+    if not differing:
+        return None
+    headers = ["parameter", *map(run_label, runs)]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] * len(headers)) + "|"]
+    for name in differing:
+        values = [run.data.params.get(name, "-") for run in runs]
+        lines.append("| " + " | ".join([name, *values]) + " |")
+    return "\n".join(lines)
+
+
+def default_output(runs: Sequence[Any], runs_root: str | Path = "runs") -> Path:
+    """Where a comparison of ``runs`` goes without ``--out`` (see the module docstring)."""
+    name = "comparison-" + "-".join(_short(run) for run in runs) + ".md"
+    folder = runs[0].data.tags.get("codis.run_dir")
+    if folder and Path(folder).is_dir():
+        return Path(folder) / name
+    return Path(runs_root) / "comparisons" / name
 
 
 def latest_reproduction(client: Any, recipe: str) -> Any:
@@ -119,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
                              "sqlite:///runs/mlflow.db)")
-    parser.add_argument("--out", default="runs/comparison.md",
-                        help="Markdown file to write (a .csv is written beside it)")
+    parser.add_argument("--out", default=None,
+                        help="Markdown file to write (a .csv is written beside it; default: "
+                             "comparison-<run ids>.md in the first run's folder)")
     args = parser.parse_args(argv)
     if not args.runs and not args.recipe:
         parser.error("give --runs and/or --recipe")
@@ -137,12 +183,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = rows_from_runs(runs)
     metrics = sorted({m for r in rows.values() for m in r}) if args.all else \
         select_metrics(rows, args.metrics or DEFAULT_METRICS)
-    table = comparison_table(rows, metrics, baseline=args.baseline)
-    print(table)
-    out = Path(args.out)
+    text = comparison_table(rows, metrics, baseline=args.baseline)
+    if len(runs) > 1:
+        differences = differences_table(runs)
+        text += "\n\n## How the runs differ\n\n" + (
+            differences or "They have the same parameters.")
+    print(text)
+    out = Path(args.out) if args.out else default_output(runs)
     out.parent.mkdir(parents=True, exist_ok=True)
     sources = ", ".join(f"{r.info.run_name} ({r.info.run_id})" for r in runs)
-    out.write_text(f"# Comparison\n\nRuns: {sources}\n\n{table}\n", encoding="utf-8")
+    out.write_text(f"# Comparison\n\nRuns: {sources}\n\n{text}\n", encoding="utf-8")
     out.with_suffix(".csv").write_text(comparison_csv(rows, metrics), encoding="utf-8")
     print(f"\nsaved: {out} and {out.with_suffix('.csv')}")
     return 0

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import os
 import posixpath
 import re
@@ -254,7 +255,7 @@ class AnalysisSpec(_Spec):
 class ReportSpec(_Spec):
     """``title``: heading of the run's ``comparison.md``. ``baseline_variant``: the variant the
     others are compared with (difference columns). ``metrics``: glob patterns of the metric names
-    that ``comparison.md`` shows (empty: pretraining loss and each task's headline metrics).
+    that ``comparison.md`` shows (empty: the loss terms both modes share and each task's headline metrics).
     ``analysis``: the report's codebook, retrieval-example and Grad-CAM sections
     (:class:`AnalysisSpec`; ``{}`` for its defaults, null or absent: not run)."""
 
@@ -268,12 +269,16 @@ class TrackingSpec(_Spec):
     """MLflow: the experiment (default ``codis-<recipe name>``), the registered model of the
     pretrained checkpoints (default ``<recipe name>-pretrained``), whether finetuned models are
     registered too (``<recipe name>-<task>-<dataset name>``), the metric that decides the
-    ``champion`` alias (default: the first zero-shot retrieval task's r_mean; higher is better)."""
+    ``champion`` alias (default: the first zero-shot retrieval task's r_mean; higher is better),
+    and the margin by which a new version must beat the champion to take the alias
+    (``champion_margin``, in the metric's units; default: two binomial standard errors of the
+    score over the evaluation's sample count, its run-to-run spread; :func:`champion_margin`)."""
 
     experiment: str | None = None
     pretrained_model: str | None = None
     register_finetuned: bool = True
     champion_metric: str | None = None
+    champion_margin: float | None = Field(default=None, ge=0)
     log_system_metrics: bool = True
 
 
@@ -408,7 +413,9 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 
 def apply_override(data: dict[str, Any], override: str) -> None:
-    """Apply ``dotted.path=value`` (value parsed as YAML; list items by index) to a raw recipe."""
+    """Apply ``dotted.path=value`` (value parsed as YAML) to a raw recipe. A list item is named
+    by its index or, for lists of mappings, by the ``task`` or ``name`` that only it has:
+    ``tasks.vqa.config.k_test=64``, ``pretrain_data.demo-web.download.thread_count=4``."""
     if "=" not in override:
         raise RecipeError(f"--set {override!r}: expected dotted.path=value")
     path, _, text = override.partition("=")
@@ -426,12 +433,11 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         last = depth == len(keys) - 1
         where = ".".join(keys[:depth + 1])
         if isinstance(node, list):
-            if not key.isdigit() or int(key) >= len(node):
-                raise RecipeError(f"--set {override!r}: {where}: no list item {key}")
+            index = _list_item(node, key, f"--set {override!r}: {where}")
             if last:
-                node[int(key)] = value
+                node[index] = value
             else:
-                node = node[int(key)]
+                node = node[index]
         elif isinstance(node, dict):
             if last:
                 node[key] = value
@@ -439,6 +445,24 @@ def apply_override(data: dict[str, Any], override: str) -> None:
                 node = node.setdefault(key, {})
         else:
             raise RecipeError(f"--set {override!r}: {'.'.join(keys[:depth])} is not a mapping")
+
+
+def _list_item(items: list[Any], key: str, where: str) -> int:
+    """The index of ``key`` in ``items``: an index, or the one mapping whose ``task`` or ``name``
+    is ``key``."""
+    if key.isdigit():
+        if int(key) < len(items):
+            return int(key)
+        raise RecipeError(f"{where}: no list item {key} (the list has {len(items)})")
+    found = [i for i, item in enumerate(items)
+             if isinstance(item, dict) and key in (item.get("task"), item.get("name"))]
+    if len(found) == 1:
+        return found[0]
+    names = sorted({str(item.get(field)) for item in items if isinstance(item, dict)
+                    for field in ("task", "name") if item.get(field) is not None})
+    problem = "names several items" if found else "names no item"
+    raise RecipeError(f"{where}: {key!r} {problem}; use an index (0-{len(items) - 1})"
+                      + (f" or one of: {', '.join(names)}" if names else ""))
 
 
 def _join(where: str, message: str) -> str:
@@ -493,11 +517,38 @@ def _invalid(source: str, problems: list[str]) -> str:
     return f"{source}: invalid recipe\n" + "\n".join(problems)
 
 
+PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
+"""The recipes of the checkout, offered by name in the Prefect run forms."""
+
+
+def shipped_recipes() -> tuple[str, ...]:
+    """The names of ``pipelines/*.yaml`` (``demo`` for ``pipelines/demo.yaml``)."""
+    return tuple(sorted(path.stem for path in PIPELINES.glob("*.yaml")))
+
+
+RecipeName = Literal[shipped_recipes()] if shipped_recipes() else str  # type: ignore[valid-type]
+"""A choice among the shipped recipes (a dropdown in the Prefect UI)."""
+
+
+def recipe_path(recipe: str | Path) -> Path:
+    """A recipe by name (``demo``: ``pipelines/demo.yaml``) or by file path."""
+    text = str(recipe)
+    if "/" not in text and not text.endswith((".yaml", ".yml")):
+        return PIPELINES / f"{text}.yaml"
+    return Path(text)
+
+
+def shipped_name(path: str | Path) -> str | None:
+    """The name of a recipe file if it is one of :func:`shipped_recipes`, else None."""
+    path = Path(path).resolve()
+    return path.stem if path.parent == PIPELINES and path.suffix == ".yaml" else None
+
+
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
                 steps_scale: float | None = None) -> Recipe:
     """Read, override and validate a recipe file. ``overrides``: ``dotted.path=value`` strings
     (e.g. ``pretrain.train.steps=20``); ``steps_scale`` multiplies every training step count."""
-    data = _read_yaml(Path(path))
+    data = _read_yaml(recipe_path(path))
     for override in overrides:
         apply_override(data, override)
     if steps_scale is not None:
@@ -758,6 +809,18 @@ def metric_name(spec: TaskSpec, metric: str, zero_shot: bool = False) -> str:
     """``<task>.<name>.<metric>``, zero-shot ``<task>.<name>.zs.<metric>`` (e.g.
     ``retrieval.demo.zs.txt_r1``, ``vqa.demo.accuracy``)."""
     return f"{spec.task}.{spec.name}.{'zs.' if zero_shot else ''}{metric}"
+
+
+def champion_margin(recipe: Recipe, score: float, samples: int | None) -> float:
+    """How far a score (percent) must beat the ``champion``'s to take the alias: the recipe's
+    ``tracking.champion_margin``, else two binomial standard errors of ``score`` over the
+    ``samples`` evaluated (0 when their number is unknown)."""
+    if recipe.tracking.champion_margin is not None:
+        return recipe.tracking.champion_margin
+    if not samples:
+        return 0.0
+    p = min(max(score / 100.0, 0.0), 1.0)
+    return 200.0 * math.sqrt(p * (1.0 - p) / samples)
 
 
 # ---- paths ---------------------------------------------------------------------------------------

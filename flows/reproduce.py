@@ -2,13 +2,19 @@
 
     python -m flows.reproduce --recipe pipelines/demo.yaml
     python -m flows.reproduce --recipe pipelines/demo.yaml --steps-scale 0.1 --set demo_world.pretrain_images=100
+    python -m flows.reproduce --recipe quick    # every stage in about a minute (numbers are noise)
 
 Order: validate the recipe and its inputs (nothing starts before that) -> data (demo world,
 downloads, shards of every source and task split) -> for each variant: pretrain -> zero-shot
 retrieval -> [analyze: codebook usage, retrieval examples, Grad-CAM, if ``report.analysis``]
 -> register (``candidate``; ``champion`` if it beats the current one on the recipe's champion
-metric) -> for each task: [NLVR² text assignment] -> finetune -> evaluate -> register ->
-report comparing the variants.
+metric by its margin) -> for each task: [NLVR² text assignment] -> finetune -> evaluate ->
+register -> report comparing the variants. The stages come from a :class:`flows.plan.Plan` of the
+recipe, which the single-stage deployments (:mod:`flows.deployments`) share.
+
+MLflow: a parent run per reproduction and a child run per stage that ran; a stage reused from the
+store has no run here, and the parent's description (``mlflow.note.content``) lists every stage
+with a link to the run that computed it.
 
 Everything content-keyed lives in ``<runs>/store`` (see :mod:`flows.store`): re-running a
 finished reproduction re-runs nothing; changing one stage's parameters re-runs that stage and
@@ -21,6 +27,7 @@ of the report.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import shutil
@@ -34,44 +41,60 @@ from typing import Any, Iterator
 
 import yaml
 from prefect import flow
+from tqdm import tqdm
 
 from codis.cli import DEBUG_ENV, error_message
 from codis.files import atomic_write_json, atomic_write_text
-from codis.tasks import TASKS
 from flows import recipe as recipes
 from flows.compare import DEFAULT_METRICS, comparison_table, select_metrics
-from flows.launch import evaluation_processes
-from flows.recipe import Recipe, TaskSpec, UrlSource
-from flows.server import PrefectApiError, prefect_api
-from flows.stages import (StageContext, analyze_task, download_task, evaluate_task,
-                          finetune_task, generate_demo_task, pretrain_task, register_task,
-                          report_task, run_logger, shard_task, stage_label, text_assignment_task,
-                          vision_init_task)
-from flows.store import StageResult, Store
-from flows.tracking import Tracker, default_artifact_location, resolve_tracking_uri
+from flows.plan import Plan, recipe_context
+from flows.server import PrefectApiError, prefect_api, prefect_run_tags
+from flows.stages import publish_link, run_logger
 
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
-def headline_metric(spec: TaskSpec) -> str:
-    """The metric that ranks finetuned models of a task (``champion`` alias)."""
-    return TASKS[spec.task].headline_metric
+def recipe_name(recipe: str) -> str:
+    """``pipelines/demo.yaml`` -> ``demo`` (what flow run names show)."""
+    return Path(recipe).stem
 
 
-@flow(name="reproduce")
-def reproduce(recipe: str = "pipelines/demo.yaml", overrides: list[str] | None = None,
-              steps_scale: float | None = None, runs_root: str = "runs", run_dir: str | None = None,
-              run_id: str | None = None, tracking_uri: str | None = None, track: bool = True,
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    return f"reproduce[{recipe_name(flow_run.parameters.get('recipe', 'recipe'))}]"
+
+
+@flow(name="reproduce", flow_run_name=_run_name)
+def reproduce(recipe: recipes.RecipeName = "demo", overrides: tuple[str, ...] = (),
+              steps_scale: float = 0.0, recipe_file: str = "", runs_root: str = "runs",
+              run_dir: str = "", run_id: str = "", tracking_uri: str = "", track: bool = True,
               progress: bool = True) -> dict[str, Any]:
-    """Reproduce a recipe end to end (see the module docstring).
+    """Reproduce a recipe end to end: data, vision init, pretraining, evaluations, finetuning,
+    registration and the report. Stages already done in the store are reused.
 
-    ``overrides``: ``dotted.path=value`` changes of the recipe (e.g.
-    ``pretrain.train.steps=20``); ``steps_scale`` multiplies every training step count.
-    ``runs_root``: holds ``store/``, the run folders and, by default, MLflow's ``mlflow.db`` and
-    ``mlartifacts/``. ``tracking_uri`` empty: ``MLFLOW_TRACKING_URI``, else that sqlite file."""
-    spec = recipes.load_recipe(recipe, overrides or [], steps_scale)
+    Args:
+        recipe: The recipe to reproduce, one of pipelines/*.yaml.
+        overrides: Changes to the recipe, one per item, as dotted.path=value (the value is
+            YAML), e.g. ``pretrain.train.steps=20`` or ``tasks.vqa.config.k_test=64`` (a task
+            by its name or list index). Only the stages a change touches run again.
+        steps_scale: Multiply every training step count (e.g. 0.1 for a shorter run); 0 keeps
+            the recipe's steps_scale.
+        recipe_file: A recipe file outside ``pipelines/`` (a path on the worker); replaces
+            recipe.
+        runs_root: Folder holding ``store/``, the run folders and the default MLflow store.
+        run_dir: This run's folder; empty for ``<runs_root>/<recipe>-<run id>``.
+        run_id: This run's id; empty for date-time-random.
+        tracking_uri: MLflow tracking URI; empty for ``$MLFLOW_TRACKING_URI``, else
+            ``sqlite:///<runs_root>/mlflow.db``.
+        track: Record the run in MLflow.
+        progress: Show progress bars in the log.
+    """
+    recipe = recipe_file or recipe
+    started = time.time()
+    spec = recipes.load_recipe(recipe, overrides or [], steps_scale or None)
     recipes.check_inputs(spec)
     logger = run_logger()
     run_id = run_id or new_run_id()
@@ -80,41 +103,48 @@ def reproduce(recipe: str = "pipelines/demo.yaml", overrides: list[str] | None =
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "recipe.yaml", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
 
-    uri = resolve_tracking_uri(tracking_uri, root) if track else None
-    tracker = Tracker(uri, spec.experiment,
-                      artifact_location=default_artifact_location(root, spec.experiment),
-                      system_metrics=spec.tracking.log_system_metrics)
+    ctx = recipe_context(spec, root, tracking_uri=tracking_uri, track=track, progress=progress,
+                         run_dir=folder)
+    tracker = ctx.tracker
     tracker.end_stale_runs()  # what earlier runs killed with -9 left RUNNING
-    from prefect.runtime import flow_run
-
+    recipe_file = str(recipes.recipe_path(recipe).resolve())
     parent = tracker.start_run(f"{spec.name}-{run_id}", tags={
         "codis.kind": "reproduction", "codis.recipe": spec.name, "codis.run_dir": str(folder),
-        "codis.recipe_file": str(Path(recipe).resolve()), "prefect.flow_run_id": flow_run.id})
+        "codis.recipe_file": recipe_file, **prefect_run_tags()})
     parent.log_params({"recipe": spec.name, "variants": sorted(spec.variants),
                        "tasks": [t.label for t in spec.tasks], "steps_scale": spec.steps_scale,
                        "overrides": list(overrides or []), "run_dir": str(folder)})
     parent.log_artifact(folder / "recipe.yaml")
-    ctx = StageContext(store=Store(root / "store"), tracker=tracker, parent_run_id=parent.run_id,
-                       run_dir=folder, progress=progress,
-                       keep_training_state=spec.store.keep_training_state)
-    summary: dict[str, Any] = {"recipe": spec.name, "recipe_file": str(Path(recipe).resolve()),
+    ctx.parent_run_id = parent.run_id
+    parent_url = tracker.run_url(parent.run_id) if parent.enabled else None
+    if parent_url:
+        logger.info("MLflow: %s", parent_url)
+        publish_link("reproduction-mlflow", parent_url, f"{spec.name}-{run_id} in MLflow")
+    from prefect.runtime import flow_run
+
+    summary: dict[str, Any] = {"recipe": spec.name, "recipe_file": recipe_file,
                                "run_id": run_id, "run_dir": str(folder), "store": str(ctx.store.root),
-                               "status": "running", "started": time.time(),
-                               "mlflow": {"tracking_uri": uri, "experiment": spec.experiment,
+                               "status": "running", "started": started,
+                               "mlflow": {"tracking_uri": tracker.uri, "experiment": spec.experiment,
                                           "parent_run_id": parent.run_id},
+                               "overrides": list(overrides or []),
                                "prefect_flow_run_id": flow_run.id, "stages": []}
     try:
-        _reproduce(spec, ctx, summary, parent)
+        _reproduce(Plan(spec, ctx, summary), summary, parent)
     except BaseException as error:
         summary["status"] = "failed"
         _write_summary(folder, summary)
+        _describe_stages(parent, summary, tracker)
         tracker.end_after(parent, error)  # FAILED, or KILLED when interrupted
         raise
     summary["status"] = "completed"
     summary["finished"] = time.time()
     _write_summary(folder, summary)
+    _describe_stages(parent, summary, tracker)
     parent.log_artifact(folder / "reproduction.json")
     parent.log_artifact(folder / "comparison.md")
+    parent.log_artifact(summary["report"]["html"], "report")
+    parent.log_artifact(summary["report"]["markdown"], "report")
     tracker.end_run(parent, "FINISHED")
     logger.info("report: %s", summary["report"]["html"])
     return summary
@@ -124,122 +154,60 @@ def _write_summary(folder: Path, summary: dict[str, Any]) -> None:
     atomic_write_json(folder / "reproduction.json", summary)
 
 
-def _record(summary: dict[str, Any], result: StageResult) -> StageResult:
-    summary["stages"].append({"label": stage_label(result), **result.to_dict()})
-    return result
+def _describe_stages(parent: Any, summary: dict[str, Any], tracker: Any) -> None:
+    """The parent run's description (MLflow's note): every stage of the run, whether it ran or
+    was reused, and a link to the MLflow run that computed it (a reused stage has no child run
+    under this parent)."""
+    lines = [f"Reproduction of recipe **{summary['recipe']}** ({summary['status']}), run folder "
+             f"`{summary['run_dir']}`.", "", "| Stage | In this run | Computed by |",
+             "|---|---|---|"]
+    for item in summary["stages"]:
+        source = item.get("mlflow_run_id")
+        url = tracker.run_url(source) if source else None
+        link = f"[{source[:8]}]({url})" if url else (f"`{source}`" if source else "not tracked")
+        lines.append(f"| {item['label']} | {'reused' if item['cached'] else 'ran'} | {link} |")
+    parent.set_tags({"mlflow.note.content": "\n".join(lines)})
 
 
-def _reproduce(spec: Recipe, ctx: StageContext, summary: dict[str, Any], parent: Any) -> None:
-    def retried(stage_task: Any) -> Any:
-        return stage_task.with_options(retries=spec.retries) if spec.retries else stage_task
+def _reproduce(plan: Plan, summary: dict[str, Any], parent: Any) -> None:
+    spec = plan.spec
+    # Data first (every source and task split), then the vision initialisation, so that a bad
+    # file or a failed download shows before any training.
+    plan.pretrain_shards()
+    for task in spec.tasks:
+        if task.finetune:
+            plan.train_shards(task.label)
+        plan.eval_shards(task.label)
+    plan.vision_weights()
 
-    # ---- data ------------------------------------------------------------------------------------
-    world = None
-    if spec.demo_world is not None:
-        world = _record(summary, retried(generate_demo_task)(ctx, spec.demo_world))
-    world_dir = str(world.file("world")) if world is not None else None
-    data_stages: list[StageResult] = []
-    pretrain_folders: list[str] = []
-    for index, source in enumerate(spec.pretrain_data):
-        if isinstance(source, UrlSource):
-            result = retried(download_task)(ctx, source, world_dir)
-        else:
-            result = retried(shard_task)(ctx, source, "pretrain", world_dir,
-                                         label=source.name or f"pretrain-{index}")
-        data_stages.append(_record(summary, result))
-        pretrain_folders.append(str(result.file("shards")))
-    train_folders: dict[str, list[str]] = {}
-    eval_folders: dict[str, str] = {}
-    for spec_task in spec.tasks:
-        train_kind, eval_kind = recipes.SHARD_KINDS[spec_task.task]
-        if spec_task.finetune:
-            parts = []
-            for index, part in enumerate(spec_task.train_data):
-                result = retried(shard_task)(ctx, part, train_kind, world_dir,
-                                             label=f"{spec_task.label}.train{index}")
-                data_stages.append(_record(summary, result))
-                parts.append(str(result.file("shards")))
-            train_folders[spec_task.label] = parts
-        result = retried(shard_task)(ctx, spec_task.eval_data, eval_kind, world_dir,
-                                     label=f"{spec_task.label}.eval")
-        data_stages.append(_record(summary, result))
-        eval_folders[spec_task.label] = str(result.file("shards"))
-
-    vision_weights = None
-    if spec.vision_init is not None:
-        init = _record(summary, retried(vision_init_task)(
-            ctx, spec.vision_init, recipes.vision_init_config(spec), world_dir, spec.steps_scale))
-        summary["vision_init"] = {"key": init.key, "path": init.path}
-        vision_weights = str(init.file("weights"))
-
-    # ---- variants --------------------------------------------------------------------------------
-    processes = evaluation_processes(spec.pretrain)
-    pretrained: dict[str, StageResult] = {}
-    evaluations: dict[str, list[tuple[TaskSpec, bool, StageResult]]] = {}
-    analyses: dict[str, StageResult] = {}
-    analysis_task = spec.analysis_task if spec.report.analysis is not None else None
     summary["variants"] = {}
-    for name, variant in spec.variants.items():
+    for name in spec.variants:
         record: dict[str, Any] = {"evaluations": [], "registered": {}}
         summary["variants"][name] = record
-        pre = _record(summary, retried(pretrain_task)(ctx, name, variant, spec.pretrain,
-                                                      pretrain_folders, spec.steps_scale,
-                                                      vision_weights))
-        pretrained[name] = pre
+        pre = plan.pretrained(name)
         record["pretrain"] = {"stage": pre.stage, "key": pre.key, "path": pre.path}
-        checkpoint = str(pre.file("model"))
-        found: list[tuple[TaskSpec, bool, StageResult]] = []
-        for index, spec_task in enumerate(spec.tasks):
-            if spec_task.zero_shot:
-                result = _record(summary, retried(evaluate_task)(
-                    ctx, spec_task, checkpoint, eval_folders[spec_task.label], world_dir, True, name,
-                    processes=processes))
-                found.append((spec_task, True, result))
+        for index, task in enumerate(spec.tasks):
+            if task.zero_shot:
+                result = plan.evaluation(name, task.label, zero_shot=True)
                 record["evaluations"].append({"task": index, "zero_shot": True, "key": result.key})
-        if analysis_task is not None:
-            analyses[name] = _record(summary, retried(analyze_task)(
-                ctx, analysis_task, checkpoint, eval_folders[analysis_task.label],
-                spec.report.analysis, name))
-            record["analysis"] = {"key": analyses[name].key}
-        metrics = {k: v for _, _, r in found for k, v in r.metrics.items()}
-        champion = spec.champion_metric
-        record["registered"]["pretrained"] = retried(register_task)(
-            ctx, spec.pretrained_model_name, checkpoint, label=name, score_name=champion,
-            score=metrics.get(champion) if champion else None,
-            tags={"codis.variant": name, "codis.recipe": spec.name,
-                  "codis.mode": recipes.model_config(variant).mode})
-        for index, spec_task in enumerate(spec.tasks):
-            if not spec_task.finetune:
+        analysis = plan.analysis(name)
+        if analysis is not None:
+            record["analysis"] = {"key": analysis.key}
+        record["registered"]["pretrained"] = plan.register_pretrained(name)
+        for index, task in enumerate(spec.tasks):
+            if not task.finetune:
                 continue
-            start = checkpoint
-            if spec_task.text_assignment is not None:
-                ta = _record(summary, retried(text_assignment_task)(
-                    ctx, spec_task, checkpoint, pretrain_folders, spec.steps_scale, name))
-                start = str(ta.file("model"))
-            tuned = _record(summary, retried(finetune_task)(
-                ctx, spec_task, start, train_folders[spec_task.label], world_dir, spec.steps_scale,
-                name))
-            result = _record(summary, retried(evaluate_task)(
-                ctx, spec_task, str(tuned.file("model")), eval_folders[spec_task.label], world_dir,
-                False, name, processes=processes))
-            found.append((spec_task, False, result))
+            result = plan.evaluation(name, task.label)
             record["evaluations"].append({"task": index, "zero_shot": False, "key": result.key})
             if spec.tracking.register_finetuned:
-                score_name = recipes.metric_name(spec_task, headline_metric(spec_task))
-                record["registered"][spec_task.label] = retried(register_task)(
-                    ctx, spec.finetuned_model_name(spec_task), str(tuned.file("model")),
-                    label=f"{spec_task.label}/{name}", score_name=score_name,
-                    score=result.metrics.get(score_name),
-                    tags={"codis.variant": name, "codis.recipe": spec.name,
-                          "codis.task": spec_task.task})
-        evaluations[name] = found
-        metrics = {**pre.metrics, **{k: v for _, _, r in found for k, v in r.metrics.items()}}
+                record["registered"][task.label] = plan.register_finetuned(name, task.label)
+        metrics = {**pre.metrics, **{k: v for _, _, r in plan.evaluations.get(name, [])
+                                     for k, v in r.metrics.items()}}
         record["metrics"] = metrics
         parent.log_metrics({f"{name}/{k}": v for k, v in metrics.items()})
 
     # ---- report ----------------------------------------------------------------------------------
-    report = _record(summary, retried(report_task)(ctx, spec, pretrained, evaluations, world,
-                                                   data_stages, analyses))
+    report = plan.report()
     folder = Path(summary["run_dir"])
     copies = folder / "report"
     if copies.exists():
@@ -276,6 +244,36 @@ def sigterm_as_exit() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+class AboveBars(logging.Handler):
+    """Hands each record to a console handler with the terminal's progress bars cleared first and
+    redrawn after, so that a log line never lands across a half-drawn bar."""
+
+    def __init__(self, inner: logging.Handler) -> None:
+        super().__init__(inner.level)
+        self.inner = inner
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with tqdm.external_write_mode(file=sys.stderr):
+            self.inner.handle(record)
+
+
+@contextmanager
+def log_lines_above_bars() -> Iterator[None]:
+    """Meanwhile, the console handlers of the root logger (Prefect's) and of MLflow's logger
+    write through :class:`AboveBars`."""
+    swapped = []
+    for logger in (logging.getLogger(), logging.getLogger("mlflow")):
+        for index, handler in enumerate(logger.handlers):
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                logger.handlers[index] = AboveBars(handler)
+                swapped.append((logger, index, handler))
+    try:
+        yield
+    finally:
+        for logger, index, handler in swapped:
+            logger.handlers[index] = handler
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flows.reproduce",
@@ -283,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
                     "PREFECT_API_URL the run starts a local Prefect server of its own, which ends "
                     "with it (CODIS_PREFECT_STARTUP_TIMEOUT: seconds to wait for it, default "
                     "300); with one, that API must answer within PREFECT_API_REQUEST_TIMEOUT.")
-    parser.add_argument("--recipe", default="pipelines/demo.yaml", help="recipe file")
+    parser.add_argument("--recipe", default="pipelines/demo.yaml",
+                        help="recipe: a file, or the name of one in pipelines/ (e.g. quick)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                         help="override a recipe field, e.g. --set pretrain.train.steps=20 (repeatable)")
     parser.add_argument("--steps-scale", type=float, default=None,
@@ -319,15 +318,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.validate:
         print(f"{args.recipe}: valid ({len(spec.variants)} variants, {len(spec.tasks)} tasks)")
         return 0
-    with sigterm_as_exit():
+    with sigterm_as_exit(), log_lines_above_bars():
         try:
             with prefect_api() as api:  # checked, or a local server stopped when this ends
                 print(f"Prefect API: {api.describe()}", flush=True)
-                summary = reproduce(recipe=args.recipe, overrides=args.overrides,
-                                    steps_scale=args.steps_scale, runs_root=args.runs_root,
-                                    run_dir=args.run_dir, run_id=args.run_id,
-                                    tracking_uri=args.tracking_uri, track=not args.no_tracking,
-                                    progress=not args.no_progress)
+                shipped = recipes.shipped_name(recipes.recipe_path(args.recipe))
+                summary = reproduce(recipe=shipped or "demo",
+                                    recipe_file="" if shipped else args.recipe,
+                                    overrides=args.overrides, steps_scale=args.steps_scale or 0.0,
+                                    runs_root=args.runs_root, run_dir=args.run_dir or "",
+                                    run_id=args.run_id or "", tracking_uri=args.tracking_uri or "",
+                                    track=not args.no_tracking, progress=not args.no_progress)
         except PrefectApiError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1

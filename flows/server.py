@@ -238,6 +238,26 @@ def _use_api_url(url: str | None) -> None:
     prefect.context.refresh_global_settings_context()
 
 
+OWNED_SERVER_VARIABLE = "CODIS_PREFECT_OWNED_SERVER"
+"""Set while the API is a local server that this process owns (and stops when it ends)."""
+
+
+def prefect_run_tags() -> dict[str, str]:
+    """MLflow tags linking to the current Prefect flow run (``prefect.flow_run_id`` and
+    ``prefect.flow_run_url``) when its server outlives this process; none for a run's own
+    server, whose runs are gone once it stops, or outside a flow run."""
+    from prefect.runtime import flow_run
+    from prefect.settings import get_current_settings
+
+    if os.environ.get(OWNED_SERVER_VARIABLE) or not flow_run.id:
+        return {}
+    tags = {"prefect.flow_run_id": flow_run.id}
+    ui_url = get_current_settings().ui_url
+    if ui_url:
+        tags["prefect.flow_run_url"] = f"{ui_url.rstrip('/')}/runs/flow-run/{flow_run.id}"
+    return tags
+
+
 @contextmanager
 def prefect_api() -> Iterator[Api]:
     """The Prefect API for one run: ``PREFECT_API_URL`` checked, or a local server started and,
@@ -254,11 +274,13 @@ def prefect_api() -> Iterator[Api]:
     previous = os.environ.get("PREFECT_API_URL")
     try:
         _use_api_url(url)
+        os.environ[OWNED_SERVER_VARIABLE] = "1"
         with temporary_settings(updates={PREFECT_API_URL: url}):
             try:
                 yield Api(url, server)
             finally:
                 _drain_prefect_workers()
     finally:
+        os.environ.pop(OWNED_SERVER_VARIABLE, None)
         server.stop()
         _use_api_url(previous)

@@ -39,20 +39,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
 import codis  # noqa: F401  - the torchvision shim before anything imports timm
 from codis import train as codis_train
-from codis.config import VisionConfig
+from codis.config import ModelConfig, VisionConfig
 from codis.data import demo_world as codis_demo_world
 from codis.data import download as codis_download
 from codis.data import shards as codis_shards
@@ -61,6 +62,7 @@ from codis.data.manifest import MANIFEST, read_annotations, shard_files, shard_s
 from codis.files import atomic_write_json
 from codis.tasks import TASKS
 from codis.report import analysis as codis_analysis
+from codis.report import RunScale, StageTime
 from codis.report.collect import describe_machine, read_metrics_jsonl, report_from_stage_outputs
 from codis.train import global_batch, scale_schedule
 from codis.train import vision_init as codis_vision_init
@@ -69,8 +71,9 @@ from flows import recipe as recipes
 from flows.fingerprint import code_fingerprint
 from flows.recipe import (AnalysisSpec, AnnotationSource, PretrainSpec, Recipe, TaskSpec,
                           UrlSource, VariantSpec, VisionInitSpec)
+from flows.server import prefect_run_tags
 from flows.store import MARKER, StageOutput, StageResult, Store
-from flows.tracking import Tracker
+from flows.tracking import Tracker, checkpoint_loader
 
 _FALLBACK_LOG = logging.getLogger("flows")
 # DownloadConfig fields that change only the speed of img2dataset, never the shards.
@@ -111,26 +114,34 @@ Work = Callable[[Path, Any], StageOutput]
 
 def run_stage(ctx: StageContext, stage: str, label: str, params: dict[str, Any],
               inputs: dict[str, Any], work: Work, *, tags: dict[str, Any] | None = None,
-              verify: Sequence[str] = ()) -> StageResult:
-    """Run ``work(folder, mlflow_run)`` as stage ``stage`` unless it is complete in the store; in
-    both cases record an MLflow child run ``<stage>[<label>]`` under ``ctx.parent_run_id``.
-    ``verify``: the stage's shard folders, checked against their manifests before a completed
-    stage is reused (one that fails runs again: :meth:`flows.store.Store.lookup`)."""
+              verify: Sequence[str] = (), logged_params: dict[str, Any] | None = None,
+              ) -> StageResult:
+    """Run ``work(folder, mlflow_run)`` as stage ``stage`` unless it is complete in the store.
+
+    A stage that runs gets an MLflow child run ``<stage>[<label>]`` under ``ctx.parent_run_id``
+    (parameters: ``logged_params``, default ``params``; the stage's metrics; a link in the Prefect
+    log and as a link artifact; the metrics as a Prefect table artifact). A stage found complete
+    creates no run: the run that computed it is named in its marker (``provenance``), which the
+    parent records. ``verify``: the stage's shard folders, checked against their manifests before
+    a completed stage is reused (one that fails runs again: :meth:`flows.store.Store.lookup`)."""
     logger = run_logger()
     params = {**params, "code": code_fingerprint(stage, params.get("task"))}
     key, _ = ctx.store.prepare(stage, params, inputs)
     folder = ctx.store.folder(stage, key)
-    found = ctx.store.lookup(stage, key, verify=verify, log=logger.warning)
     name = f"{stage}[{label}]" if label else stage
+    found = ctx.store.lookup(stage, key, verify=verify, log=logger.warning)
+    if found is not None:
+        source = found.marker.get("provenance", {}).get("mlflow_run_id")
+        url = ctx.tracker.run_url(source) if source else None
+        logger.info("%s: already done, reused (%s%s)", name, folder,
+                    f"; computed in MLflow run {url or source}" if source else "")
+        return found
     run_tags = {"codis.stage": stage, "codis.stage_key": key, "codis.stage_dir": str(folder),
-                "codis.cached": "true" if found else "false", **(tags or {})}
-    with ctx.tracker.stage_run(name, parent=ctx.parent_run_id, tags=run_tags, params=params) as run:
-        if found is not None:
-            logger.info("%s: already done, skipping (%s)", name, folder)
-            run.set_tags({"codis.source_run_id": found.marker.get("provenance", {}).get("mlflow_run_id")})
-            run.log_metrics(found.metrics)
-            return found
-        logger.info("%s: running in %s", name, folder)
+                **prefect_run_tags(), **(tags or {})}
+    logged = {**(params if logged_params is None else logged_params), "code": params["code"]}
+    with ctx.tracker.stage_run(name, parent=ctx.parent_run_id, tags=run_tags, params=logged) as run:
+        url = ctx.tracker.run_url(run.run_id) if run.enabled else None
+        logger.info("%s: running in %s%s", name, folder, f"; MLflow run {url}" if url else "")
         provenance = {"label": label, "mlflow_run_id": run.run_id,
                       "run_dir": str(ctx.run_dir) if ctx.run_dir else None, **_prefect_ids()}
         result = ctx.store.run(
@@ -138,12 +149,48 @@ def run_stage(ctx: StageContext, stage: str, label: str, params: dict[str, Any],
             verify=verify,
             on_wait=lambda: logger.info("%s: the same stage is running elsewhere; waiting", name))
         if result.cached:  # finished by a concurrent run while this one waited for the lock
-            run.set_tags({"codis.cached": "true"})
+            run.set_tags({"codis.cached": "true",
+                          "codis.source_run_id": result.marker.get("provenance", {}).get("mlflow_run_id")})
         # Training metrics went out step by step already; the rest (evaluations, counts) now.
         run.log_metrics({k: v for k, v in result.metrics.items() if k not in run.logged})
         run.log_artifact(Path(result.path) / MARKER, "stage")
         logger.info("%s: done in %.1f s", name, result.marker.get("duration_s", 0.0))
-        return result
+    publish_stage_artifacts(name, result, url)
+    return result
+
+
+def _artifact_key(name: str) -> str:
+    """A Prefect artifact key (lower-case letters, digits and dashes) from a stage name."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def publish_stage_artifacts(name: str, result: StageResult, mlflow_url: str | None) -> None:
+    """A finished stage in the Prefect UI's Artifacts tab: its metrics as a table and a link to
+    its MLflow run (nothing outside a flow run)."""
+    from prefect.artifacts import create_table_artifact
+
+    if result.metrics:
+        _in_flow_run(lambda: create_table_artifact(
+            [{"metric": k, "value": round(v, 6)} for k, v in sorted(result.metrics.items())],
+            key=f"{_artifact_key(name)}-metrics", description=f"{name}: metrics ({result.path})"))
+    if mlflow_url:
+        publish_link(f"{_artifact_key(name)}-mlflow", mlflow_url, f"{name} in MLflow")
+
+
+def publish_link(key: str, url: str, text: str) -> None:
+    """A link artifact of the current Prefect flow run (nothing outside one)."""
+    from prefect.artifacts import create_link_artifact
+
+    _in_flow_run(lambda: create_link_artifact(url, link_text=text, key=key, description=text))
+
+
+def _in_flow_run(publish: Callable[[], Any]) -> None:
+    """Run ``publish`` (an artifact) inside a flow or task run only: outside one (a script, a
+    test calling a stage function) there is no run to attach it to."""
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    if FlowRunContext.get() is not None or TaskRunContext.get() is not None:
+        publish()
 
 
 class MetricsSink:
@@ -151,9 +198,10 @@ class MetricsSink:
     ``<prefix>.<name>`` at their step, and to the Prefect log as a progress line."""
 
     def __init__(self, run: Any, prefix: str, label: str, total_steps: int,
-                 jsonl: Path | None = None) -> None:
+                 jsonl: Path | None = None, renamed: dict[str, str] | None = None) -> None:
         self.run, self.prefix, self.label, self.total = run, prefix, label, total_steps
         self.jsonl = jsonl
+        self.renamed = renamed or {}  # metric names in MLflow that differ from metrics.jsonl's
         self.last: dict[str, float] = {}
         self.logger = run_logger()
 
@@ -166,13 +214,16 @@ class MetricsSink:
 
     def record(self, step: int, metrics: dict[str, float]) -> None:
         self.last = {"step": float(step), **{k: float(v) for k, v in metrics.items()}}
-        self.run.log_metrics({f"{self.prefix}.{k}": v for k, v in metrics.items()}, step=step)
+        self.run.log_metrics({self.name(k): v for k, v in metrics.items()}, step=step)
         shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("loss", "ica", "itm", "mlm", "code",
                                                              "accuracy", "lr") if k in metrics)
         self.logger.info("%s: step %d/%d  %s", self.label, step, self.total, shown)
 
+    def name(self, metric: str) -> str:
+        return f"{self.prefix}.{self.renamed.get(metric, metric)}"
+
     def final(self) -> dict[str, float]:
-        return {f"{self.prefix}.{k}": v for k, v in self.last.items() if k != "step"}
+        return {self.name(k): v for k, v in self.last.items() if k != "step"}
 
 
 # ---- shard folders ----------------------------------------------------------------------------
@@ -305,7 +356,9 @@ def pretrain_stage(ctx: StageContext, name: str, variant: VariantSpec, spec: Pre
         run_yaml = final_config.save(folder / "run.yaml")
         run.log_artifact(run_yaml, "config")
         jsonl = folder / "metrics.jsonl"
-        sink = MetricsSink(run, "pretrain", f"pretrain[{name}]", final_config.train.steps)
+        # The total loss sums different terms in different modes: not one comparable metric.
+        sink = MetricsSink(run, "pretrain", f"pretrain[{name}]", final_config.train.steps,
+                           renamed={"loss": f"loss_{config.model.mode}"})
         if launch.launcher(spec) == "inprocess":
             sink.jsonl = jsonl
             codis_train.pretrain(final_config, callback=sink, progress=ctx.progress)
@@ -320,13 +373,25 @@ def pretrain_stage(ctx: StageContext, name: str, variant: VariantSpec, spec: Pre
         # The report describes the machine that trained: this one (torchrun runs on it too).
         return StageOutput(outputs={"model": "model.pt", "run_config": "run.yaml",
                                     "metrics": "metrics.jsonl"},
-                           metrics=sink.final() or _final_from_jsonl(jsonl, "pretrain"),
+                           metrics=sink.final() or _final_from_jsonl(jsonl, sink),
                            info={"machine": describe_machine()})
 
     return drop_training_state(ctx, run_stage(
         ctx, "pretrain", name, params, inputs, work,
         tags={"codis.variant": name, "codis.mode": config.model.mode,
-              "codis.launcher": launch.launcher(spec)}))
+              "codis.launcher": launch.launcher(spec)},
+        logged_params={"variant": name, **params,
+                       "run": {**run_config, "model": used_model_params(config.model)}}))
+
+
+def used_model_params(model: ModelConfig) -> dict[str, Any]:
+    """The model configuration without the fields its mode does not use (ALBEF's modes have no
+    codebook), so that MLflow shows a mode only the parameters that act on it."""
+    values = model.to_dict()
+    if model.codebook_features == "off":
+        values.pop("codebook")
+        values["loss_weights"].pop("code")
+    return values
 
 
 TRAINING_STATE = "checkpoints"
@@ -343,9 +408,9 @@ def drop_training_state(ctx: StageContext, result: StageResult) -> StageResult:
     return result
 
 
-def _final_from_jsonl(path: Path, prefix: str) -> dict[str, float]:
+def _final_from_jsonl(path: Path, sink: MetricsSink) -> dict[str, float]:
     records = read_metrics_jsonl(path)
-    return {f"{prefix}.{k}": float(v) for k, v in records[-1][1].items()} if records else {}
+    return {sink.name(k): float(v) for k, v in records[-1][1].items()} if records else {}
 
 
 def text_assignment_stage(ctx: StageContext, spec: TaskSpec, pretrained: str,
@@ -470,29 +535,28 @@ def analyze_stage(ctx: StageContext, spec: TaskSpec, checkpoint: str, eval_shard
                            "codis.variant": variant})
 
 
-def register_stage(ctx: StageContext, model_name: str, checkpoint: str, *, label: str,
-                   score_name: str | None = None, score: float | None = None,
+def register_stage(ctx: StageContext, model_name: str, trained: StageResult, *, label: str,
+                   score_name: str | None = None, score: float | None = None, margin: float = 0.0,
                    tags: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Register a checkpoint in the MLflow model registry (``candidate``, maybe ``champion``).
+    """Register the ``model.pt`` of a training stage (pretrain or finetune) in the MLflow model
+    registry, as an MLflow model logged in the run that trained it (``candidate``; ``champion``
+    when ``score`` beats the current champion's by more than ``margin``).
 
-    Not a store stage (its result lives in MLflow): it is idempotent through the version tag
-    ``codis.stage_key``, so a re-run registers nothing new."""
-    key, ids = ctx.store.prepare("register", {"model": model_name, "score_name": score_name,
-                                              "score": score}, {"checkpoint": checkpoint})
+    Not a store stage (its result lives in MLflow) and no run of its own: it is idempotent through
+    the version tag ``codis.stage_key``, so a re-run registers nothing new."""
+    checkpoint = str(trained.file("model"))
+    key, _ = ctx.store.prepare("register", {"model": model_name, "score_name": score_name,
+                                            "score": score}, {"checkpoint": checkpoint})
     logger = run_logger()
     if not ctx.tracker.enabled:
         logger.info("register[%s]: MLflow tracking is off; not registered", label)
         return {"registered": False, "reason": "tracking is off"}
-    run_tags = {"codis.stage": "register", "codis.stage_key": key, "codis.checkpoint": checkpoint,
-                **(tags or {})}
-    with ctx.tracker.stage_run(f"register[{label}]", parent=ctx.parent_run_id, tags=run_tags,
-                               params={"model": model_name, "score_name": score_name}) as run:
-        info = ctx.tracker.register_checkpoint(run, model_name, checkpoint, stage_key=key,
-                                               score_name=score_name, score=score, tags=tags)
-        run.set_tags({"codis.cached": "false" if info.get("registered") else "true",
-                      "codis.model_version": info.get("version")})
-        if score is not None and score_name:
-            run.log_metrics({score_name: score})
+    task = trained.marker.get("params", {}).get("task") if trained.stage != "pretrain" else None
+    info = ctx.tracker.register_checkpoint(
+        model_name, checkpoint, stage_key=key, load=checkpoint_loader(task),
+        source_run_id=trained.marker.get("provenance", {}).get("mlflow_run_id"), label=label,
+        parent=ctx.parent_run_id, score_name=score_name, score=score, margin=margin,
+        tags={"codis.checkpoint": checkpoint, **(tags or {})})
     logger.info("register[%s]: %s version %s %s", label, model_name, info.get("version"),
                 "aliases " + ", ".join(info.get("aliases", [])) if info.get("registered")
                 else f"({info.get('reason')})")
@@ -502,11 +566,13 @@ def register_stage(ctx: StageContext, model_name: str, checkpoint: str, *, label
 def report_stage(ctx: StageContext, recipe: Recipe, pretrained: dict[str, StageResult],
                  evaluations: dict[str, list[tuple[TaskSpec, bool, StageResult]]],
                  world: StageResult | None = None,
-                 extra_stages: Sequence[StageResult] = (),
-                 analyses: dict[str, StageResult] | None = None) -> StageResult:
+                 analyses: dict[str, StageResult] | None = None,
+                 timeline: dict[str, Any] | None = None) -> StageResult:
     """Build the Markdown/HTML report comparing the variants
     (:func:`codis.report.collect.report_from_stage_outputs`); ``analyses``: the variants' analyze
-    stages (codebook, retrieval examples, Grad-CAM)."""
+    stages (codebook, retrieval examples, Grad-CAM). ``timeline``: the run's record so far
+    (``reproduction.json``: its start, its overrides, every stage it ran or reused), for the
+    report's wall-time table and its statement of scale."""
     params = {"recipe": recipe.name, "report": recipe.report.model_dump(mode="json"),
               "variants": {name: {"preset": v.preset, "paper": v.paper}
                            for name, v in recipe.variants.items()}}
@@ -521,8 +587,13 @@ def report_stage(ctx: StageContext, recipe: Recipe, pretrained: dict[str, StageR
         inputs[f"analysis.{name}"] = str(result.file("analysis"))
     if world is not None:
         inputs["world_manifest"] = str(world.file("manifest"))
-    stages = [*([world] if world else []), *extra_stages, *pretrained.values(),
-              *(r for items in evaluations.values() for _, _, r in items), *analyses.values()]
+    timeline = timeline or {}
+    wall_times = [StageTime(item["label"], float(item.get("duration_s") or 0.0), bool(item["cached"]))
+                  for item in timeline.get("stages", [])]
+    started = timeline.get("started")
+    scale = RunScale(steps_scale=recipe.steps_scale, overrides=tuple(timeline.get("overrides", [])),
+                     world_size=recipe.pretrain.nodes * recipe.pretrain.gpus_per_node,
+                     recipe_file=timeline.get("recipe_file"))
 
     # The report shows one dataset per task: the recipe's first.
     shown: dict[str, dict[str, str]] = {}
@@ -540,45 +611,21 @@ def report_stage(ctx: StageContext, recipe: Recipe, pretrained: dict[str, StageR
             pretrain_metrics={name: str(r.file("metrics")) for name, r in pretrained.items()},
             evaluations=shown, analyses={name: r.path for name, r in analyses.items()},
             world_manifest=world.file("manifest") if world is not None else None,
-            machine=machine, wall_times={stage_label(s): float(s.marker.get("duration_s", 0.0))
-                                         for s in stages},
+            machine=machine, wall_times=wall_times,
+            run_seconds=time.time() - started if started else None, scale=scale,
             dataset=("the demo world (a generated toy dataset)" if recipe.demo_world is not None
                      else recipe.description or recipe.name),
             preset=", ".join(sorted({v.preset for v in recipe.variants.values()})))
         run.log_artifact(written["markdown"], "report")
         run.log_artifact(written["html"], "report")
         return StageOutput(outputs={"markdown": Path(written["markdown"]).name,
-                                    "html": Path(written["html"]).name, "results": "results.json"})
+                                    "html": Path(written["html"]).name,
+                                    "artifact": Path(written["artifact"]).name,
+                                    "results": "results.json"})
 
     result = run_stage(ctx, "report", recipe.name, params, inputs, work)
     publish_report_artifact(result)
     return result
-
-
-def report_from_summary(ctx: StageContext, summary_path: str | Path) -> StageResult:
-    """Rebuild the report stage of a finished reproduction from its ``reproduction.json``."""
-    summary = json.loads(Path(summary_path).read_text(encoding="utf-8"))
-    recipe_file = Path(summary["run_dir"]) / "recipe.yaml"
-    spec = recipes.parse_recipe(yaml.safe_load(recipe_file.read_text(encoding="utf-8")),
-                                str(recipe_file))
-    store = Store(summary["store"])
-
-    def lookup(stage: str, key: str) -> StageResult:
-        found = store.lookup(stage, key)
-        if found is None:
-            raise FileNotFoundError(f"{summary_path}: stage {stage}/{key} is not in {store.root}")
-        return found
-
-    pretrained, evaluations, analyses = {}, {}, {}
-    for name, record in summary["variants"].items():
-        pretrained[name] = lookup("pretrain", record["pretrain"]["key"])
-        evaluations[name] = [(spec.tasks[item["task"]], item["zero_shot"], lookup("evaluate", item["key"]))
-                             for item in record["evaluations"]]
-        if "analysis" in record:
-            analyses[name] = lookup("analyze", record["analysis"]["key"])
-    world = next((lookup(s["stage"], s["key"]) for s in summary["stages"]
-                  if s["stage"] == "generate_demo"), None)
-    return report_stage(ctx, spec, pretrained, evaluations, world, analyses=analyses)
 
 
 def publish_report_artifact(result: StageResult) -> None:
@@ -586,12 +633,14 @@ def publish_report_artifact(result: StageResult) -> None:
     report stage was cached; the self-contained HTML stays in the stage folder and MLflow."""
     from prefect.artifacts import create_markdown_artifact
 
-    markdown = result.file("markdown").read_text(encoding="utf-8")
-    try:
-        create_markdown_artifact(markdown=markdown, key="codis-report",
-                                 description=f"report of this reproduction; HTML: {result.file('html')}")
-    except MissingContextError:  # called outside a flow run (tests, scripts)
-        pass
+    # report_artifact.md: the report with its images inlined and its tables narrowed for
+    # Prefect's artifact page (reports written before it existed have only report.md).
+    name = "artifact" if "artifact" in result.outputs else "markdown"
+    markdown = result.file(name).read_text(encoding="utf-8")
+    _in_flow_run(lambda: create_markdown_artifact(
+        markdown=markdown, key="codis-report",
+        description="the report of this run (the self-contained report.html is in MLflow and in "
+                    "the run folder)"))
 
 
 def stage_label(result: StageResult) -> str:

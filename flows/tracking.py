@@ -1,6 +1,6 @@
 """MLflow for the flows: one parent run per reproduction, one child run per stage, the registry.
 
-Everything goes through :class:`mlflow.MlflowClient` with explicit run ids: the parent's id is
+Everything goes through ``mlflow.MlflowClient`` with explicit run ids: the parent's id is
 handed to each stage, which tags its child run ``mlflow.parentRunId``; nothing relies on MLflow's
 thread-local "active run", so stages may run in other threads or processes. Layout:
 
@@ -17,10 +17,30 @@ thread-local "active run", so stages may run in other threads or processes. Layo
   ``vqa.demo.accuracy``); manifests and markers as artifacts; system metrics
   (``system/...``) while the stage runs, when psutil is installed;
 * registered models: the pretrained checkpoints (``<recipe>-pretrained``) and finetuned ones
-  (``<recipe>-<task>-<dataset>``); a version's source is its run's ``checkpoint/`` artifact
-  folder holding ``model.pt`` (what :func:`codis.model.load_model` reads). Aliases:
-  ``candidate`` on every new version, ``champion`` on a version whose score beats the current
-  champion's (tags ``codis.score`` / ``codis.score_name``).
+  (``<recipe>-<task>-<dataset>``). A version comes from the run that trained its checkpoint:
+  ``Tracker.register_checkpoint`` logs into that run an MLflow model (``model/``, the
+  ``pytorch`` flavour, which also serves ``pyfunc``) and the raw ``checkpoint/model.pt`` (what
+  ``codis.model.load_model`` or the task's loader reads), and the version's source is
+  ``runs:/<run>/model``. A checkpoint trained with tracking off or recorded in another store gets
+  a small run ``model[<label>]`` instead. Aliases: ``candidate`` on every new version,
+  ``champion`` on a version whose score beats the current champion's by more than a margin
+  (tags ``codis.score`` / ``codis.score_name``).
+
+  The model is pickled (MLflow's ``pickle`` serialisation): it is the whole codis module, with
+  its encoders, tokenizer and inference methods, which the ``pt2`` format (one traced forward)
+  cannot hold. MLflow 3 refuses to unpickle unless told to, and unpickling needs ``codis``
+  importable; with the tracking URI in ``MLFLOW_TRACKING_URI``::
+
+      MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true python
+      >>> import mlflow
+      >>> model = mlflow.pytorch.load_model("models:/demo-pretrained@champion")
+
+Links into the MLflow UI (``Tracker.run_url``, ``Tracker.experiment_url``) start from the
+tracking URI when it is a server (``http(s)://``), else from ``CODIS_MLFLOW_UI_URL``: a local
+store has no address of its own, but ``scripts/ui.sh`` serves ``runs/mlflow.db`` at
+http://127.0.0.1:5000, so ``CODIS_MLFLOW_UI_URL=http://127.0.0.1:5000`` gives CLI runs their links.
+Experiments carry a description (``EXPERIMENT_DESCRIPTION``). MLflow's system-metrics
+monitor logs only warnings: its INFO lines (four per stage) are silenced.
 
 Concurrent reproductions may share one store and one MLflow database:
 
@@ -31,18 +51,19 @@ Concurrent reproductions may share one store and one MLflow database:
 * registering a version is serialised per model by a ``flock`` on a file in ``<db>.locks/``
   (local database): the check for a version carrying the stage's ``codis.stage_key``, the new
   version and its aliases happen as one step, so a checkpoint is registered once, ``candidate``
-  only moves to a newer version and ``champion`` only to a better score. Against a tracking
-  server (no shared lock) the new version is checked afterwards: of the versions with the same
-  stage key the lowest number is kept and a duplicate just created is deleted again (aliases
-  are then best effort: two registrations at the same instant may each miss the other's).
+  only moves to a newer version and ``champion`` only to a score better by the margin. Against
+  a tracking server (no shared lock) the new version is checked afterwards: of the versions
+  with the same stage key the lowest number is kept and a duplicate just created is deleted
+  again, with its ``model[<label>]`` run if it made one (aliases are then best effort: two
+  registrations at the same instant may each miss the other's).
 
 Run states: ``FINISHED``; ``FAILED`` when the stage or the reproduction raised an error;
 ``KILLED`` when it was stopped from outside (Ctrl-C, SIGTERM, Prefect cancelling it: every
-:class:`BaseException` that is not an :class:`Exception`). Ctrl-C and SIGTERM wait until the
-MLflow call under way has returned (:func:`signals_deferred`): one raised inside a SQLite write
+``BaseException`` that is not an ``Exception``). Ctrl-C and SIGTERM wait until the
+MLflow call under way has returned (``signals_deferred``): one raised inside a SQLite write
 would leave the database locked and the run impossible to end. A process killed outright (``kill
 -9``, a lost machine) cannot end its runs, so every run carries the tags ``codis.host`` and
-``codis.pid`` of the process that created it, and :meth:`Tracker.end_stale_runs` (called when a
+``codis.pid`` of the process that created it, and ``Tracker.end_stale_runs`` (called when a
 reproduction starts) ends the experiment's runs still ``RUNNING`` whose process on this host is
 gone, or is no longer the Python process that created them, as ``KILLED`` with the tag
 ``codis.ended_by=cleanup``. (Host names must therefore differ between machines sharing one
@@ -61,12 +82,17 @@ import os
 import re
 import signal
 import socket
+import tempfile
 import threading
 from contextlib import contextmanager, nullcontext
+from importlib import metadata
 from pathlib import Path
-from typing import Any, ContextManager, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Mapping
 
 from codis.processes import file_lock
+
+if TYPE_CHECKING:
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +100,21 @@ PARAM_LIMIT = 6000  # MLflow's maximum parameter value length
 CANDIDATE, CHAMPION = "candidate", "champion"
 STAGE_KEY, HOST, PID, ENDED_BY = "codis.stage_key", "codis.host", "codis.pid", "codis.ended_by"
 ALREADY_EXISTS, DOES_NOT_EXIST = "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"
+UI_URL_ENV = "CODIS_MLFLOW_UI_URL"
+NOTE = "mlflow.note.content"  # the tag MLflow shows as an experiment's or a run's description
+EXPERIMENT_DESCRIPTION = """\
+Runs of codis-pipeline, the CODIS / ALBEF reproduction.
+
+* A reproduction (`python -m flows.reproduce`, or the Prefect deployment `reproduce`) is one
+  parent run `<recipe>-<run id>`, with a child run `<stage>[<label>]` for each stage that ran:
+  its parameters, step-wise training metrics and evaluation results. The parent carries every
+  variant's final metrics as `<variant>/<metric>`; `python -m flows.compare` tables them.
+* A stage started on its own (a stage deployment) is a run without a parent.
+* Registered models (Models page) point at the run that trained each checkpoint.
+
+MLflow 3 opens in GenAI mode: switch to **Model training** to see these runs.
+"""
+"""What every experiment of the flows says about itself (MLflow's experiment description)."""
 
 
 def default_tracking_uri(runs_root: str | Path) -> str:
@@ -83,7 +124,7 @@ def default_tracking_uri(runs_root: str | Path) -> str:
 
 def resolve_tracking_uri(tracking_uri: str | None, runs_root: str | Path) -> str:
     """The MLflow tracking URI of a run: ``tracking_uri`` if given, else ``MLFLOW_TRACKING_URI``,
-    else :func:`default_tracking_uri` under ``runs_root``."""
+    else ``default_tracking_uri`` under ``runs_root``."""
     return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(runs_root)
 
 
@@ -135,7 +176,7 @@ def signals_deferred() -> Iterator[None]:
 
 
 class _Deferring:
-    """An MlflowClient whose calls each run under :func:`signals_deferred`."""
+    """An MlflowClient whose calls each run under ``signals_deferred``."""
 
     def __init__(self, client: Any) -> None:
         self._client = client
@@ -205,6 +246,28 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def checkpoint_loader(task: str | None = None) -> Callable[[Path], nn.Module]:
+    """What rebuilds a checkpoint as a module for ``Tracker.register_checkpoint``: the
+    task's loader (``TaskInfo.loader``) for a finetuned checkpoint of ``task``,
+    ``codis.model.load_model`` for a pretrained one (``task`` None)."""
+    import codis.model
+    from codis.tasks import TASKS
+
+    if task is None:
+        return codis.model.load_model
+    info = TASKS[task]
+    return getattr(info.module(), info.loader)
+
+
+def model_requirements() -> list[str]:
+    """The pip requirements recorded with an MLflow model of a codis checkpoint: the model
+    library's own dependencies (codis-pipeline without extras; codis itself must be importable
+    to unpickle it) and the pickler MLflow used. Given explicitly, so that MLflow does not infer
+    them by loading the model again in a subprocess."""
+    own = [r for r in metadata.requires("codis-pipeline") or [] if "extra ==" not in r]
+    return [*own, f"cloudpickle=={metadata.version('cloudpickle')}"]
+
+
 def system_metrics_available() -> bool:
     """MLflow's system metrics need psutil (not among this project's pinned dependencies)."""
     return importlib.util.find_spec("psutil") is not None
@@ -265,12 +328,17 @@ class RunHandle:
 class Tracker:
     """The MLflow side of one reproduction (or of one stage flow run on its own).
 
-    ``uri`` None turns tracking off: every handle is a no-op and nothing is registered."""
+    ``uri`` None turns tracking off: every handle is a no-op and nothing is registered.
+    ``description``: the experiment's, set when it is created (or found without one)."""
 
     def __init__(self, uri: str | None, experiment: str, *, artifact_location: str | None = None,
-                 system_metrics: bool = True) -> None:
+                 system_metrics: bool = True,
+                 description: str = EXPERIMENT_DESCRIPTION) -> None:
         self.uri, self.experiment = uri, experiment
         self.system_metrics = system_metrics and system_metrics_available()
+        if self.system_metrics:
+            # Four INFO lines per stage ("Started monitoring system metrics." ...) otherwise.
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
         self.client: Any = None
         self.experiment_id: str | None = None
         self.database: Path | None = None
@@ -287,29 +355,73 @@ class Tracker:
             # Only a local store gets an explicit artifact folder; a server decides its own.
             local = uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
             self.experiment_id = self._experiment(experiment,
-                                                  artifact_location if local else None)
+                                                  artifact_location if local else None,
+                                                  description)
 
     @staticmethod
     def _lock(path: Path | None) -> ContextManager[None]:
         return file_lock(path) if path is not None else nullcontext()
 
-    def _experiment(self, name: str, artifact_location: str | None) -> str:
+    def _experiment(self, name: str, artifact_location: str | None, description: str) -> str:
         from mlflow.exceptions import MlflowException
 
         found = self.client.get_experiment_by_name(name)
-        if found is not None:
-            return found.experiment_id
-        try:
-            return self.client.create_experiment(name, artifact_location=artifact_location)
-        except MlflowException as error:  # created meanwhile by a concurrent run (on a server)
-            if error.error_code != ALREADY_EXISTS:
-                raise
-        return self.client.get_experiment_by_name(name).experiment_id
+        if found is None:
+            try:
+                return self.client.create_experiment(name, artifact_location=artifact_location,
+                                                     tags={NOTE: description})
+            except MlflowException as error:  # created meanwhile by a concurrent run (on a server)
+                if error.error_code != ALREADY_EXISTS:
+                    raise
+            found = self.client.get_experiment_by_name(name)
+        if NOTE not in found.tags:  # created before experiments were described
+            self.client.set_experiment_tag(found.experiment_id, NOTE, description)
+        return found.experiment_id
 
     @property
     def enabled(self) -> bool:
         return self.client is not None
 
+    # ---- links into the MLflow UI ---------------------------------------------------------------
+    def ui_url(self) -> str | None:
+        """The address of the MLflow UI showing this store: the tracking URI when it is a
+        server, else ``CODIS_MLFLOW_UI_URL`` (``scripts/ui.sh`` serves the local store at
+        http://127.0.0.1:5000), else None."""
+        if not self.enabled:
+            return None
+        if self.uri.startswith(("http://", "https://")):
+            return self.uri.rstrip("/")
+        return os.environ.get(UI_URL_ENV, "").rstrip("/") or None
+
+    def experiment_url(self) -> str | None:
+        """The page of this tracker's experiment (its runs), or None without a UI address."""
+        base = self.ui_url()
+        return f"{base}/#/experiments/{self.experiment_id}/runs" if base else None
+
+    def run_url(self, run_id: str | None) -> str | None:
+        """The page of run ``run_id`` (of any experiment in this store), or None without a UI
+        address or without that run."""
+        base = self.ui_url()
+        if base is None or not run_id:
+            return None
+        run = self._run(run_id)
+        if run is None:
+            return None
+        return f"{base}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+
+    def _run(self, run_id: str) -> Any | None:
+        """Run ``run_id`` if this store holds it (and it is not deleted), else None."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException as error:
+            if error.error_code != DOES_NOT_EXIST:
+                raise
+            return None
+        return run if run.info.lifecycle_stage == "active" else None
+
+    # ---- runs -----------------------------------------------------------------------------------
     def start_run(self, name: str, *, parent: str | None = None,
                   tags: Mapping[str, Any] | None = None) -> RunHandle:
         if not self.enabled:
@@ -326,7 +438,7 @@ class Tracker:
             self.client.set_terminated(handle.run_id, status)
 
     def end_after(self, handle: RunHandle, error: BaseException) -> None:
-        """End ``handle`` as ``error`` ended it (:func:`ending_status`), while ``error``
+        """End ``handle`` as ``error`` ended it (``ending_status``), while ``error``
         propagates: a failure to record that is logged, never raised over ``error``."""
         try:
             self.end_run(handle, ending_status(error))
@@ -336,7 +448,7 @@ class Tracker:
     def end_stale_runs(self) -> list[str]:
         """End as ``KILLED`` (tag ``codis.ended_by=cleanup``) the runs of the experiment still
         ``RUNNING`` whose creating process on this host (tags ``codis.host``/``codis.pid``) is
-        gone (:func:`process_alive`): what ``kill -9`` leaves. Returns their ids."""
+        gone (``process_alive``): what ``kill -9`` leaves. Returns their ids."""
         if not self.enabled:
             return []
         ended: list[str] = []
@@ -367,7 +479,7 @@ class Tracker:
     def stage_run(self, name: str, *, parent: str | None, tags: Mapping[str, Any],
                   params: Mapping[str, Any] | None = None) -> Iterator[RunHandle]:
         """A child run around one stage: FINISHED on success, FAILED on an error, KILLED when
-        interrupted (:func:`ending_status`), with system metrics sampled meanwhile where psutil
+        interrupted (``ending_status``), with system metrics sampled meanwhile where psutil
         is installed."""
         handle, monitor = RunHandle(None, None), None
         try:
@@ -389,45 +501,94 @@ class Tracker:
         self.end_run(handle, "FINISHED")
 
     # ---- registry -------------------------------------------------------------------------------
-    def register_checkpoint(self, handle: RunHandle, model_name: str, checkpoint: str | Path, *,
-                            stage_key: str, score_name: str | None = None,
-                            score: float | None = None, tags: Mapping[str, Any] | None = None,
+    def register_checkpoint(self, model_name: str, checkpoint: str | Path, *, stage_key: str,
+                            load: Callable[[Path], nn.Module], source_run_id: str | None,
+                            label: str, parent: str | None = None,
+                            score_name: str | None = None, score: float | None = None,
+                            margin: float = 0.0, tags: Mapping[str, Any] | None = None,
                             ) -> dict[str, Any]:
-        """Register ``checkpoint`` (logged under the run's ``checkpoint/``) as a new version of
-        ``model_name`` with the ``candidate`` alias, and ``champion`` when ``score`` beats the
-        current champion's (higher is better; a champion without a score always loses).
+        """Register ``checkpoint`` as a new version of ``model_name`` with the ``candidate``
+        alias, and ``champion`` when ``score`` beats the current champion's by more than
+        ``margin`` (higher is better; a champion without a score always loses).
+
+        ``source_run_id``: the run that trained the checkpoint. ``load(checkpoint)`` builds the
+        module (``checkpoint_loader``), logged there in eval mode as the MLflow model
+        ``model/`` beside the raw ``checkpoint/model.pt``; the version's source is that model.
+        Without such a run in this store (None, or recorded elsewhere), a run ``model[<label>]``
+        under ``parent`` holds them instead. The result names the run as ``run_id``.
 
         Idempotent by ``stage_key``: a version already registered for it is returned unchanged,
         also when a concurrent run registers the same checkpoint (see the module docstring)."""
-        if not self.enabled or not handle.enabled:
+        if not self.enabled:
             return {"registered": False, "reason": "tracking is off"}
         self._ensure_registered_model(model_name)
         with self._lock(self._registry_lock(model_name)):
             found = self._version_for(model_name, stage_key)
             if found is not None:
                 return self._existing(found, "already registered")
-            handle.log_artifact(checkpoint, "checkpoint")
+            trained_in = source_run_id if source_run_id and self._run(source_run_id) else None
+            if trained_in is not None:
+                self._log_model(trained_in, checkpoint, load)
+                run_id = trained_in
+            else:
+                run_id = self._model_run(label, parent, checkpoint, source_run_id, load)
             version_tags = {STAGE_KEY: stage_key, **{k: str(v) for k, v in (tags or {}).items()}}
             if score is not None:
                 version_tags.update({"codis.score": repr(float(score)),
                                      "codis.score_name": score_name or ""})
             version = self.client.create_model_version(
-                model_name, source=f"runs:/{handle.run_id}/checkpoint", run_id=handle.run_id,
-                tags=version_tags)
+                model_name, source=f"runs:/{run_id}/model", run_id=run_id, tags=version_tags)
             kept = self._version_for(model_name, stage_key) or version
             if int(kept.version) != int(version.version):
                 # A concurrent run (on a server: no lock) registered the same key first.
                 self.client.delete_model_version(model_name, version.version)
+                if trained_in is None:
+                    self.client.delete_run(run_id)
                 return self._existing(kept, "registered concurrently")
             aliases = []
             if self._newer_than(model_name, CANDIDATE, int(version.version)):
                 self.client.set_registered_model_alias(model_name, CANDIDATE, version.version)
                 aliases.append(CANDIDATE)
-            if score is not None and self._beats_champion(model_name, float(score)):
+            if score is not None and self._beats_champion(model_name, float(score), margin):
                 self.client.set_registered_model_alias(model_name, CHAMPION, version.version)
                 aliases.append(CHAMPION)
         return {"registered": True, "model": model_name, "version": int(version.version),
-                "aliases": aliases}
+                "aliases": aliases, "run_id": run_id}
+
+    def _model_run(self, label: str, parent: str | None, checkpoint: str | Path,
+                   trained_in: str | None, load: Callable[[Path], nn.Module]) -> str:
+        """A finished run ``model[<label>]`` holding the model of a checkpoint whose training
+        run is not in this store (``codis.source_run_id``: its id elsewhere, if any)."""
+        handle = self.start_run(f"model[{label}]", parent=parent, tags={
+            "codis.stage": "model", "codis.checkpoint": str(checkpoint),
+            "codis.source_run_id": trained_in})
+        try:
+            self._log_model(handle.run_id, checkpoint, load)
+        except BaseException as error:
+            self.end_after(handle, error)
+            raise
+        self.end_run(handle)
+        return handle.run_id
+
+    def _log_model(self, run_id: str, checkpoint: str | Path,
+                   load: Callable[[Path], nn.Module]) -> None:
+        """Log into run ``run_id`` (finished or not) the MLflow model ``model/`` of
+        ``load(checkpoint)`` and the checkpoint file as ``checkpoint/model.pt``."""
+        import mlflow.pytorch
+        from mlflow.models import Model
+
+        module = load(Path(checkpoint)).eval()
+        with tempfile.TemporaryDirectory() as folder:
+            staged = Path(folder)
+            with _quiet("mlflow.pytorch"):  # its warning on pickling: see the module docstring
+                mlflow.pytorch.save_model(
+                    module, staged / "model", serialization_format="pickle",
+                    mlflow_model=Model(run_id=run_id, artifact_path="model"),
+                    pip_requirements=model_requirements())
+            (staged / "checkpoint").mkdir()
+            # A link, not a copy: artifact stores read the file it points to.
+            (staged / "checkpoint" / "model.pt").symlink_to(Path(checkpoint).resolve())
+            self.client.log_artifacts(run_id, folder)
 
     def _registry_lock(self, model_name: str) -> Path | None:
         """The lock serialising registrations of ``model_name`` in a local database."""
@@ -476,7 +637,7 @@ class Tracker:
             return True
         return version > int(held.version)
 
-    def _beats_champion(self, model_name: str, score: float) -> bool:
+    def _beats_champion(self, model_name: str, score: float, margin: float) -> bool:
         from mlflow.exceptions import MlflowException
 
         try:
@@ -484,14 +645,26 @@ class Tracker:
         except MlflowException:
             return True  # no champion yet
         held = champion.tags.get("codis.score")
-        return held is None or score > float(held)
+        return held is None or score > float(held) + margin
 
     def download_checkpoint(self, model_name: str, alias: str, destination: str | Path) -> Path:
-        """The ``model.pt`` of ``model_name@alias``, downloaded under ``destination``."""
+        """The ``model.pt`` of ``model_name@alias`` (its run's ``checkpoint/``), downloaded
+        under ``destination``."""
         import mlflow
 
         version = self.client.get_model_version_by_alias(model_name, alias)
-        uri = self.client.get_model_version_download_uri(model_name, version.version)
-        folder = mlflow.artifacts.download_artifacts(uri, dst_path=str(destination),
-                                                     tracking_uri=self.uri)
-        return Path(folder) / "model.pt"
+        return Path(mlflow.artifacts.download_artifacts(
+            run_id=version.run_id, artifact_path="checkpoint/model.pt",
+            dst_path=str(destination), tracking_uri=self.uri))
+
+
+@contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """Logger ``logger`` reports errors only within the block."""
+    target = logging.getLogger(logger)
+    level = target.level
+    target.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        target.setLevel(level)

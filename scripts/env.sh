@@ -16,3 +16,6 @@ export CODIS_PREFECT_STARTUP_TIMEOUT=${CODIS_PREFECT_STARTUP_TIMEOUT:-300}
 # Prefect's own temporary server, still started by flows called from Python without an API
 # (not by the CLI), gets 20 s by default; too little on a busy machine.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=${PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS:-180}
+# Where links to MLflow runs point (the Prefect log, link artifacts, the parent run's stage table)
+# for a local sqlite store: the MLflow UI that scripts/ui.sh serves for runs/mlflow.db.
+export CODIS_MLFLOW_UI_URL=${CODIS_MLFLOW_UI_URL:-http://127.0.0.1:${MLFLOW_PORT:-5000}}

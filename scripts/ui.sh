@@ -104,11 +104,13 @@ case "${1:-start}" in
       "$bin/prefect" worker start --pool codis-local --type process
     cat <<EOF
 
-Prefect UI:  http://127.0.0.1:$prefect_port   (deployments: reproduce/local and one per stage)
+Prefect UI:  http://127.0.0.1:$prefect_port   (deployments: reproduce and one per stage)
 MLflow UI:   $mlflow_url
 
-Run the demo from the Prefect UI (Deployments > reproduce/local > Run), or:
-  PREFECT_API_URL=$prefect_api $bin/prefect deployment run reproduce/local
+Run the demo from the Prefect UI (Deployments > reproduce > Run), or:
+  PREFECT_API_URL=$prefect_api $bin/prefect deployment run reproduce/reproduce
+A single stage, e.g. the VQA evaluation of the CODIS variant of the quick recipe:
+  PREFECT_API_URL=$prefect_api $bin/prefect deployment run evaluate/evaluate -p recipe=quick -p task=vqa
 Runs started with python -m flows.reproduce record to runs/mlflow.db, which this MLflow server shows,
 and to the Prefect database in \$PREFECT_HOME ($PREFECT_HOME), which this Prefect server reads;
 with PREFECT_API_URL=$prefect_api they run against this server instead of a local one of their own.

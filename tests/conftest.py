@@ -1,7 +1,7 @@
 """Fixtures shared by the test modules, each built once per test run: one tiny demo world
 (``tiny_world``), its shards (``shards(kind, split)``) and one tiny pretrained checkpoint
 (``tiny_checkpoint``). They are shared across modules, so tests read them and write into their
-own ``tmp_path``."""
+own ``tmp_path``. ``report_inputs()`` builds a report's inputs afresh for each test."""
 
 import os
 
@@ -19,11 +19,15 @@ from typing import Callable  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from codis.config import preset  # noqa: E402
 from codis.data.demo_world import DemoWorldConfig, generate_demo_world  # noqa: E402
 from codis.data.shards import write_shards  # noqa: E402
+from codis.metrics import codebook_usage  # noqa: E402
 from codis.model import CodisModel, save_model  # noqa: E402
+from codis.report import (Figure, MachineInfo, ReportInputs, RetrievalExample, RunScale,  # noqa: E402
+                          StageTime, VariantResults, trivial_baselines)
 
 # The smallest world that serves every test using it. Tests assert some of these sizes: 8
 # retrieval training images (test_retrieval: the queued image ids), 7 test images (test_analysis;
@@ -104,3 +108,57 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def report_inputs(tmp_path: Path) -> Callable[[], ReportInputs]:
+    """``report_inputs()``: a fresh ReportInputs of two variants (codis, albef) with every kind of
+    content (loss curves, metrics with one task not run, codebook usage, retrieval examples, a
+    Grad-CAM figure, the demo world's trivial baselines with item counts, stage wall times, a
+    scaled-down run), its pictures in ``tmp_path``."""
+
+    def image(name: str, colour: str) -> Path:
+        Image.new("RGB", (32, 32), colour).save(tmp_path / name)
+        return tmp_path / name
+
+    def build() -> ReportInputs:
+        images = [image(f"img{i}.png", c) for i, c in enumerate(["red", "green", "blue"])]
+        curve = [(step, {"loss": 10.0 / (1 + step), "ica": 4.0 / (1 + step), "itm": 0.7})
+                 for step in range(0, 50, 5)]
+        retrieval = {"txt_r1": 12.5, "txt_r5": 40.0, "txt_r10": 61.25, "img_r1": 11.0,
+                     "img_r5": 38.0, "img_r10": 55.0, "r_mean": 36.29}
+        assign = torch.softmax(torch.randn(64, 16, generator=torch.Generator().manual_seed(0)), -1)
+        codis_results = VariantResults(
+            loss_curve=curve,
+            metrics={"retrieval_zero_shot": retrieval,
+                     "retrieval_finetuned": {k: v + 5 for k, v in retrieval.items()},
+                     "vqa": {"accuracy": 41.3}, "nlvr": {"accuracy": 57.9}},  # ve not run
+            codebook={"image": codebook_usage(assign), "text": codebook_usage(assign.flip(0))},
+            retrieval_examples=[RetrievalExample("a red square", images, [True, False, False])],
+            gradcam_figures=[Figure("a red square: words", image("gradcam.png", "yellow"))],
+            itm_auc=0.8131)
+        albef_results = VariantResults(
+            loss_curve=[(s, {k: v * 1.1 for k, v in d.items()}) for s, d in curve],
+            metrics={"retrieval_zero_shot": {k: v - 2 for k, v in retrieval.items()},
+                     "vqa": {"accuracy": 40.1}, "nlvr": {"accuracy": 58.2}},
+            retrieval_examples=[RetrievalExample("a green square", images[1:], [False, True])])
+        manifest = {"baselines": {
+            "retrieval_test": {"images": 20, "captions": 100, "txt_r1": 24.6, "txt_r5": 74.0,
+                               "txt_r10": 93.0, "img_r1": 5.0, "img_r5": 25.0, "img_r10": 50.0,
+                               "r_mean": 45.3},
+            "vqa_val": {"questions": 100, "majority_answer": "yes", "majority_accuracy": 23.4,
+                        "question_type_prior_accuracy": 38.8},
+            "nlvr": {"dev": {"majority_label": True, "accuracy": 50.5, "rows": 100},
+                     "test": {"majority_label": False, "accuracy": 51.0, "rows": 400}},
+            "ve": {"test": {"majority_label": "entailment", "accuracy": 33.4, "rows": 300}}}}
+        return ReportInputs(
+            variants={"codis": codis_results, "albef": albef_results}, recipe="demo",
+            machine=MachineInfo.current("cpu"), baselines=trivial_baselines(manifest),
+            wall_times=(StageTime("pretrain[codis]", 125.0), StageTime("pretrain[albef]", 192.0, True),
+                        StageTime("finetune[nlvr.demo/codis]", 60.5),
+                        StageTime("evaluate[ve.demo/codis]", 3.2)),
+            run_seconds=200.0,
+            scale=RunScale(steps_scale=0.02, overrides=("demo_world.pretrain_images=600",), world_size=1,
+                           recipe_file="pipelines/demo.yaml"))
+
+    return build

@@ -287,7 +287,9 @@ class Fakes:
         output_dir = Path(output_dir)
         (output_dir / "report.md").write_text(results.recipe)
         (output_dir / "report.html").write_text(results.recipe)
-        return {"markdown": output_dir / "report.md", "html": output_dir / "report.html"}
+        (output_dir / "report_artifact.md").write_text(results.recipe)
+        return {"markdown": output_dir / "report.md", "html": output_dir / "report.html",
+                "artifact": output_dir / "report_artifact.md"}
 
 
 @pytest.fixture
@@ -326,7 +328,7 @@ def recipe_data(analysis: dict[str, Any] | None = None) -> dict[str, Any]:
 def run(root: Path, data: dict[str, Any], overrides: list[str] | None = None) -> dict[str, Any]:
     recipe = root / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(data, sort_keys=False))
-    return reproduce(recipe=str(recipe), overrides=overrides, runs_root=str(root / "runs"),
+    return reproduce(recipe_file=str(recipe), overrides=tuple(overrides or ()), runs_root=str(root / "runs"),
                      track=False, progress=False)
 
 
@@ -355,7 +357,7 @@ def test_analyze_stage_runs_per_variant_is_cached_and_reaches_the_report(fakes, 
     for variant in (codis_results, albef_results):
         assert all(Path(p).is_file() for e in variant.retrieval_examples for p in e.image_paths)
         assert all(f.path.is_file() for f in variant.gradcam_figures)
-    assert {f"analyze[retrieval.t/{v}]" for v in ("codis", "albef")} <= set(results.wall_times)
+    assert {f"analyze[retrieval.t/{v}]" for v in ("codis", "albef")} <= {t.label for t in results.wall_times}
     analyze_stages = [s for s in summary["stages"] if s["stage"] == "analyze"]
     assert len(analyze_stages) == 2
     assert analyze_stages[0]["metrics"]["analysis.codebook.image.used"] == 1.0
@@ -366,9 +368,9 @@ def test_analyze_stage_runs_per_variant_is_cached_and_reaches_the_report(fakes, 
     assert fakes.calls == []
     assert all(s["cached"] for s in again["stages"])
 
-    options = {"store": str(tmp_path / "runs" / "store"), "track": False, "progress": False}
-    summary_file = Path(again["run_dir"]) / "reproduction.json"
-    rebuilt = deployments.report(summary=str(summary_file), options=options)
+    options = {"recipe_file": str(tmp_path / "recipe.yaml"), "runs_root": str(tmp_path / "runs"),
+               "track": False, "progress": False}
+    rebuilt = deployments.report(overrides=("report.analysis.examples=2",), options=options)
     assert rebuilt["cached"] and rebuilt["key"] == again["report"]["stage"].rsplit("/", 1)[-1]
     assert fakes.calls == []
 

@@ -1,12 +1,17 @@
+import dataclasses
 import json
+import textwrap
 
 import pytest
 import torch
 import yaml
 
+from codis import cli
 from codis.checkpoint import CheckpointError
 from codis.cli import main
+from codis.config import VisionConfig, from_dict, preset
 from codis.tasks import TASKS
+from codis.train import OptimConfig, PretrainConfig, TrainConfig, with_changes
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +151,49 @@ def test_nan_in_a_config_is_refused_naming_the_field(world, capsys, tmp_path):
                                       "optim": {"lr": float("nan")}}))
     assert main(["finetune", "--task", "retrieval", "--config", str(config)]) == 2
     assert f"{config}: optim.lr: must be a finite number, got nan" in one_error_line(capsys)
+
+
+COMMANDS = ([], ["pretrain"], ["finetune"], ["pretrain-vision"], ["evaluate"])
+
+
+def help_text(command: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit:
+        main([*command, "--help"])
+    assert exit.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "codis")
+def test_help_is_plain_text(command, capsys):
+    text = help_text(command, capsys)
+    for markup in (":func:", ":mod:", ":class:", ":meth:", "::", "``"):
+        assert markup not in text, f"{markup!r} in codis {' '.join(command)} --help"
+
+
+@pytest.mark.parametrize("command, example", [
+    (["pretrain"], cli.PRETRAIN_EXAMPLE), (["finetune"], cli.FINETUNE_EXAMPLE),
+    (["pretrain-vision"], cli.VISION_INIT_EXAMPLE), (["evaluate"], cli.CHECKPOINT_KINDS),
+])
+def test_each_command_shows_its_example_and_codis_shows_all(command, example, capsys):
+    assert example in help_text(command, capsys)
+    assert example in help_text([], capsys)
+
+
+def example_config(example: str) -> dict:
+    """The YAML block of a help example: the indented lines after its introduction."""
+    return yaml.safe_load(textwrap.dedent(example.split(":\n\n", 1)[1]))
+
+
+def test_the_help_examples_are_valid_configs():
+    pretrain = PretrainConfig.from_dict(example_config(cli.PRETRAIN_EXAMPLE))
+    assert pretrain.model.mode == "codis" and pretrain.model.vision.stem == "conv"
+    assert pretrain.model.vision.width == preset("tiny").vision.width  # the preset, changed
+    vision = example_config(cli.VISION_INIT_EXAMPLE)
+    assert set(vision) <= cli.VISION_INIT_KEYS
+    from_dict(VisionConfig, {**dataclasses.asdict(preset(vision["preset"]).vision), **vision["vision"]})
+    from_dict(TrainConfig, vision["train"])
+    from_dict(OptimConfig, vision["optim"])
+    finetune = example_config(cli.FINETUNE_EXAMPLE)
+    assert set(finetune) <= cli.FINETUNE_KEYS
+    assert TASKS["retrieval"].module().config(finetune["preset"], **finetune["task"]).k_test == 16
+    with_changes(TrainConfig(), OptimConfig(), finetune["train"], finetune["optim"])

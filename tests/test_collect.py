@@ -7,7 +7,7 @@ import json
 import pytest
 
 import codis.report.collect
-from codis.report import MachineInfo
+from codis.report import MachineInfo, RunScale, StageTime
 from codis.report.collect import describe_machine, read_metrics_jsonl, report_from_stage_outputs
 
 TRAINER = {"platform": "Linux-trainer", "cpu_count": 64, "torch_version": "2.x",
@@ -46,7 +46,9 @@ def test_the_report_reads_stage_outputs_and_describes_the_training_machine(tmp_p
     written = report_from_stage_outputs(
         tmp_path / "out", recipe="demo", pretrain_metrics={"codis": jsonl, "albef": jsonl},
         evaluations={"codis": {"ve": metrics}}, world_manifest=manifest, machine=TRAINER,
-        wall_times={"pretrain[codis]": 12.0}, dataset="toy", preset="tiny")
+        wall_times=[StageTime("pretrain[codis]", 12.0), StageTime("pretrain[albef]", 30.0, reused=True)],
+        run_seconds=20.0, scale=RunScale(0.5, ["pretrain.train.steps=10"], 2, "r.yaml"),
+        dataset="toy", preset="tiny")
     assert written["html"] == tmp_path / "out" / "report.html"
     (inputs, output_dir), = captured
     assert output_dir == tmp_path / "out" and inputs.recipe == "demo"
@@ -56,13 +58,18 @@ def test_the_report_reads_stage_outputs_and_describes_the_training_machine(tmp_p
     assert inputs.variants["albef"].metrics == {}
     assert inputs.baselines["ve"][0].metrics == {"accuracy": 34.0}
     assert inputs.machine == MachineInfo(**TRAINER)  # not the machine rendering the report
-    assert (inputs.wall_times, inputs.dataset, inputs.preset) == ({"pretrain[codis]": 12.0}, "toy",
-                                                                  "tiny")
+    assert inputs.wall_times == (StageTime("pretrain[codis]", 12.0), StageTime("pretrain[albef]", 30.0, True))
+    assert inputs.run_seconds == 20.0
+    assert inputs.scale == RunScale(0.5, ["pretrain.train.steps=10"], 2, "r.yaml")
+    assert (inputs.dataset, inputs.preset) == ("toy", "tiny")
 
 
 def test_an_unrecorded_machine_says_so(tmp_path, captured) -> None:
     report_from_stage_outputs(tmp_path, recipe="r", pretrain_metrics={"codis": tmp_path / "none"})
-    assert captured[0][0].machine.device == "not recorded"
+    inputs = captured[0][0]
+    assert inputs.machine.device == "not recorded"
+    # nor are the stages' times, and the run is the recipe as written, on one process
+    assert (inputs.wall_times, inputs.run_seconds, inputs.scale) == ((), None, RunScale())
 
 
 def test_an_evaluation_of_an_unknown_variant_is_refused(tmp_path, captured) -> None:
@@ -76,3 +83,14 @@ def test_describe_machine_is_a_json_record_of_machine_info() -> None:
     record = describe_machine("cpu")
     assert json.loads(json.dumps(record)) == record
     assert MachineInfo(**record) == MachineInfo.current("cpu")
+
+
+def test_the_report_comes_with_its_prefect_artifact(tmp_path) -> None:
+    jsonl = tmp_path / "metrics.jsonl"
+    jsonl.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n')
+    written = report_from_stage_outputs(tmp_path / "out", recipe="demo", pretrain_metrics={"codis": jsonl},
+                                        wall_times=[StageTime("pretrain[codis]", 12.0)], run_seconds=15.0)
+    assert set(written) == {"markdown", "html", "artifact"}
+    artifact = written["artifact"].read_text()
+    assert written["artifact"] == tmp_path / "out" / "report_artifact.md"
+    assert "](data:image/png;base64," in artifact and "report_files/" not in artifact

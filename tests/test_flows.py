@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import sys
 import threading
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 import codis  # noqa: F401
@@ -178,23 +180,34 @@ class Fakes:
         rows = {name: v.metrics for name, v in results.variants.items()}
         markdown.write_text(f"# {results.recipe}\n{json.dumps(rows)}\n")
         page.write_text(f"<html><body>{results.recipe}</body></html>")
-        return {"markdown": markdown, "html": page}
+        artifact = output_dir / "report_artifact.md"
+        artifact.write_text(markdown.read_text())
+        return {"markdown": markdown, "html": page, "artifact": artifact}
+
+    @staticmethod
+    def checkpoint_loader(task: str | None = None):
+        """Fake checkpoints are not models: registration logs a stand-in module instead."""
+        return lambda path: torch.nn.Linear(2, 1)
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> "Fakes":
+        """Replace the codis functions the stages call with this object's fakes."""
+        monkeypatch.setattr(codis.data.demo_world, "generate_demo_world", self.generate_demo_world)
+        monkeypatch.setattr(codis.data.download, "download_demo", self.download_demo)
+        monkeypatch.setattr(codis.data.shards, "write_shards", self.write_shards)
+        monkeypatch.setattr(codis.train, "pretrain", self.pretrain)
+        monkeypatch.setattr(codis.train.vision_init, "pretrain_vision", self.pretrain_vision)
+        monkeypatch.setattr(codis.report.collect, "build_report", self.build_report)
+        monkeypatch.setattr(stages, "checkpoint_loader", self.checkpoint_loader)
+        for task, module in (("retrieval", codis.tasks.retrieval), ("vqa", codis.tasks.vqa),
+                             ("nlvr", codis.tasks.nlvr), ("ve", codis.tasks.ve)):
+            for name, function in self.task_functions(task).items():
+                monkeypatch.setattr(module, name, function)
+        return self
 
 
 @pytest.fixture
 def fakes(monkeypatch) -> Fakes:
-    fake = Fakes()
-    monkeypatch.setattr(codis.data.demo_world, "generate_demo_world", fake.generate_demo_world)
-    monkeypatch.setattr(codis.data.download, "download_demo", fake.download_demo)
-    monkeypatch.setattr(codis.data.shards, "write_shards", fake.write_shards)
-    monkeypatch.setattr(codis.train, "pretrain", fake.pretrain)
-    monkeypatch.setattr(codis.train.vision_init, "pretrain_vision", fake.pretrain_vision)
-    monkeypatch.setattr(codis.report.collect, "build_report", fake.build_report)
-    for task, module in (("retrieval", codis.tasks.retrieval), ("vqa", codis.tasks.vqa),
-                         ("nlvr", codis.tasks.nlvr), ("ve", codis.tasks.ve)):
-        for name, function in fake.task_functions(task).items():
-            monkeypatch.setattr(module, name, function)
-    return fake
+    return Fakes().install(monkeypatch)
 
 
 # ---- the recipe ----------------------------------------------------------------------------------
@@ -236,8 +249,9 @@ def write_recipe(folder: Path, data: dict) -> str:
 def run(root: Path, data: dict | None = None, overrides: list[str] | None = None,
         tracking: str | None = None, **kwargs: Any) -> dict:
     recipe = write_recipe(root, data or recipe_data())
-    return reproduce(recipe=recipe, overrides=overrides, runs_root=str(root / "runs"),
-                     tracking_uri=tracking, track=tracking is not None, progress=False, **kwargs)
+    return reproduce(recipe_file=recipe, overrides=tuple(overrides or ()), runs_root=str(root / "runs"),
+                     tracking_uri=tracking or "", track=tracking is not None, progress=False,
+                     **kwargs)
 
 
 PER_VARIANT = ["pretrain", "retrieval.evaluate", "retrieval.finetune", "retrieval.evaluate",
@@ -251,22 +265,17 @@ def first(tmp_path_factory) -> dict[str, Any]:
     monkeypatch = pytest.MonkeyPatch()
     fake = Fakes()
     try:
-        monkeypatch.setattr(codis.data.demo_world, "generate_demo_world", fake.generate_demo_world)
-        monkeypatch.setattr(codis.data.download, "download_demo", fake.download_demo)
-        monkeypatch.setattr(codis.data.shards, "write_shards", fake.write_shards)
-        monkeypatch.setattr(codis.train, "pretrain", fake.pretrain)
-        monkeypatch.setattr(codis.report.collect, "build_report", fake.build_report)
+        fake.install(monkeypatch)
         monkeypatch.setattr(stages, "describe_machine", lambda: TRAINER)
-        for task, module in (("retrieval", codis.tasks.retrieval), ("vqa", codis.tasks.vqa),
-                             ("nlvr", codis.tasks.nlvr), ("ve", codis.tasks.ve)):
-            for name, function in fake.task_functions(task).items():
-                monkeypatch.setattr(module, name, function)
         root = tmp_path_factory.mktemp("first")
         tracking = f"sqlite:///{root}/mlflow.db"
+        started = time.time()
         summary = run(root, tracking=tracking)
+        elapsed = time.time() - started
     finally:
         monkeypatch.undo()
-    return {"root": root, "fakes": fake, "summary": summary, "tracking": tracking}
+    return {"root": root, "fakes": fake, "summary": summary, "tracking": tracking,
+            "elapsed": elapsed}
 
 
 def copy_runs(first: dict[str, Any], tmp_path: Path) -> Path:
@@ -323,6 +332,19 @@ def test_stages_run_in_order_with_their_inputs(first) -> None:
     assert all(not s["cached"] for s in summary["stages"])
 
 
+def test_the_report_times_every_stage_of_the_run(first) -> None:
+    results = first["fakes"].calls[-1][1]["results"]
+    before_report = [s for s in first["summary"]["stages"] if s["stage"] != "report"]
+    assert [t.label for t in results.wall_times] == [s["label"] for s in before_report]
+    assert {"finetune[nlvr.t/albef]", "text_assignment[nlvr.t/codis]"} <= {
+        t.label for t in results.wall_times}
+    assert [t.seconds for t in results.wall_times] == [s["duration_s"] for s in before_report]
+    # The rows the stages took plus orchestration are the run's wall time up to the report.
+    ran = sum(t.seconds_this_run for t in results.wall_times)
+    assert ran <= results.run_seconds <= first["elapsed"]
+    assert results.scale.steps_scale == 1.0 and not results.scale.changed
+
+
 def test_stage_folders_are_keyed_and_marked(first) -> None:
     store = Store(first["root"] / "runs" / "store")
     done = store.completed()
@@ -353,14 +375,23 @@ def test_mlflow_layout(first) -> None:
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
                                   max_results=500)
     names = {run.info.run_name for run in children}
+    assert names == {stage["label"] for stage in summary["stages"]}  # one run per stage, no more
     assert {"generate_demo[demo]", "download[web]", "pretrain[codis]", "pretrain[albef]",
-            "evaluate[retrieval.t.zs/codis]", "finetune[nlvr.t/albef]", "register[codis]",
-            "report[t]"} <= names
-    assert all(run.data.tags["codis.cached"] == "false" for run in children)
+            "evaluate[retrieval.t.zs/codis]", "finetune[nlvr.t/albef]", "report[t]"} <= names
+    assert not any(run.data.tags.get("codis.cached") == "true" for run in children)
     pretrain = next(r for r in children if r.info.run_name == "pretrain[codis]")
-    history = client.get_metric_history(pretrain.info.run_id, "pretrain.loss")
+    # The total loss sums other terms in each mode: one metric name per mode.
+    history = client.get_metric_history(pretrain.info.run_id, "pretrain.loss_codis")
     assert [(m.step, m.value) for m in history] == [(1, 10.0), (2, 5.0), (3, 10.0 / 3)]
     assert pretrain.data.params["run.model.mode"] == "codis"
+    assert pretrain.data.params["variant"] == "codis"
+    assert "run.model.codebook.size" in pretrain.data.params
+    albef_pretrain = next(r for r in children if r.info.run_name == "pretrain[albef]")
+    assert not any(k.startswith("run.model.codebook") or k == "run.model.loss_weights.code"
+                   for k in albef_pretrain.data.params)  # ALBEF has no codebook
+    assert "pretrain.loss_albef" in albef_pretrain.data.metrics
+    note = parent.data.tags["mlflow.note.content"]
+    assert all(stage["label"] in note for stage in summary["stages"])
     assert pretrain.data.tags["codis.stage_dir"].endswith(pretrain.data.tags["codis.stage_key"])
     download = next(r for r in children if r.info.run_name == "download[web]")
     assert [a.path for a in client.list_artifacts(download.info.run_id, "manifest")] == [
@@ -373,6 +404,10 @@ def test_mlflow_layout(first) -> None:
     # registry: candidate is the latest version, champion the better zero-shot r_mean
     versions = {int(v.version): v for v in client.search_model_versions("name='t-pretrained'")}
     assert sorted(versions) == [1, 2]
+    # A version's source is the run that trained it, not a registration run.
+    trained_by = {r.info.run_id: r.info.run_name for r in children}
+    assert trained_by[versions[1].run_id] == "pretrain[codis]"
+    assert trained_by[versions[2].run_id] == "pretrain[albef]"
     assert versions[1].tags["codis.variant"] == "codis" and versions[2].tags["codis.variant"] == "albef"
     assert int(client.get_model_version_by_alias("t-pretrained", "candidate").version) == 2
     champion = 2 if zs["albef"] > zs["codis"] else 1
@@ -398,9 +433,12 @@ def test_a_second_run_reruns_nothing(first, fakes) -> None:
     children = client.search_runs([client.get_run(parent).info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent}'",
                                   max_results=500)
-    assert children and all(r.data.tags["codis.cached"] == "true" for r in children)
-    cached_pretrain = next(r for r in children if r.info.run_name == "pretrain[codis]")
-    assert cached_pretrain.data.tags["codis.source_run_id"] != cached_pretrain.info.run_id
+    assert children == []  # reused stages add no runs
+    # The parent names the runs that computed its reused stages: the first reproduction's.
+    first_runs = {s["label"]: s["mlflow_run_id"] for s in first["summary"]["stages"]}
+    assert {s["label"]: s["mlflow_run_id"] for s in summary["stages"]} == first_runs
+    note = client.get_run(parent).data.tags["mlflow.note.content"]
+    assert first_runs["pretrain[codis]"][:8] in note and "reused" in note
     assert len(client.search_model_versions("name='t-pretrained'")) == 2  # nothing re-registered
 
 
@@ -625,7 +663,7 @@ def test_pretrain_runs_torchrun_commands_and_follows_their_metrics(tmp_path, mon
     result = stages.pretrain_stage(ctx, "codis", recipe.variants["codis"], spec, [str(shards)])
     assert commands[0][commands[0].index("-m") + 1] == "torch.distributed.run"
     assert "--nproc-per-node=2" in commands[0]
-    assert result.metrics == {"pretrain.loss": pytest.approx(1 / 3)}
+    assert result.metrics == {"pretrain.loss_codis": pytest.approx(1 / 3)}
     assert read_metrics_jsonl(result.file("metrics")) == [(1, {"loss": 1.0}), (2, {"loss": 0.5}),
                                                          (3, {"loss": pytest.approx(1 / 3)})]
     assert "step 3" in (Path(result.path) / "pretrain.log").read_text()
@@ -840,42 +878,80 @@ def test_every_deployment_entrypoint_is_a_flow() -> None:
 
 
 # ---- the deployable stage flows ------------------------------------------------------------------
-def test_stage_flows_take_typed_parameters(fakes, tmp_path) -> None:
-    options = {"store": str(tmp_path / "store"), "track": False, "progress": False}
-    made = deployments.generate_demo(world={"seed": 3, "pretrain_images": 4}, options=options)
-    world = Path(made["path"]) / made["outputs"]["world"]
-    source = {"annotations": "demo://ve/train.json", "image_root": "demo://", "name": "ve-train"}
-    first = deployments.shard(source=source, kind="ve", world=str(world), options=options)
-    again = deployments.shard(source=source, kind="ve", world=str(world), options=options)
-    assert not first["cached"] and again["cached"] and again["key"] == first["key"]
-    assert fakes.names() == ["generate_demo_world", "write_shards"]
-    settings = {"annotations": "demo://ve/train.json", "image_root": "demo://",
-                "train": {"steps": 2, "batch_size": 4}}
-    vision = {"image_size": 32, "patch_size": 8, "width": 16, "depth": 1, "heads": 2}
-    init = deployments.vision_init(settings=settings, vision=vision, world=str(world),
-                                   options=options)
-    assert Path(init["path"], init["outputs"]["weights"]).is_file()
-    assert fakes.calls[-1][1]["vision"].width == 16 and fakes.calls[-1][1]["train"].steps == 2
-    with pytest.raises(Exception, match="vision.widht"):
-        deployments.vision_init(settings=settings, vision={"widht": 16}, world=str(world),
-                                options=options)
-    from prefect.utilities.callables import parameter_schema
+def test_a_stage_flow_runs_one_stage_of_a_recipe_and_what_it_needs(fakes, tmp_path) -> None:
+    options = {"recipe_file": write_recipe(tmp_path, recipe_data()),
+               "runs_root": str(tmp_path / "runs"), "track": False, "progress": False}
+    first = deployments.shard(task="ve", options=options)
+    again = deployments.shard(task="ve.t", options=options)
+    assert again["eval"] == first["eval"] and again["train"] == first["train"]
+    assert fakes.names() == ["generate_demo_world", "write_shards", "write_shards"]
 
-    schema = parameter_schema(deployments.pretrain.fn).model_dump()
-    assert {"variant", "settings", "shards", "options"} <= set(schema["properties"])
-    assert "PretrainSpec" in schema["definitions"] and "TrainConfig" in schema["definitions"]
+    # Evaluating ALBEF's VE model runs the stages upstream of it that are missing (not CODIS's),
+    # and the override reaches the task's config.
+    fakes.calls.clear()
+    result = deployments.evaluate(task="ve", variant="albef",
+                                  overrides=("tasks.ve.config.num_workers=1",), options=options)
+    assert fakes.names() == ["download_demo", "pretrain", "ve.finetune", "ve.evaluate"]
+    assert fakes.calls[1][1]["config"].model.mode == "albef"
+    assert fakes.calls[-1][1]["config"].num_workers == 1
+    assert result["metrics"] and not result["cached"]
+    fakes.calls.clear()
+    assert deployments.evaluate(task="ve", variant="albef",
+                                overrides=("tasks.ve.config.num_workers=1",),
+                                options=options)["key"] == result["key"]
+    assert fakes.calls == []  # everything reused
+
+    with pytest.raises(Exception, match="variant 'clip' is not in recipe t.*codis, albef"):
+        deployments.pretrain(variant="clip", options=options)
+    with pytest.raises(Exception, match="task 'caption' is not a task of recipe t"):
+        deployments.finetune(task="caption", options=options)
 
 
-def test_report_flow_rebuilds_from_a_summary(first, fakes) -> None:
-    summary = Path(first["summary"]["run_dir"]) / "reproduction.json"
-    options = {"store": str(first["root"] / "runs" / "store"), "track": False, "progress": False}
-    rebuilt = deployments.report(summary=str(summary), options=options)
+def test_mlflow_runs_link_to_prefect_flow_runs_only_of_a_lasting_server(monkeypatch) -> None:
+    from prefect import flow
+
+    from flows.server import OWNED_SERVER_VARIABLE, prefect_run_tags
+
+    @flow
+    def tagged() -> dict[str, str]:
+        return prefect_run_tags()
+
+    monkeypatch.delenv(OWNED_SERVER_VARIABLE, raising=False)
+    tags = tagged()
+    assert tags["prefect.flow_run_url"].endswith(f"/runs/flow-run/{tags['prefect.flow_run_id']}")
+    assert prefect_run_tags() == {}  # outside a flow run
+    monkeypatch.setenv(OWNED_SERVER_VARIABLE, "1")  # a command-line run's own server
+    assert tagged() == {}
+
+
+def test_report_flow_reuses_the_report_of_a_reproduction(first, fakes) -> None:
+    options = {"recipe_file": str(first["root"] / "recipe.yaml"),
+               "runs_root": str(first["root"] / "runs"), "track": False, "progress": False}
+    rebuilt = deployments.report(options=options)
     assert rebuilt["cached"] and rebuilt["key"] == next(
         s["key"] for s in first["summary"]["stages"] if s["stage"] == "report")
     assert fakes.calls == []
 
 
 # ---- command lines -------------------------------------------------------------------------------
+def test_a_log_line_never_lands_across_a_progress_bar(capsys) -> None:
+    from tqdm import tqdm
+
+    from flows.reproduce import AboveBars
+
+    logger = logging.getLogger("bars-test")
+    logger.propagate = False
+    logger.handlers = [AboveBars(logging.StreamHandler(sys.stderr))]
+    with tqdm(total=4, file=sys.stderr, desc="train", mininterval=0) as bar:
+        bar.update(2)
+        logger.warning("step 2/4")
+    drawn = capsys.readouterr().err
+    before, after = drawn.split("step 2/4")
+    assert "train:  50%" in before  # the bar was drawn ...
+    assert before.rstrip(" ").endswith("\r")  # ... and cleared before the line
+    assert "train:  50%" in after  # ... and redrawn below it
+
+
 def test_reproduce_cli_validates_without_running(tmp_path, capsys) -> None:
     from flows.reproduce import main
 
@@ -925,6 +1001,6 @@ def test_torchrun_pretraining_with_two_cpu_processes(tmp_path) -> None:
     run_config = yaml.safe_load(result.file("run_config").read_text())
     assert run_config["optim"]["lr"] == pytest.approx(2e-3)  # 1e-3 at 4, global batch 2 x 4
     assert [step for step, _ in read_metrics_jsonl(result.file("metrics"))] == [1, 2, 3]
-    assert set(result.metrics) >= {"pretrain.loss", "pretrain.ica", "pretrain.code"}
+    assert set(result.metrics) >= {"pretrain.loss_codis", "pretrain.ica", "pretrain.code"}
     assert load_model(result.file("model")).config.mode == "codis"
     assert "--nproc-per-node=2" in (Path(result.path) / "command.txt").read_text()

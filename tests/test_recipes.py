@@ -152,6 +152,46 @@ def test_overrides_and_their_mistakes(tmp_path: Path) -> None:
         load_recipe(path, ["pretrain.train.steps"])
 
 
+def test_overrides_name_list_items_by_task_or_name(tmp_path: Path) -> None:
+    recipe = load_recipe("demo", ["tasks.vqa.config.k_test=64", "tasks.ve.train.steps=9",
+                                  "pretrain_data.demo-web.download.thread_count=2"])
+    by_task = {t.task: t for t in recipe.tasks}
+    assert by_task["vqa"].config["k_test"] == 64 and by_task["ve"].train == {"steps": 9}
+    assert by_task["retrieval"].config == {} and recipe.pretrain_data[0].download.thread_count == 2
+    with pytest.raises(RecipeError, match=r"'caption' names no item; use an index \(0-3\) or "
+                                          r"one of: demo, nlvr, retrieval, ve, vqa"):
+        load_recipe("demo", ["tasks.caption.train.steps=3"])
+    data = demo_data()
+    data["tasks"].append({**data["tasks"][0], "name": "other"})  # two retrieval tasks
+    with pytest.raises(RecipeError, match="'retrieval' names several items"):
+        load_recipe(write(tmp_path / "two.yaml", data), ["tasks.retrieval.train.steps=3"])
+    # "other" is unique: a dataset name addresses its task
+    assert load_recipe(tmp_path / "two.yaml", ["tasks.other.train.steps=3"]).tasks[-1].train == \
+        {"steps": 3}
+
+
+def test_shipped_recipes_by_name() -> None:
+    assert {"demo", "quick", "codis-4m"} <= set(recipes.shipped_recipes())
+    assert recipes.recipe_path("quick") == REPO / "pipelines" / "quick.yaml"
+    assert recipes.recipe_path("pipelines/quick.yaml") == Path("pipelines/quick.yaml")
+    assert recipes.shipped_name(REPO / "pipelines" / "quick.yaml") == "quick"
+    assert recipes.shipped_name("elsewhere/quick.yaml") is None
+    assert load_recipe("quick").name == "quick"
+
+
+@pytest.mark.parametrize("margin, score, samples, expected", [
+    (None, 50.0, 100, 10.0),     # 2 x 100 x sqrt(0.5 x 0.5 / 100)
+    (None, 90.0, 400, 3.0),      # 2 x 100 x sqrt(0.9 x 0.1 / 400)
+    (None, 100.0, 400, 0.0),     # a perfect score has no spread
+    (None, 50.0, None, 0.0),     # unknown sample count
+    (1.5, 50.0, 100, 1.5),       # the recipe's margin wins
+])
+def test_champion_margin_is_the_evaluations_spread_unless_set(margin, score, samples,
+                                                              expected) -> None:
+    recipe = load_recipe("demo", [] if margin is None else [f"tracking.champion_margin={margin}"])
+    assert recipes.champion_margin(recipe, score, samples) == pytest.approx(expected)
+
+
 def test_extends_replaces_whole_sections_and_refuses_loops(tmp_path: Path) -> None:
     base = demo_data()
     write(tmp_path / "base.yaml", base)

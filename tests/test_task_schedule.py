@@ -92,3 +92,26 @@ def test_bad_schedule_inputs_name_the_field(changes, field):
     arguments = {"train_samples": 6400, **changes}
     with pytest.raises(ConfigError, match=rf"^{field}:"):
         task_schedule(TASKS["ve"].module().config("ve"), **arguments)
+
+
+@pytest.mark.parametrize("log_every, factor, steps, expected", [
+    (50, 0.02, 6000, 10),    # scaled to 1, held at the floor
+    (5, 0.02, 6000, 5),      # a schedule's own interval below the floor is kept
+    (50, 0.5, 6000, 25),     # scaled above the floor: scaled
+    (50, 0.002, 6000, 10),   # 12 steps: the floor still fits
+    (50, 0.001, 6000, 6),    # 6 steps: never more than the steps
+    (50, 2.0, 6000, 100),
+])
+def test_steps_scale_never_logs_more_often_than_the_floor(log_every, factor, steps, expected):
+    config = TASKS["nlvr"].module().config("demo")
+    train, _ = task_schedule(config, 6400, train_changes={"steps": steps, "log_every": log_every},
+                             steps_scale=factor)
+    assert train.steps == max(1, round(steps * factor))
+    assert train.log_every == expected
+
+
+def test_a_two_percent_demo_logs_pretraining_every_ten_steps():
+    recipe = recipes.load_recipe(REPO / "pipelines" / "demo.yaml", steps_scale=0.02)
+    train = recipes.pretrain_train_config(recipe.pretrain, recipe.variants["codis"],
+                                          recipe.steps_scale)
+    assert (train.steps, train.log_every) == (36, 10)

@@ -243,9 +243,9 @@ def test_reproduction_runs_through_the_production_topology(
     assert env["PREFECT_API_URL"] == api and env["MLFLOW_TRACKING_URI"] == tracking
     worker_env = {**base, **env, "PREFECT_WORKER_WEBSERVER_PORT": str(free_port())}
     run_cli([PREFECT, "work-pool", "create", pool, "--type", "process"], worker_env, 300)
-    out = run_cli([PREFECT, "--no-prompt", "deploy", "--name", "reproduce/local", "--pool", pool],
+    out = run_cli([PREFECT, "--no-prompt", "deploy", "--name", "reproduce/reproduce", "--pool", pool],
                   worker_env, 300)
-    assert "reproduce/local" in out
+    assert "reproduce/reproduce" in out
 
     recipe = tmp_path / "topology.yaml"
     recipe.write_text(yaml.safe_dump(TOPOLOGY_RECIPE, sort_keys=False))
@@ -255,10 +255,10 @@ def test_reproduction_runs_through_the_production_topology(
 
     with temporary_settings(updates={PREFECT_API_URL: api}):
         with get_client(sync_client=True) as client:
-            deployment = client.read_deployment_by_name("reproduce/local")
+            deployment = client.read_deployment_by_name("reproduce/reproduce")
             assert deployment.work_pool_name == pool
             flow_run = client.create_flow_run_from_deployment(deployment.id, parameters={
-                "recipe": str(recipe), "runs_root": str(runs), "progress": False})
+                "recipe_file": str(recipe), "runs_root": str(runs), "progress": False})
 
     worker_log = tmp_path / "worker.log"
     worker = start([*worker_argv, "--run-once"], worker_env, worker_log)

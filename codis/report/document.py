@@ -1,14 +1,14 @@
 """The report as a document: sections of paragraphs, sub-headings, tables and pictures, rendered as
-Markdown (pictures as files beside it) and as one self-contained HTML page (pictures embedded as
-base64 PNG data URIs, inline CSS, no scripts)."""
+Markdown (pictures as files beside it, or inlined as data URIs for a Prefect artifact) and as one
+self-contained HTML page (pictures embedded as base64 PNG data URIs, inline CSS, no scripts)."""
 
 from __future__ import annotations
 
 import base64
 import html
 import io
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 from PIL import Image
 
@@ -18,8 +18,12 @@ NOT_RUN = "not run"
 
 @dataclass
 class Table:
+    """``keys``: how many leading columns name a row; a table split into narrower ones
+    (``narrow_tables``) repeats them in each part."""
+
     headers: list[str]
     rows: list[list[str]]
+    keys: int = 1
 
 
 @dataclass
@@ -35,6 +39,19 @@ class Picture:
         buffer = io.BytesIO()
         image.save(buffer, format="PNG", optimize=True)
         return cls(buffer.getvalue(), name, alt)
+
+    def data_uri(self) -> str:
+        return "data:image/png;base64," + base64.b64encode(self.png).decode("ascii")
+
+    def preview(self, max_width: int) -> "Picture":
+        """A lighter copy: at most ``max_width`` pixels wide, in 256 colours (plenty for charts,
+        enough to read a heat map)."""
+        with Image.open(io.BytesIO(self.png)) as source:
+            image = source.convert("RGB")
+        if image.width > max_width:
+            image = image.resize((max_width, round(image.height * max_width / image.width)),
+                                 Image.LANCZOS)
+        return Picture.from_image(image.quantize(256), self.name, self.alt)
 
 
 @dataclass
@@ -59,12 +76,57 @@ def pictures(sections: Sequence[Section]) -> list[Picture]:
     return [block for section in sections for block in section.blocks if isinstance(block, Picture)]
 
 
+def table_width(table: Table) -> int:
+    """A table's width in characters when no cell wraps: per column its longest cell (or
+    header) and 3 characters of padding. Prefect's Markdown artifacts render tables that way."""
+    return sum(max(len(cell) for cell in column) + 3 for column in zip(table.headers, *table.rows))
+
+
+def _split_table(table: Table, max_width: int) -> list[Table]:
+    """The table as the fewest narrower tables of at most ``max_width`` (``table_width``), each
+    with the key columns and an even share of the other columns, in order; one other column each
+    where nothing narrower fits."""
+    values = list(range(table.keys, len(table.headers)))
+    if table_width(table) <= max_width or len(values) < 2:
+        return [table]
+
+    def part(columns: list[int]) -> Table:
+        keep = [*range(table.keys), *columns]
+        return Table([table.headers[i] for i in keep], [[row[i] for i in keep] for row in table.rows],
+                     table.keys)
+
+    for count in range(2, len(values) + 1):
+        size, extra = divmod(len(values), count)
+        bounds = [i * size + min(i, extra) for i in range(count + 1)]
+        parts = [part(values[start:end]) for start, end in zip(bounds, bounds[1:])]
+        if all(table_width(t) <= max_width for t in parts):
+            break
+    return parts
+
+
+def narrow_tables(sections: Sequence[Section], max_width: int) -> list[Section]:
+    """The sections with every table wider than ``max_width`` characters (``table_width``) split
+    into narrower ones."""
+    out = []
+    for section in sections:
+        blocks: list[Block] = []
+        for block in section.blocks:
+            blocks += _split_table(block, max_width) if isinstance(block, Table) else [block]
+        out.append(replace(section, blocks=blocks))
+    return out
+
+
 def _markdown_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def render_markdown(sections: Sequence[Section], files_dir: str) -> str:
-    """Markdown linking each picture as ``files_dir/<name>``."""
+def _markdown_alt(text: str) -> str:
+    return text.replace("[", "(").replace("]", ")").replace("\n", " ")
+
+
+def render_markdown(sections: Sequence[Section], picture_source: Callable[[Picture], str]) -> str:
+    """Markdown showing each picture from ``picture_source(picture)``: a path relative to the
+    Markdown file, or a data URI (``Picture.data_uri``)."""
     out: list[str] = []
     for section in sections:
         out += ["#" * section.level + " " + section.title, ""]
@@ -74,7 +136,7 @@ def render_markdown(sections: Sequence[Section], files_dir: str) -> str:
                 out.append("|" + "---|" * len(block.headers))
                 out += ["| " + " | ".join(_markdown_cell(c) for c in row) + " |" for row in block.rows]
             elif isinstance(block, Picture):
-                out.append(f"![{block.alt}]({files_dir}/{block.name})")
+                out.append(f"![{_markdown_alt(block.alt)}]({picture_source(block)})")
             elif isinstance(block, Heading):
                 out.append("#" * (section.level + 1) + " " + block.text)
             else:
@@ -116,8 +178,7 @@ def render_html(sections: Sequence[Section], title: str) -> str:
                     parts.append(f"<tr>{cells}</tr>")
                 parts.append("</tbody></table>")
             elif isinstance(block, Picture):
-                data = base64.b64encode(block.png).decode("ascii")
-                parts.append(f'<img alt="{html.escape(block.alt)}" src="data:image/png;base64,{data}">')
+                parts.append(f'<img alt="{html.escape(block.alt)}" src="{block.data_uri()}">')
             elif isinstance(block, Heading):
                 parts.append(f"<h{level + 1}>{html.escape(block.text)}</h{level + 1}>")
             else:

@@ -45,33 +45,50 @@ class PaperReference:
 @dataclass(frozen=True)
 class ReportRow:
     """One row group of the report: a task's report key (the key in ``VariantResults.metrics``),
-    its title, its metrics (percent) and where the paper reports it."""
+    its title, its metrics (percent) and where the paper reports it. ``protocol``: how this run
+    gets the row's numbers; ``paper_protocol``: how the paper got its numbers where that differs,
+    "" where it is the same."""
 
     key: str
     task: str
     title: str
     metrics: tuple[str, ...]
     paper_refs: tuple[PaperReference, ...]
+    protocol: str
+    paper_protocol: str = ""
 
+
+_FINETUNED = "finetuned on the task's train split, then scored on its evaluation split"
 
 # What the report shows for each report key of codis.tasks.TASKS: the setting that tells apart the
-# keys of one task (None for a task with one key), the metrics, and the paper's columns.
-_SHOWN: dict[str, tuple[str | None, tuple[str, ...], tuple[PaperReference, ...]]] = {
+# keys of one task (None for a task with one key), the metrics, the paper's columns, and the
+# protocols: this run's, and the paper's where it differs (the ALBEF code and issues show that the
+# Flickr30K "zero-shot" rows are transfer from COCO finetuning, and how VQA was trained and scored).
+_SHOWN: dict[str, tuple[str | None, tuple[str, ...], tuple[PaperReference, ...], str, str]] = {
     "retrieval_zero_shot": ("zero-shot", RETRIEVAL_METRICS, (
         PaperReference(paper.ZERO_SHOT_RETRIEVAL, "coco", "MSCOCO 5K"),
-        PaperReference(paper.ZERO_SHOT_RETRIEVAL, "flickr", "Flickr30K 1K"))),
+        PaperReference(paper.ZERO_SHOT_RETRIEVAL, "flickr", "Flickr30K 1K")),
+        "zero-shot: the pretrained model, no finetuning",
+        "MSCOCO is zero-shot too (its ALBEF row is CODIS's re-run), but the Flickr30K "
+        "\"zero-shot\" rows are the COCO-finetuned model evaluated on Flickr30K"),
     "retrieval_finetuned": ("finetuned", RETRIEVAL_METRICS, (
         PaperReference(paper.FINETUNED_RETRIEVAL, "coco", "MSCOCO 5K"),
-        PaperReference(paper.FINETUNED_RETRIEVAL, "flickr", "Flickr30K 1K"))),
+        PaperReference(paper.FINETUNED_RETRIEVAL, "flickr", "Flickr30K 1K")),
+        _FINETUNED, "finetuned on each dataset's train split; ALBEF scores the checkpoint with "
+        "the best val score, this run the last one"),
     "vqa": (None, ("accuracy",), (
         PaperReference(paper.UNDERSTANDING, "vqa", "test-dev", "test_dev"),
-        PaperReference(paper.UNDERSTANDING, "vqa", "test-std", "test_std"))),
+        PaperReference(paper.UNDERSTANDING, "vqa", "test-std", "test_std")),
+        _FINETUNED, "trained on VQA train + val + Visual Genome QA, scored by the VQA evaluation "
+        "server on test-dev / test-std"),
     "nlvr": (None, ("accuracy",), (
         PaperReference(paper.UNDERSTANDING, "nlvr", "dev", "dev"),
-        PaperReference(paper.UNDERSTANDING, "nlvr", "test-P", "test_p"))),
+        PaperReference(paper.UNDERSTANDING, "nlvr", "test-P", "test_p")),
+        _FINETUNED, ""),
     "ve": (None, ("accuracy",), (
         PaperReference(paper.UNDERSTANDING, "ve", "val", "val"),
-        PaperReference(paper.UNDERSTANDING, "ve", "test", "test"))),
+        PaperReference(paper.UNDERSTANDING, "ve", "test", "test")),
+        _FINETUNED, ""),
 }
 
 
@@ -82,9 +99,9 @@ def _report_rows() -> tuple[ReportRow, ...]:
             if key not in _SHOWN:
                 raise KeyError(f"codis.tasks.TASKS[{task.name!r}].report_keys: {key!r} has no entry "
                                "in codis.report.inputs (its metrics and paper columns)")
-            setting, metrics, refs = _SHOWN[key]
+            setting, metrics, refs, protocol, paper_protocol = _SHOWN[key]
             title = f"{task.title} ({setting})" if setting else task.title
-            rows.append(ReportRow(key, task.name, title, metrics, refs))
+            rows.append(ReportRow(key, task.name, title, metrics, refs, protocol, paper_protocol))
     return tuple(rows)
 
 
@@ -141,11 +158,15 @@ class VariantResults:
 @dataclass(frozen=True)
 class TrivialBaseline:
     """A data-only reference score: ``name`` (e.g. "chance", "majority answer"), the ``split`` it
-    was computed on, and its metrics (percent, same keys as the task's)."""
+    was computed on, and its metrics (percent, same keys as the task's). ``items``: how many
+    items each metric is a proportion of, where known (the split's questions or examples; for
+    retrieval the queries: images for txt_r*, captions for img_r*), which sets how far from the
+    baseline a score is still noise."""
 
     name: str
     split: str
     metrics: dict[str, float]
+    items: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -168,52 +189,111 @@ class MachineInfo:
                    torch_version=torch.__version__, device=name)
 
 
+@dataclass(frozen=True)
+class StageTime:
+    """One stage of the run, a row of the report's wall-time table: its ``label`` (e.g.
+    "pretrain[codis]"), the ``seconds`` it took when it was computed, and whether this run
+    ``reused`` it (found it done in the store, so it took no time in this run)."""
+
+    label: str
+    seconds: float
+    reused: bool = False
+
+    @property
+    def seconds_this_run(self) -> float:
+        return 0.0 if self.reused else self.seconds
+
+
+@dataclass(frozen=True)
+class RunScale:
+    """How the run departs from its recipe: ``steps_scale`` multiplies every training step count
+    (``--steps-scale``), ``overrides`` are its ``dotted.path=value`` changes (``--set``).
+    ``world_size``: the processes that pretrained; ``recipe_file``: the recipe's file, if known."""
+
+    steps_scale: float = 1.0
+    overrides: Sequence[str] = ()
+    world_size: int = 1
+    recipe_file: str | None = None
+
+    @property
+    def changed(self) -> bool:
+        """Whether the run is not the recipe as written."""
+        return self.steps_scale != 1.0 or bool(self.overrides)
+
+
 @dataclass
 class ReportInputs:
-    """Everything :func:`codis.report.build_report` needs.
+    """Everything ``codis.report.build_report`` needs.
 
     ``variants``: ``{name: VariantResults}``; the names "codis" and "albef" are compared with the
     paper's CODIS and ALBEF rows, names of other modes (``albef_intra``, ``codis_cross``,
     ``codis_student``) with the paper's objective ablation. ``baselines``: ``{report key: [trivial
-    baselines]}`` (see :func:`trivial_baselines` for the demo world's manifest). ``recipe``: the
-    recipe's name. ``wall_times``: ``{stage: seconds}`` in stage order. ``dataset`` / ``preset`` /
-    ``split`` describe what the measured numbers are on.
+    baselines]}`` (see ``trivial_baselines`` for the demo world's manifest). ``recipe``: the
+    recipe's name. ``wall_times``: every stage of the run, in stage order; ``run_seconds``: the
+    run's wall time up to the report (None: not measured; the table then totals its stages).
+    ``scale``: how the run departs from its recipe. ``dataset`` / ``preset`` / ``split`` describe
+    what the measured numbers are on.
     """
 
     variants: dict[str, VariantResults]
     recipe: str
     machine: MachineInfo
     baselines: dict[str, list[TrivialBaseline]] = field(default_factory=dict)
-    wall_times: dict[str, float] = field(default_factory=dict)
+    wall_times: Sequence[StageTime] = ()
+    run_seconds: float | None = None
+    scale: RunScale = RunScale()
     dataset: str = "the demo world (a generated toy dataset)"
     preset: str = "tiny"
     split: str = "test"
 
 
+def _retrieval_items(retrieval: dict[str, Any]) -> dict[str, int]:
+    """The queries behind each recall: an image per text-retrieval query (txt_r*), a caption per
+    image-retrieval query (img_r*). r_mean mixes both; it gets the images, the fewer of the two,
+    so that its noise is not understated."""
+    if "images" not in retrieval or "captions" not in retrieval:
+        return {}
+    images, captions = int(retrieval["images"]), int(retrieval["captions"])
+    return {metric: captions if metric.startswith("img_") else images for metric in RETRIEVAL_METRICS}
+
+
+def _items(count: Any, metric: str) -> dict[str, int]:
+    return {} if count is None else {metric: int(count)}
+
+
 def trivial_baselines(manifest: dict[str, Any]) -> dict[str, list[TrivialBaseline]]:
-    """The demo world manifest's ``baselines`` (:func:`codis.data.demo_world.generate_demo_world`) as
+    """The demo world manifest's ``baselines`` (``codis.data.demo_world.generate_demo_world``) as
     ``ReportInputs.baselines``: chance retrieval, the majority / question-type-prior VQA answer, and
-    the majority NLVR2 / SNLI-VE label."""
+    the majority NLVR2 / SNLI-VE label, each with the split's item counts where the manifest has
+    them."""
     if "baselines" not in manifest:
         raise ValueError("manifest: has no 'baselines' (not a demo world manifest?)")
     found = manifest["baselines"]
     out: dict[str, list[TrivialBaseline]] = {}
     if "retrieval_test" in found:
-        chance = {k: float(v) for k, v in found["retrieval_test"].items() if k in RETRIEVAL_METRICS}
+        retrieval = found["retrieval_test"]
+        chance = {k: float(v) for k, v in retrieval.items() if k in RETRIEVAL_METRICS}
+        items = {k: n for k, n in _retrieval_items(retrieval).items() if k in chance}
         for key in ("retrieval_zero_shot", "retrieval_finetuned"):
-            out[key] = [TrivialBaseline("chance (random ranking)", "test", chance)]
+            out[key] = [TrivialBaseline("chance (random ranking)", "test", chance, items)]
     if "vqa_val" in found:
         vqa = found["vqa_val"]
+        items = _items(vqa.get("questions"), "accuracy")
         out["vqa"] = [TrivialBaseline(f"majority answer ({vqa['majority_answer']!r})", "val",
-                                      {"accuracy": float(vqa["majority_accuracy"])}),
+                                      {"accuracy": float(vqa["majority_accuracy"])}, items),
                       TrivialBaseline("question-type prior", "val",
-                                      {"accuracy": float(vqa["question_type_prior_accuracy"])})]
+                                      {"accuracy": float(vqa["question_type_prior_accuracy"])}, items)]
     for task in ("nlvr", "ve"):
         test = found.get(task, {}).get("test")
         if test is not None:
             out[task] = [TrivialBaseline(f"majority label ({test['majority_label']})", "test",
-                                         {"accuracy": float(test["accuracy"])})]
+                                         {"accuracy": float(test["accuracy"])},
+                                         _items(test.get("rows"), "accuracy"))]
     return out
+
+
+def _seconds(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
 
 
 _CODEBOOK_FIELDS = frozenset({"codewords", "samples", "used", "entropy", "perplexity", "histogram"})
@@ -229,9 +309,28 @@ def check_report_inputs(inputs: ReportInputs) -> None:
     for key in inputs.baselines:
         if key not in REPORT_KEYS:
             raise ValueError(f"results.baselines[{key!r}]: unknown report key (known: {known})")
-    for stage, seconds in inputs.wall_times.items():
-        if not isinstance(seconds, (int, float)) or seconds < 0:
-            raise ValueError(f"results.wall_times[{stage!r}]: must be seconds >= 0, got {seconds!r}")
+    for i, stage in enumerate(inputs.wall_times):
+        if not isinstance(stage, StageTime):
+            raise TypeError(f"results.wall_times[{i}]: expected a StageTime, got {type(stage).__name__}")
+        if not _seconds(stage.seconds):
+            raise ValueError(f"results.wall_times[{i}] ({stage.label}): seconds must be a finite "
+                             f"number >= 0, got {stage.seconds!r}")
+    if inputs.run_seconds is not None and not _seconds(inputs.run_seconds):
+        raise ValueError(f"results.run_seconds: must be None or a finite number >= 0, "
+                         f"got {inputs.run_seconds!r}")
+    scale = inputs.scale
+    if not isinstance(scale, RunScale):
+        raise TypeError(f"results.scale: expected a RunScale, got {type(scale).__name__}")
+    if not (isinstance(scale.steps_scale, (int, float)) and scale.steps_scale > 0):
+        raise ValueError(f"results.scale.steps_scale: must be a number > 0, got {scale.steps_scale!r}")
+    if not (isinstance(scale.world_size, int) and scale.world_size >= 1):
+        raise ValueError(f"results.scale.world_size: must be an integer >= 1, got {scale.world_size!r}")
+    for key, baselines in inputs.baselines.items():
+        for i, baseline in enumerate(baselines):
+            for metric, count in baseline.items.items():
+                if not (isinstance(count, int) and count >= 1):
+                    raise ValueError(f"results.baselines[{key!r}][{i}].items[{metric!r}]: must be "
+                                     f"an item count >= 1, got {count!r}")
     for name, variant in inputs.variants.items():
         where = f"results.variants[{name!r}]"
         if not isinstance(variant, VariantResults):

@@ -1,7 +1,8 @@
-"""The report's sections, in the order the report shows them (:func:`report_sections`)."""
+"""The report's sections, in the order the report shows them (``report_sections``)."""
 
 from __future__ import annotations
 
+import math
 import re
 
 from PIL import Image, ImageDraw, ImageFont
@@ -10,11 +11,19 @@ from codis.config import MODES, ModelConfig
 from codis.report import paper
 from codis.report.charts import codebook_histogram, image_grid, loss_curve_figure
 from codis.report.document import NOT_RUN, Block, Heading, Picture, Section, Table
-from codis.report.inputs import REPORT_ROWS, ReportInputs, ReportRow, RetrievalExample
+from codis.report.inputs import (REPORT_ROWS, ReportInputs, ReportRow, RetrievalExample, RunScale,
+                                 TrivialBaseline)
+from codis.tasks import TASKS
+
+NOISE_ERRORS = 2.0
+"""How many standard errors from a value are still noise (about a 95 % interval)."""
+
+ORCHESTRATION = "orchestration (Prefect, MLflow, store checks)"
+"""The wall-time row of the run's time outside its stages."""
 
 
 def report_sections(inputs: ReportInputs) -> list[Section]:
-    """The whole report of ``inputs`` (checked by :func:`codis.report.inputs.check_report_inputs`)."""
+    """The whole report of ``inputs`` (checked by ``codis.report.inputs.check_report_inputs``)."""
     return [_intro(inputs), _summary(inputs), _direction(inputs), _beside(inputs),
             _ablation(inputs), _losses(inputs), _codebook(inputs), _itm_auc(inputs),
             _retrieval_examples(inputs), _gradcam(inputs), _paper_tables(), _environment(inputs)]
@@ -33,25 +42,51 @@ def _sign(delta: float) -> str:
 
 
 def _clock(seconds: float) -> str:
-    whole = int(round(seconds))
-    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
+    whole = abs(int(round(seconds)))
+    sign = "-" if seconds < 0 and whole else ""
+    return f"{sign}{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
+
+
+def standard_error(percent: float, items: int) -> float:
+    """The standard error, in percentage points, of a proportion of ``percent`` measured over
+    ``items`` independent items (binomial). Scores that average partial credit (VQA accuracy)
+    vary no more than a proportion of the same mean, so it bounds theirs too."""
+    p = min(max(percent / 100.0, 0.0), 1.0)
+    return 100.0 * math.sqrt(p * (1.0 - p) / items)
+
+
+def _scale_note(scale: RunScale) -> str:
+    """What the run changed of its recipe, as a sentence; "" for the recipe as written."""
+    if not scale.changed:
+        return ""
+    changes = []
+    if scale.steps_scale != 1.0:
+        changes.append(f"every training step count x {scale.steps_scale:g}")
+    if scale.overrides:
+        changes.append(f"recipe overrides: {', '.join(scale.overrides)}")
+    how = ("was scaled down" if scale.steps_scale < 1.0 else
+           "was scaled up" if scale.steps_scale > 1.0 else "changed its recipe")
+    return (f"this run {how}: {'; '.join(changes)}. Its numbers are not those of the recipe as "
+            "written.")
 
 
 def _intro(inputs: ReportInputs) -> Section:
+    scale = _scale_note(inputs.scale)
+    caveat = ("the demo world is a generated toy dataset and the model runs at a tiny preset, so "
+              "the absolute numbers below are not comparable with the paper's (MSCOCO, Flickr30K, "
+              "VQA v2, NLVR2 and SNLI-VE at ViT-B/16 + BERT-base scale). What is comparable is the "
+              "direction: whether CODIS beats ALBEF on a task, as it does in the paper.")
     return Section(f"CODIS reproduction report: recipe {inputs.recipe}", [
         f"Measured numbers: {inputs.dataset}, '{inputs.split}' split, model preset "
         f"'{inputs.preset}', variants: {', '.join(inputs.variants) or 'none'}.",
-        "Read this first: the demo world is a generated toy dataset and the model runs at a tiny "
-        "preset, so the absolute numbers below are not comparable with the paper's (MSCOCO, "
-        "Flickr30K, VQA v2, NLVR2 and SNLI-VE at ViT-B/16 + BERT-base scale). What is comparable "
-        "is the direction: whether CODIS beats ALBEF on a task, as it does in the paper.",
+        f"Read this first: {scale} {caveat[0].upper()}{caveat[1:]}" if scale
+        else f"Read this first: {caveat}",
     ], level=1)
 
 
 def _baseline_cell(inputs: ReportInputs, row: ReportRow, metric: str) -> str:
-    found = [f"{_fmt(b.metrics[metric])} ({b.name}, {b.split})"
-             for b in inputs.baselines.get(row.key, []) if metric in b.metrics]
-    return "; ".join(found) if found else NOT_RUN
+    found = [_fmt(b.metrics[metric]) for b in inputs.baselines.get(row.key, []) if metric in b.metrics]
+    return " / ".join(found) if found else NOT_RUN
 
 
 def _measured(inputs: ReportInputs, variant: str, key: str, metric: str) -> str:
@@ -71,49 +106,100 @@ def _summary(inputs: ReportInputs) -> Section:
                          _baseline_cell(inputs, row, metric)])
     return Section("Summary: this run", [
         f"Every task on the demo '{inputs.split}' split (percent). \"{NOT_RUN}\" marks a task "
-        "this run did not evaluate.", Table(headers, rows)])
+        "this run did not evaluate. Zero-shot rows score the pretrained model as it is; every "
+        "other row finetunes it on the task's train split first (each task's protocol, and the "
+        "paper's, are under \"The paper's numbers beside this run's\"). Trivial baselines, "
+        "named in the task tables, need no model.", Table(headers, rows, keys=2)])
+
+
+def _scored(baselines: list[TrivialBaseline], metric: str) -> list[TrivialBaseline]:
+    """The baselines of ``metric`` whose item count is known."""
+    return [b for b in baselines if metric in b.metrics and metric in b.items]
+
+
+def _at_chance(value: float, baselines: list[TrivialBaseline], metric: str) -> bool:
+    """Whether ``value`` is within noise of a trivial baseline: within ``NOISE_ERRORS`` standard
+    errors of a proportion at the baseline's value over its items."""
+    return any(abs(value - b.metrics[metric])
+               <= NOISE_ERRORS * standard_error(b.metrics[metric], b.items[metric])
+               for b in baselines)
+
+
+def _verdict(codis: float, albef: float, paper_signs: list[str], baselines: list[TrivialBaseline],
+             metric: str) -> str:
+    """How this run's CODIS - ALBEF compares with the paper's signs. With an item count (the
+    baselines'), noise comes first: "at chance (both)" when both values are within noise of a
+    trivial baseline, "within noise" when the difference is within ``NOISE_ERRORS`` standard
+    errors of a difference of two proportions over those items. Without one, the sign decides."""
+    delta = codis - albef
+    if baselines:
+        items = baselines[0].items[metric]
+        if _at_chance(codis, baselines, metric) and _at_chance(albef, baselines, metric):
+            return "at chance (both)"
+        if abs(delta) <= NOISE_ERRORS * math.hypot(standard_error(codis, items),
+                                                   standard_error(albef, items)):
+            return "within noise"
+    if not paper_signs:
+        return "no paper value"
+    if all(s == _sign(delta) for s in paper_signs):
+        return "agrees"
+    if any(s == _sign(delta) for s in paper_signs):
+        return "partly"
+    return "disagrees"
+
+
+def _paper_deltas(row: ReportRow, metric: str) -> tuple[str, list[str]]:
+    """The paper's CODIS - ALBEF of ``metric`` per paper reference of ``row`` ("-" where it has
+    none) and their signs; ("-", []) where the paper does not report the metric."""
+    cells, signs = [], []
+    for ref in row.paper_refs:
+        try:
+            albef, codis = ref.value(paper.ALBEF, metric), ref.value(paper.CODIS, metric)
+        except KeyError:  # e.g. r_mean, which the paper does not report
+            continue
+        if albef is None or codis is None:
+            cells.append("-")
+        else:
+            cells.append(f"{codis - albef:+.2f}")
+            signs.append(_sign(codis - albef))
+    return (" / ".join(cells) if signs else "-"), signs
 
 
 def _direction(inputs: ReportInputs) -> Section:
+    where = "; ".join(dict.fromkeys(
+        f"{' / '.join(ref.label for ref in row.paper_refs)} ({TASKS[row.task].title})"
+        for row in REPORT_ROWS))
     blocks: list[Block] = [
-        "Sign of CODIS - ALBEF per metric: in the paper (one sign per dataset / split) and in "
-        "this run. \"agrees\" when this run's sign matches every paper sign."]
+        "CODIS - ALBEF per metric, in the paper and in this run. Paper delta: one per dataset or "
+        f"split, {where}; the Flickr30K \"zero-shot\" one is that of COCO-finetuned models. "
+        f"Verdict: \"at chance (both)\" when both variants are within {NOISE_ERRORS:g} standard "
+        "errors of a trivial baseline (a binomial proportion at the baseline over the evaluated "
+        f"items), \"within noise\" when the difference is within {NOISE_ERRORS:g} standard errors, "
+        "else \"agrees\" when this run's sign matches every paper sign (\"partly\": some)."]
     have = [v for v in ("codis", "albef") if v in inputs.variants]
     if len(have) < 2:
         missing = sorted({"codis", "albef"} - set(have))
         blocks.append(f"CODIS vs ALBEF: {NOT_RUN} (no results for variant {', '.join(missing)}).")
-    rows = []
+    rows, unassessed = [], False
     for row in REPORT_ROWS:
         for metric in row.metrics:
-            paper_parts, paper_signs = [], []
-            for ref in row.paper_refs:
-                try:
-                    albef = ref.value(paper.ALBEF, metric)
-                    codis = ref.value(paper.CODIS, metric)
-                except KeyError:  # e.g. r_mean, which the paper does not report
-                    continue
-                if albef is not None and codis is not None:
-                    paper_parts.append(f"{ref.label}: {ref.table.format(albef)} -> "
-                                       f"{ref.table.format(codis)} ({codis - albef:+.2f})")
-                    paper_signs.append(_sign(codis - albef))
+            paper_cell, paper_signs = _paper_deltas(row, metric)
             ours = [inputs.variants[v].metrics.get(row.key, {}).get(metric) for v in ("codis", "albef")
                     if v in inputs.variants]
             if len(have) == 2 and all(x is not None for x in ours):
-                delta = ours[0] - ours[1]
-                measured = f"{_fmt(ours[1])} -> {_fmt(ours[0])} ({delta:+.2f})"
-                if not paper_signs:
-                    verdict = "no paper value"
-                elif all(s == _sign(delta) for s in paper_signs):
-                    verdict = "agrees"
-                elif any(s == _sign(delta) for s in paper_signs):
-                    verdict = "partly"
-                else:
-                    verdict = "disagrees"
+                codis, albef = ours
+                baselines = _scored(inputs.baselines.get(row.key, []), metric)
+                unassessed = unassessed or not baselines
+                measured = f"{_fmt(albef)} -> {_fmt(codis)} ({codis - albef:+.2f})"
+                verdict = _verdict(codis, albef, paper_signs, baselines, metric)
             else:
                 measured, verdict = NOT_RUN, NOT_RUN
-            rows.append([row.title, metric, "; ".join(paper_parts) or "-", measured, verdict])
-    blocks.append(Table(["Task", "Metric", "Paper: ALBEF 4M -> CODIS", "This run: albef -> codis",
-                         "Direction"], rows))
+            rows.append([row.title, metric, paper_cell, measured, verdict])
+    blocks.append(Table(["Task", "Metric", "Paper delta", "This run: albef -> codis", "Verdict"],
+                        rows, keys=2))
+    if unassessed:
+        blocks.append("Rows without a trivial baseline's item count (a demo world manifest gives "
+                      "them) are judged by their sign alone: their noise is not assessed.")
     return Section("CODIS vs ALBEF: direction, paper and this run", blocks)
 
 
@@ -140,7 +226,10 @@ def _beside(inputs: ReportInputs) -> Section:
             rows.append(["trivial", baseline.name, f"demo {baseline.split}",
                          *(_fmt(baseline.metrics[m]) if m in baseline.metrics else "-"
                            for m in row.metrics)])
-        blocks += [Heading(row.title), Table(["Source", "Model", "Data", *row.metrics], rows)]
+        protocol = (f"the paper's: {row.paper_protocol}." if row.paper_protocol
+                    else "the paper's is the same.")
+        blocks += [Heading(row.title), f"Protocol: {row.protocol}; {protocol}",
+                   Table(["Source", "Model", "Data", *row.metrics], rows, keys=3)]
     return Section("The paper's numbers beside this run's", blocks)
 
 
@@ -160,7 +249,8 @@ def _ablation(inputs: ReportInputs) -> Section:
                          *([NOT_RUN] * len(metrics))])
     return Section("Objective ablation (zero-shot retrieval)", [
         "The paper's objective rows and the project mode that reproduces each; this run's rows "
-        "are its variants of those modes.", Table(["Source", "Objectives", "Mode", *metrics], rows)])
+        "are its variants of those modes.",
+        Table(["Source", "Objectives", "Mode", *metrics], rows, keys=3)])
 
 
 def _losses(inputs: ReportInputs) -> Section:
@@ -268,29 +358,63 @@ def _gradcam(inputs: ReportInputs) -> Section:
     return Section("Grad-CAM", blocks)
 
 
+def _paper_table(table: paper.PaperTable) -> list[Table]:
+    """A paper table as one table per column group (the retrieval tables: MSCOCO, then
+    Flickr30K), its name in the first header; as one table where several groups fit six columns
+    (the understanding table)."""
+    if len(table.groups) > 1 and len(table.columns) <= 6:
+        headers = ["Method", *(f"{group} {metric}" for group, metric in table.columns)]
+        return [Table(headers, [[row.method, *(table.format(v) for v in row.values)]
+                                for row in table.rows])]
+    return [Table([f"Method ({group})", *(metric for g, metric in table.columns if g == group)],
+                  [[row.method, *(table.format(v) for v in table.group(row.method, group).values())]
+                   for row in table.rows])
+            for group in table.groups]
+
+
 def _paper_tables() -> Section:
     blocks: list[Block] = [
         "As published (percent; \"-\": not reported). \"CODIS\" is the paper's \"Ours\"."]
     for table in paper.TABLES:
-        headers = ["Method", *(f"{group} {metric}" for group, metric in table.columns)]
-        rows = [[row.method, *(table.format(v) for v in row.values)] for row in table.rows]
         blocks += [Heading(table.title)]
         if table.note:
             blocks.append(table.note)
-        blocks.append(Table(headers, rows))
+        blocks += _paper_table(table)
     return Section("The paper's tables", blocks)
 
 
-def _environment(inputs: ReportInputs) -> Section:
-    machine = inputs.machine
-    info = Table(["Item", "Value"], [
-        ["recipe", inputs.recipe], ["platform", machine.platform], ["CPUs", str(machine.cpu_count)],
-        ["Python", machine.python_version], ["torch", machine.torch_version], ["device", machine.device]])
-    if inputs.wall_times:
-        rows = [[stage, f"{seconds:.1f}", _clock(seconds)] for stage, seconds in inputs.wall_times.items()]
-        total = sum(inputs.wall_times.values())
-        rows.append(["total", f"{total:.1f}", _clock(total)])
-        times: str | Table = Table(["Stage", "Seconds", "h:mm:ss"], rows)
+def _wall_times(inputs: ReportInputs) -> list[Block]:
+    """Every stage in order, then the run's time outside them, so that the table sums to the
+    run's wall time (without ``run_seconds``: to the stages' sum)."""
+    if not inputs.wall_times and inputs.run_seconds is None:
+        return [f"Wall times: {NOT_RUN}."]
+    # Rounded first, so that the rows add up to the total as printed.
+    rows, ran = [], 0.0
+    for stage in inputs.wall_times:
+        seconds = round(stage.seconds_this_run, 1)
+        ran += seconds
+        note = f"reused (took {_clock(stage.seconds)} when computed)" if stage.reused else ""
+        rows.append([stage.label, f"{seconds:.1f}", _clock(seconds), note])
+    if inputs.run_seconds is None:
+        total, what = ran, "the stages' sum (the run's was not measured)"
     else:
-        times = f"Wall times: {NOT_RUN}."
-    return Section("Machine and wall times", [info, times])
+        total, what = round(inputs.run_seconds, 1), "the run's wall time up to the report"
+        rest = total - ran
+        label = ORCHESTRATION if rest >= 0 else "overlap (stages ran at the same time)"
+        rows.append([label, f"{rest:.1f}", _clock(rest), ""])
+    rows.append(["total", f"{total:.1f}", _clock(total), what])
+    return ["Every stage of the run, in order. A reused stage was found done in the store and "
+            "took no time in this run.", Table(["Stage", "Seconds", "h:mm:ss", "Note"], rows)]
+
+
+def _environment(inputs: ReportInputs) -> Section:
+    machine, scale = inputs.machine, inputs.scale
+    recipe = f"{inputs.recipe} ({scale.recipe_file})" if scale.recipe_file else inputs.recipe
+    info = Table(["Item", "Value"], [
+        ["recipe", recipe], ["training step counts", f"x {scale.steps_scale:g}"],
+        *([["recipe override", override] for override in scale.overrides]
+          or [["recipe overrides", "none"]]),
+        ["processes that pretrained", str(scale.world_size)],
+        ["platform", machine.platform], ["CPUs", str(machine.cpu_count)],
+        ["Python", machine.python_version], ["torch", machine.torch_version], ["device", machine.device]])
+    return Section("Machine and wall times", [info, *_wall_times(inputs)])

@@ -25,7 +25,8 @@ class TaskInfo:
     ``train_kind`` / ``eval_kind``: the shard kinds its finetuning and evaluation read;
     ``headline_metric``: the metric that ranks models of the task; ``report_keys``: its rows in
     the report (retrieval reports zero-shot and finetuned separately); ``paper_preset``: the preset
-    with the paper's (ALBEF's) settings."""
+    with the paper's (ALBEF's) settings; ``loader``: the function of its module that loads a
+    finetuned checkpoint as a module in eval mode (``load(path)``)."""
 
     name: str
     title: str
@@ -34,6 +35,7 @@ class TaskInfo:
     headline_metric: str
     report_keys: tuple[str, ...]
     paper_preset: str
+    loader: str
 
     @property
     def module_name(self) -> str:
@@ -46,8 +48,10 @@ class TaskInfo:
 
 TASKS: dict[str, TaskInfo] = {
     "retrieval": TaskInfo("retrieval", "Image-text retrieval", "retrieval_train", "retrieval_eval",
-                          "r_mean", ("retrieval_zero_shot", "retrieval_finetuned"), "coco"),
-    "vqa": TaskInfo("vqa", "VQA", "vqa", "vqa", "accuracy", ("vqa",), "vqa"),
-    "nlvr": TaskInfo("nlvr", "NLVR²", "nlvr", "nlvr", "accuracy", ("nlvr",), "nlvr"),
-    "ve": TaskInfo("ve", "SNLI-VE", "ve", "ve", "accuracy", ("ve",), "ve"),
+                          "r_mean", ("retrieval_zero_shot", "retrieval_finetuned"), "coco",
+                          "load_retrieval_model"),
+    "vqa": TaskInfo("vqa", "VQA", "vqa", "vqa", "accuracy", ("vqa",), "vqa", "load_vqa_model"),
+    "nlvr": TaskInfo("nlvr", "NLVR²", "nlvr", "nlvr", "accuracy", ("nlvr",), "nlvr",
+                     "load_nlvr_model"),
+    "ve": TaskInfo("ve", "SNLI-VE", "ve", "ve", "accuracy", ("ve",), "ve", "load_ve_model"),
 }

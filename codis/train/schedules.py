@@ -1,8 +1,8 @@
 """Learning-rate and distillation schedules, and the configs they are built from.
 
-:func:`learning_rate` is ALBEF's linear warm-up then cosine; :func:`distillation_alpha` its alpha
-ramp. :func:`scale_schedule`, :func:`global_batch` and :func:`scaled_lr` are the policy a recipe
-applies to a schedule (step scaling, the linear learning-rate rule).
+``learning_rate`` is ALBEF's linear warm-up then cosine; ``distillation_alpha`` its alpha ramp.
+``scale_schedule``, ``global_batch`` and ``scaled_lr`` are the policy a recipe applies to a
+schedule (step scaling, the linear learning-rate rule).
 """
 
 from __future__ import annotations
@@ -80,10 +80,18 @@ def distillation_alpha(step: int, alpha: float, warmup_steps: int) -> float:
 
 
 
+# scale_schedule's smallest log interval: a short run's log (one line per logged step, in the
+# terminal, the Prefect log and MLflow) stays readable; a recipe's own smaller interval is kept.
+LOG_EVERY_FLOOR = 10
+
+
 def scale_schedule(train: TrainConfig, optim: OptimConfig, factor: float,
                    ) -> tuple[TrainConfig, OptimConfig]:
     """Multiply every step count of a schedule by ``factor`` (the recipe's ``steps_scale``): total
-    steps, warm-ups, checkpoint and log intervals; each stays >= 1 (warm-ups >= 0)."""
+    steps, warm-ups, checkpoint and log intervals; each stays >= 1 (warm-ups >= 0). The log
+    interval does not shrink below ``LOG_EVERY_FLOOR`` steps (nor below the schedule's own, if that
+    is smaller), so that a quick run does not log every step; checkpoint and log intervals are
+    at most the scaled ``steps``."""
     if factor == 1.0:
         return train, optim
 
@@ -95,7 +103,7 @@ def scale_schedule(train: TrainConfig, optim: OptimConfig, factor: float,
         train, steps=steps, alpha_warmup_steps=scaled(train.alpha_warmup_steps, 0),
         itm_uniform_negative_steps=scaled(train.itm_uniform_negative_steps, 0),
         checkpoint_every=min(steps, scaled(train.checkpoint_every, 1)),
-        log_every=min(steps, scaled(train.log_every, 1)))
+        log_every=min(steps, scaled(train.log_every, min(train.log_every, LOG_EVERY_FLOOR))))
     optim = dataclasses.replace(optim, warmup_steps=min(steps, scaled(optim.warmup_steps, 0)))
     return train, optim
 
@@ -118,7 +126,7 @@ def scaled_lr(lr: float, reference_batch: int | None, batch: int) -> float:
 
 
 class TaskRecipe(Protocol):
-    """The schedule fields of a task config (:class:`codis.tasks.base.TaskConfig`)."""
+    """The schedule fields of a task config (``codis.tasks.base.TaskConfig``)."""
 
     task: str
     batch_size: int
@@ -144,7 +152,7 @@ def task_schedule(config: TaskRecipe, train_samples: int, world_size: int = 1, *
     alpha ramped over the first epoch when ``alpha_warmup``; a training checkpoint per epoch.
     ``train_changes`` / ``optim_changes`` then replace fields (a recipe's ``train:`` / ``optim:``
     sections; ``steps`` there replaces the length ``epochs`` gives), and ``steps_scale`` scales every
-    step count (:func:`scale_schedule`).
+    step count (``scale_schedule``).
     """
     # accumulation set among the changes still makes the epoch
     grad_accumulation = (train_changes or {}).get("grad_accumulation", grad_accumulation)
