@@ -101,6 +101,7 @@ CANDIDATE, CHAMPION = "candidate", "champion"
 STAGE_KEY, HOST, PID, ENDED_BY = "codis.stage_key", "codis.host", "codis.pid", "codis.ended_by"
 ALREADY_EXISTS, DOES_NOT_EXIST = "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"
 UI_URL_ENV = "CODIS_MLFLOW_UI_URL"
+UI_STORE_ENV = "CODIS_MLFLOW_UI_STORE"
 NOTE = "mlflow.note.content"  # the tag MLflow shows as an experiment's or a run's description
 EXPERIMENT_DESCRIPTION = """\
 Runs of codis-pipeline, the CODIS / ALBEF reproduction.
@@ -115,6 +116,14 @@ Runs of codis-pipeline, the CODIS / ALBEF reproduction.
 MLflow 3 opens in GenAI mode: switch to **Model training** to see these runs.
 """
 """What every experiment of the flows says about itself (MLflow's experiment description)."""
+
+
+def _same_store(first: str, second: str) -> bool:
+    """Whether two tracking URIs name one store (sqlite files compared by resolved path)."""
+    files = sqlite_file(first), sqlite_file(second)
+    if files[0] is not None and files[1] is not None:
+        return files[0].resolve() == files[1].resolve()
+    return first.rstrip("/") == second.rstrip("/")
 
 
 def default_tracking_uri(runs_root: str | Path) -> str:
@@ -386,11 +395,15 @@ class Tracker:
     def ui_url(self) -> str | None:
         """The address of the MLflow UI showing this store: the tracking URI when it is a
         server, else ``CODIS_MLFLOW_UI_URL`` (``scripts/ui.sh`` serves the local store at
-        http://127.0.0.1:5000), else None."""
+        http://127.0.0.1:5000) provided that ``CODIS_MLFLOW_UI_STORE``, the store that UI
+        serves, is unset or this one, else None."""
         if not self.enabled:
             return None
         if self.uri.startswith(("http://", "https://")):
             return self.uri.rstrip("/")
+        served = os.environ.get(UI_STORE_ENV, "")
+        if served and not _same_store(served, self.uri):
+            return None  # that UI shows another store: a link would open the wrong runs
         return os.environ.get(UI_URL_ENV, "").rstrip("/") or None
 
     def experiment_url(self) -> str | None:

@@ -36,9 +36,12 @@ def stage_folders(store: Path) -> set[str]:
 def test_a_stage_deployment_from_recipe_variant_and_task_reuses_the_store(tmp_path: Path) -> None:
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = clean_env(PREFECT_HOME=str(tmp_path / "prefect"))
-    client_env = {**env, "PREFECT_API_URL": api}
     runs = tmp_path / "runs"
+    # Links into the MLflow UI, as scripts/ui.sh would serve this test's store.
+    env = clean_env(PREFECT_HOME=str(tmp_path / "prefect"),
+                    CODIS_MLFLOW_UI_URL="http://127.0.0.1:5000",
+                    CODIS_MLFLOW_UI_STORE=f"sqlite:///{runs}/mlflow.db")
+    client_env = {**env, "PREFECT_API_URL": api}
     store = runs / "store"
     server_log, worker_log = tmp_path / "server.log", tmp_path / "worker.log"
     processes: list[tuple[subprocess.Popen, int]] = []

@@ -22,7 +22,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 
 from flows.compare import main as compare
 from flows.tracking import (CANDIDATE, CHAMPION, ENDED_BY, EXPERIMENT_DESCRIPTION, HOST, NOTE,
-                            PID, UI_URL_ENV, Tracker, process_alive, signals_deferred,
+                            PID, UI_STORE_ENV, UI_URL_ENV, Tracker, process_alive, signals_deferred,
                             sqlite_file)
 
 
@@ -332,6 +332,7 @@ def test_tracking_off_is_a_no_op(checkpoint, monkeypatch) -> None:
 def test_links_into_the_ui_need_a_server_or_its_address(tracker, monkeypatch) -> None:
     run = tracker.start_run("r")
     monkeypatch.delenv(UI_URL_ENV, raising=False)
+    monkeypatch.delenv(UI_STORE_ENV, raising=False)
     assert tracker.run_url(run.run_id) is None and tracker.experiment_url() is None
     monkeypatch.setenv(UI_URL_ENV, "http://127.0.0.1:5000/")
     experiment = tracker.experiment_id
@@ -339,6 +340,11 @@ def test_links_into_the_ui_need_a_server_or_its_address(tracker, monkeypatch) ->
         f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run.run_id}"
     assert tracker.experiment_url() == f"http://127.0.0.1:5000/#/experiments/{experiment}/runs"
     assert tracker.run_url("0" * 32) is None  # no such run
+    # A UI serving another store (ui.sh serves runs/mlflow.db): no link into the wrong runs.
+    monkeypatch.setenv(UI_STORE_ENV, f"sqlite:///{tracker.database.parent}/other/mlflow.db")
+    assert tracker.run_url(run.run_id) is None
+    monkeypatch.setenv(UI_STORE_ENV, f"sqlite:///{tracker.database.parent}/./{tracker.database.name}")
+    assert tracker.run_url(run.run_id).startswith("http://127.0.0.1:5000/#/experiments/")
     monkeypatch.setattr(tracker, "uri", "https://mlflow.example.org/")  # a server: its own address
     assert tracker.run_url(run.run_id).startswith("https://mlflow.example.org/#/experiments/")
 
