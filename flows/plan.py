@@ -12,8 +12,8 @@ which the report's wall-time table reads.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Callable
 
 from codis.data.manifest import shard_samples
@@ -23,8 +23,8 @@ from flows.launch import evaluation_processes
 from flows.recipe import Recipe, TaskSpec, UrlSource
 from flows.stages import (StageContext, analyze_task, download_task, evaluate_task,
                           finetune_task, generate_demo_task, pretrain_task, register_task,
-                          report_task, shard_task, stage_label, text_assignment_task,
-                          vision_init_task)
+                          report_task, shard_task, source_run_id, stage_label,
+                          text_assignment_task, vision_init_task)
 from flows.store import StageResult, Store
 from flows.tracking import Tracker, default_artifact_location, resolve_tracking_uri
 
@@ -43,7 +43,6 @@ class Plan:
         self._memo: dict[tuple[Any, ...], Any] = {}
         self.evaluations: dict[str, list[tuple[TaskSpec, bool, StageResult]]] = {}
         self.analyses: dict[str, StageResult] = {}
-        self.data_stages: list[StageResult] = []
 
     # ---- bookkeeping -----------------------------------------------------------------------------
     def _once(self, key: tuple[Any, ...], compute: Callable[[], Any]) -> Any:
@@ -100,7 +99,6 @@ class Plan:
                 else:
                     result = self._run(shard_task, self.ctx, source, "pretrain", self.world_dir(),
                                        label=source.name or f"pretrain-{index}")
-                self.data_stages.append(result)
                 folders.append(str(result.file("shards")))
             return folders
         return self._once(("pretrain_shards",), compute)
@@ -114,7 +112,6 @@ class Plan:
             for index, part in enumerate(spec.train_data):
                 result = self._run(shard_task, self.ctx, part, kind, self.world_dir(),
                                    label=f"{spec.label}.train{index}")
-                self.data_stages.append(result)
                 folders.append(str(result.file("shards")))
             return folders
         return self._once(("train_shards", spec.label), compute)
@@ -125,7 +122,6 @@ class Plan:
         def compute() -> str:
             result = self._run(shard_task, self.ctx, spec.eval_data, TASKS[spec.task].eval_kind,
                                self.world_dir(), label=f"{spec.label}.eval")
-            self.data_stages.append(result)
             return str(result.file("shards"))
         return self._once(("eval_shards", spec.label), compute)
 
@@ -305,8 +301,3 @@ def load_plan(recipe: str, overrides: Sequence[str] = (), steps_scale: float = 0
                                      track=track, progress=progress),
                 {"stages": [], "started": started, "overrides": list(overrides),
                  "recipe_file": str(recipes.recipe_path(recipe).resolve())})
-
-
-def source_run_id(result: StageResult) -> str | None:
-    """The MLflow run that computed a stage (recorded in its marker when it ran)."""
-    return result.marker.get("provenance", {}).get("mlflow_run_id")

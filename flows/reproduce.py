@@ -56,15 +56,14 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
-def recipe_name(recipe: str) -> str:
-    """``pipelines/demo.yaml`` -> ``demo`` (what flow run names show)."""
-    return Path(recipe).stem
-
-
 def _run_name() -> str:
+    """``reproduce[<recipe>]``: the recipe file's name when one is given (the CLI's custom
+    recipes), else the chosen recipe's."""
     from prefect.runtime import flow_run
 
-    return f"reproduce[{recipe_name(flow_run.parameters.get('recipe', 'recipe'))}]"
+    parameters = flow_run.parameters
+    recipe = parameters.get("recipe_file") or parameters.get("recipe") or "demo"
+    return f"reproduce[{Path(recipe).stem}]"
 
 
 @flow(name="reproduce", flow_run_name=_run_name)

@@ -131,7 +131,7 @@ def run_stage(ctx: StageContext, stage: str, label: str, params: dict[str, Any],
     name = f"{stage}[{label}]" if label else stage
     found = ctx.store.lookup(stage, key, verify=verify, log=logger.warning)
     if found is not None:
-        source = found.marker.get("provenance", {}).get("mlflow_run_id")
+        source = source_run_id(found)
         url = ctx.tracker.run_url(source) if source else None
         logger.info("%s: already done, reused (%s%s)", name, folder,
                     f"; computed in MLflow run {url or source}" if source else "")
@@ -149,14 +149,18 @@ def run_stage(ctx: StageContext, stage: str, label: str, params: dict[str, Any],
             verify=verify,
             on_wait=lambda: logger.info("%s: the same stage is running elsewhere; waiting", name))
         if result.cached:  # finished by a concurrent run while this one waited for the lock
-            run.set_tags({"codis.cached": "true",
-                          "codis.source_run_id": result.marker.get("provenance", {}).get("mlflow_run_id")})
+            run.set_tags({"codis.cached": "true", "codis.source_run_id": source_run_id(result)})
         # Training metrics went out step by step already; the rest (evaluations, counts) now.
         run.log_metrics({k: v for k, v in result.metrics.items() if k not in run.logged})
         run.log_artifact(Path(result.path) / MARKER, "stage")
         logger.info("%s: done in %.1f s", name, result.marker.get("duration_s", 0.0))
     publish_stage_artifacts(name, result, url)
     return result
+
+
+def source_run_id(result: StageResult) -> str | None:
+    """The MLflow run that computed a stage (``run_stage`` records it in the marker)."""
+    return result.marker.get("provenance", {}).get("mlflow_run_id")
 
 
 def _artifact_key(name: str) -> str:
@@ -554,7 +558,7 @@ def register_stage(ctx: StageContext, model_name: str, trained: StageResult, *, 
     task = trained.marker.get("params", {}).get("task") if trained.stage != "pretrain" else None
     info = ctx.tracker.register_checkpoint(
         model_name, checkpoint, stage_key=key, load=checkpoint_loader(task),
-        source_run_id=trained.marker.get("provenance", {}).get("mlflow_run_id"), label=label,
+        source_run_id=source_run_id(trained), label=label,
         parent=ctx.parent_run_id, score_name=score_name, score=score, margin=margin,
         tags={"codis.checkpoint": checkpoint, **(tags or {})})
     logger.info("register[%s]: %s version %s %s", label, model_name, info.get("version"),
@@ -636,9 +640,8 @@ def publish_report_artifact(result: StageResult) -> None:
     # report_artifact.md: the report with its images inlined and its tables narrowed for
     # Prefect's artifact page (reports written before it existed have only report.md).
     name = "artifact" if "artifact" in result.outputs else "markdown"
-    markdown = result.file(name).read_text(encoding="utf-8")
     _in_flow_run(lambda: create_markdown_artifact(
-        markdown=markdown, key="codis-report",
+        markdown=result.file(name).read_text(encoding="utf-8"), key="codis-report",
         description="the report of this run (the self-contained report.html is in MLflow and in "
                     "the run folder)"))
 

@@ -38,7 +38,9 @@ thread-local "active run", so stages may run in other threads or processes. Layo
 Links into the MLflow UI (``Tracker.run_url``, ``Tracker.experiment_url``) start from the
 tracking URI when it is a server (``http(s)://``), else from ``CODIS_MLFLOW_UI_URL``: a local
 store has no address of its own, but ``scripts/ui.sh`` serves ``runs/mlflow.db`` at
-http://127.0.0.1:5000, so ``CODIS_MLFLOW_UI_URL=http://127.0.0.1:5000`` gives CLI runs their links.
+http://127.0.0.1:5000, so ``CODIS_MLFLOW_UI_URL=http://127.0.0.1:5000`` gives CLI runs their links
+(``scripts/env.sh`` sets it, and ``CODIS_MLFLOW_UI_STORE`` to the store that UI serves: runs
+recorded in another store get no link rather than one into the wrong runs).
 Experiments carry a description (``EXPERIMENT_DESCRIPTION``). MLflow's system-metrics
 monitor logs only warnings: its INFO lines (four per stage) are silenced.
 

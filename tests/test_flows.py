@@ -345,6 +345,14 @@ def test_the_report_times_every_stage_of_the_run(first) -> None:
     assert results.scale.steps_scale == 1.0 and not results.scale.changed
 
 
+def test_the_flow_run_is_named_after_the_recipe_file(first) -> None:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(first["summary"]["prefect_flow_run_id"])
+    assert flow_run.name == "reproduce[recipe]"  # recipe_file recipe.yaml, not the default demo
+
+
 def test_stage_folders_are_keyed_and_marked(first) -> None:
     store = Store(first["root"] / "runs" / "store")
     done = store.completed()
