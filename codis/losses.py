@@ -77,9 +77,13 @@ def positive_targets(batch_size: int, bank_size: int, sample_ids: Tensor | None 
 def ica_loss(image_feat: Tensor, text_feat: Tensor, image_feat_m: Tensor, text_feat_m: Tensor,
              image_queue: Tensor, text_queue: Tensor, *, temperature: Tensor | float, alpha: float,
              intra_modal: bool, sample_ids: Tensor | None = None, id_queue: Tensor | None = None,
-             ) -> tuple[Tensor, dict[str, Tensor]]:
-    """CODIS L_ica: H(y, p) for p_i2t, p_t2i (ALBEF's L_itc) and, when intra_modal, p_i2i, p_t2t."""
+             terms: str = "pairs") -> tuple[Tensor, dict[str, Tensor]]:
+    """CODIS L_ica: H(y, p) for p_i2t, p_t2i (ALBEF's L_itc) and, when intra_modal, p_i2i, p_t2t,
+    weighted as ``terms`` says: "pairs" (i2t + t2i) / 2 + (i2i + t2t) / 2, "mean" the mean of the
+    four (either is (i2t + t2i) / 2 without the intra-modal terms)."""
     _check_alpha(alpha)
+    if terms not in ("pairs", "mean"):
+        raise ValueError(f"terms must be 'pairs' or 'mean', got {terms!r}")
     _check_matrix("image_feat", image_feat)
     batch, dim = image_feat.shape
     _check_matrix("text_feat", text_feat, batch, dim)
@@ -125,7 +129,8 @@ def ica_loss(image_feat: Tensor, text_feat: Tensor, image_feat_m: Tensor, text_f
         parts[name] = soft_cross_entropy(student @ bank.t() / temperature, targets)
     total = (parts["i2t"] + parts["t2i"]) / 2
     if intra_modal:
-        total = total + (parts["i2i"] + parts["t2t"]) / 2
+        intra = (parts["i2i"] + parts["t2t"]) / 2
+        total = total + intra if terms == "pairs" else (total + intra) / 2
     return total, parts
 
 
@@ -186,7 +191,8 @@ def hard_negative_indices(sim_i2t: Tensor, sim_t2i: Tensor, sample_ids: Tensor |
 
     ``sim_i2t``/``sim_t2i`` are the in-batch (B, B) similarities (slice a bank's first B columns).
     Positives are masked to -inf before the softmax, so a positive can never be drawn, however peaked
-    the similarities are. Returns (negative_image_for_text, negative_text_for_image), each (B,) long.
+    the similarities are. Returns (negative_image_for_text, negative_text_for_image), each (B,) long,
+    drawn from ``generator`` (on its own device) when given.
     """
     _check_matrix("sim_i2t", sim_i2t)
     batch = sim_i2t.shape[0]
@@ -203,11 +209,13 @@ def hard_negative_indices(sim_i2t: Tensor, sim_t2i: Tensor, sample_ids: Tensor |
     if bool(positives.all(dim=1).any()):
         raise ValueError("hard negative mining needs at least one negative per row, but some sample has no "
                          "negative in the batch (batch size 1, or every sample shares the same id)")
-    neg_image_for_text = torch.multinomial(
-        F.softmax(sim_t2i.detach().float().masked_fill(positives, float("-inf")), dim=1), 1, generator=generator)
-    neg_text_for_image = torch.multinomial(
-        F.softmax(sim_i2t.detach().float().masked_fill(positives, float("-inf")), dim=1), 1, generator=generator)
-    return neg_image_for_text.squeeze(1), neg_text_for_image.squeeze(1)
+    draw_device = sim_i2t.device if generator is None else generator.device
+
+    def draw(sim: Tensor) -> Tensor:
+        weights = F.softmax(sim.detach().float().masked_fill(positives, float("-inf")), dim=1)
+        return torch.multinomial(weights.to(draw_device), 1, generator=generator).squeeze(1).to(sim.device)
+
+    return draw(sim_t2i), draw(sim_i2t)
 
 
 def itm_loss(logits: Tensor, labels: Tensor) -> Tensor:

@@ -6,7 +6,9 @@ Teachers: an exponential moving average of every encoder and projection, never t
 gradient. Queues hold the teachers' features of earlier batches.
 
 Loss = L_ica + L_itm + L_mlm (+ L_code), see :mod:`codis.losses`; ``config.mode`` chooses which
-L_ica terms and whether / from which features L_code is computed.
+L_ica terms and whether / from which features L_code is computed. Where ALBEF's code and ours
+differ (queue start, negatives across processes, how the temperature is learnt, tokenisation),
+the config names the choice (:class:`codis.config.ModelConfig`).
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ class CodisModel(nn.Module):
     def __init__(self, config: ModelConfig, text_architecture: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.config = config
-        self.tokenizer = load_tokenizer(config.text.tokenizer or config.text.pretrained)
+        self.tokenizer = load_tokenizer(config.text.tokenizer or config.text.pretrained,
+                                        append_sep=config.text.append_sep)
         if text_architecture is None:
             self.visual_encoder = build_image_encoder(config.vision)
             self.text_encoder = TextFusionEncoder.from_config(config.text, len(self.tokenizer))
@@ -77,11 +80,14 @@ class CodisModel(nn.Module):
         self.vision_proj = nn.Linear(vision_width, config.embed_dim)
         self.text_proj = nn.Linear(text_width, config.embed_dim)
         self.itm_head = nn.Linear(text_width, 2)
-        # The temperature is learnt in log space: Adam moves a parameter by about lr per step
-        # whatever its gradient, which for a raw temperature of 0.07 is a large relative jump (at lr
-        # 1e-3 it reaches the 0.001 floor in ~70 steps and the features collapse); in log space
-        # a step changes it by ~0.1%.
-        self.log_temp = nn.Parameter(torch.tensor(math.log(config.temperature)))
+        if config.temperature_parameter == "raw":  # ALBEF's: a 0-d parameter named temp
+            self.temp = nn.Parameter(torch.tensor(float(config.temperature)))
+        else:
+            # Adam moves a parameter by about lr per step whatever its gradient, which for a raw
+            # temperature of 0.07 is a large relative jump (at the demo's lr 1e-3 it fell to 0.011
+            # in 91 steps: docs/findings/tiny-preset.md, finding 9); in log space a step changes
+            # it by ~0.1%.
+            self.log_temp = nn.Parameter(torch.tensor(math.log(config.temperature)))
         self.codebook = None
         if config.codebook_features != "off":
             self.codebook = nn.Parameter(
@@ -93,17 +99,30 @@ class CodisModel(nn.Module):
         self.text_proj_m = copy.deepcopy(self.text_proj)
         for teacher in self._teachers():
             teacher.requires_grad_(False)
-        self.queue = FeatureQueue(config.queue_size, config.embed_dim)
+        self.queue = FeatureQueue(config.queue_size, config.embed_dim, init=config.queue_init)
 
     @property
-    def temp(self) -> torch.Tensor:
-        """The contrastive temperature tau (learnable, ALBEF: 0.07 clamped to [0.001, 0.5])."""
+    def temperature(self) -> torch.Tensor:
+        """The contrastive temperature tau (learnable, ALBEF: 0.07 clamped to [0.001, 0.5]), a
+        0-d tensor that carries the gradient to the learnt parameter (``temp`` or ``log_temp``)."""
+        if self.config.temperature_parameter == "raw":
+            return self.temp
         return self.log_temp.exp()
 
     @torch.no_grad()
     def clamp_temperature(self) -> None:
-        self.log_temp.clamp_(math.log(self.config.temperature_min),
-                             math.log(self.config.temperature_max))
+        """Clamp tau to [temperature_min, temperature_max] in place (ALBEF does so each forward)."""
+        low, high = self.config.temperature_min, self.config.temperature_max
+        if self.config.temperature_parameter == "raw":
+            self.temp.clamp_(low, high)
+        else:
+            self.log_temp.clamp_(math.log(low), math.log(high))
+
+    def decayed_scalars(self) -> list[nn.Parameter]:
+        """The 0-d parameters that AdamW's weight decay applies to, although timm's grouping
+        exempts every tensor of fewer than two dimensions: ALBEF's optimiser exempts only 1-d
+        tensors and biases, so it decays its raw ``temp``; ``log_temp`` keeps no decay."""
+        return [self.temp] if self.config.temperature_parameter == "raw" else []
 
     # ---- teachers -------------------------------------------------------------------------------
     def _students(self) -> list[nn.Module]:
@@ -166,22 +185,34 @@ class CodisModel(nn.Module):
     # ---- pretraining ----------------------------------------------------------------------------
     def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 alpha: float | None = None, sample_ids: torch.Tensor | None = None,
-                hard_negatives: bool = True) -> PretrainOutput:
+                hard_negatives: bool = True, *,
+                mlm_inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
+                itm_negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
+                generator: torch.Generator | None = None) -> PretrainOutput:
         """One pretraining step's losses on a batch of matched (image, text) pairs.
 
         ``alpha`` is the distillation weight (the training loop ramps it up during the first
         epoch, as ALBEF does); ``sample_ids`` marks captions of the same image (finetuning);
         ``hard_negatives`` False draws the ITM negatives uniformly (see :meth:`itm_loss`).
+
+        The step's random draws can be given, so that a replay (of ALBEF's code, of another run)
+        needs no patching: ``mlm_inputs`` (masked_ids, labels) with labels -100 where a token is not
+        masked; ``itm_negatives`` (negative_image_for_text, negative_text_for_image), batch indices
+        as :func:`codis.losses.hard_negative_indices` returns them; ``generator`` draws whichever
+        of the two is not given (the ITM negatives first, then the MLM mask, as ALBEF does) instead
+        of the global generator. Dropout still draws from the global generator.
         """
         config = self.config
         alpha = config.alpha if alpha is None else alpha
+        _check_given_draws(input_ids, mlm_inputs, itm_negatives)
         self.clamp_temperature()
 
         f = self.pair_features(image, input_ids, attention_mask)
         loss_ica, ica_parts = self.contrastive_loss(f, alpha, sample_ids)
-        loss_itm = self.itm_loss(f, attention_mask, sample_ids, hard_negatives)
+        loss_itm = self.itm_loss(f, attention_mask, sample_ids, hard_negatives,
+                                 negatives=itm_negatives, generator=generator)
         loss_mlm, mlm_parts = self._mlm_loss(input_ids, attention_mask, f.image_tokens,
-                                             f.image_tokens_m, alpha)
+                                             f.image_tokens_m, alpha, mlm_inputs, generator)
         weights = config.loss_weights
         total = weights.ica * loss_ica + weights.itm * loss_itm + weights.mlm * loss_mlm
         parts = {"ica": loss_ica, "itm": loss_itm, "mlm": loss_mlm}
@@ -216,34 +247,43 @@ class CodisModel(nn.Module):
 
     def contrastive_loss(self, f: PairFeatures, alpha: float, sample_ids: torch.Tensor | None = None,
                          intra_modal: bool | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """L_ica against this step's teacher features of every rank and the queues (which it does
-        not update: call ``queue.enqueue`` once the step's losses are computed)."""
+        """L_ica against this step's teacher features (of this rank, or of every rank with
+        ``config.negatives`` "global") and the queues (which it does not update: call
+        ``queue.enqueue`` once the step's losses are computed)."""
         with torch.no_grad():
-            # Other ranks' teacher features of this step join the negatives (and the OT problem),
-            # so that N processes with B/N samples each compute what one process with B would.
-            image_others, text_others, ids_others = _other_ranks(f.image_feat_m, f.text_feat_m,
-                                                                 sample_ids)
+            # "global": other ranks' teacher features of this step join the negatives, so that N
+            # processes with B/N samples each compute what one process with B would.
+            image_others, text_others, ids_others = _other_ranks(
+                f.image_feat_m, f.text_feat_m, sample_ids, alone=self.config.negatives == "per_rank")
             image_queue, text_queue, id_queue = self.queue.contents()
         return losses.ica_loss(
             f.image_feat, f.text_feat, f.image_feat_m, f.text_feat_m,
             torch.cat([image_others, image_queue]), torch.cat([text_others, text_queue]),
-            temperature=self.temp, alpha=alpha,
+            temperature=self.temperature, alpha=alpha,
             intra_modal=self.config.intra_modal if intra_modal is None else intra_modal,
             sample_ids=sample_ids,
-            id_queue=None if sample_ids is None else torch.cat([ids_others, id_queue]))
+            id_queue=None if sample_ids is None else torch.cat([ids_others, id_queue]),
+            terms=self.config.ica_terms)
 
     def itm_loss(self, f: PairFeatures, attention_mask: torch.Tensor,
-                 sample_ids: torch.Tensor | None = None, hard_negatives: bool = True) -> torch.Tensor:
+                 sample_ids: torch.Tensor | None = None, hard_negatives: bool = True, *,
+                 negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
         """L_itm on the batch's positive pairs and one negative per image and per text (never a
         pair of the same sample id): a hard negative drawn from the contrastive similarities, or,
-        with ``hard_negatives`` False, one drawn uniformly (equal similarities)."""
+        with ``hard_negatives`` False, one drawn uniformly (equal similarities); ``negatives``
+        (negative_image_for_text, negative_text_for_image) gives them instead."""
         batch = f.image_tokens.shape[0]
-        with torch.no_grad():
-            sim_i2t = f.image_feat @ f.text_feat_m.T / self.temp
-            sim_t2i = f.text_feat @ f.image_feat_m.T / self.temp
-            if not hard_negatives:
-                sim_i2t, sim_t2i = torch.zeros_like(sim_i2t), torch.zeros_like(sim_t2i)
-        negative_image, negative_text = losses.hard_negative_indices(sim_i2t, sim_t2i, sample_ids)
+        if negatives is not None:
+            negative_image, negative_text = (n.to(f.image_tokens.device) for n in negatives)
+        else:
+            with torch.no_grad():
+                sim_i2t = f.image_feat @ f.text_feat_m.T / self.temperature
+                sim_t2i = f.text_feat @ f.image_feat_m.T / self.temperature
+                if not hard_negatives:
+                    sim_i2t, sim_t2i = torch.zeros_like(sim_i2t), torch.zeros_like(sim_t2i)
+            negative_image, negative_text = losses.hard_negative_indices(sim_i2t, sim_t2i, sample_ids,
+                                                                         generator=generator)
         images = torch.cat([f.image_tokens, f.image_tokens[negative_image], f.image_tokens], dim=0)
         texts = torch.cat([f.text_tokens, f.text_tokens, f.text_tokens[negative_text]], dim=0)
         masks = torch.cat([attention_mask, attention_mask, attention_mask[negative_text]], dim=0)
@@ -252,8 +292,13 @@ class CodisModel(nn.Module):
                             torch.zeros(2 * batch, dtype=torch.long)]).to(logits.device)
         return losses.itm_loss(logits, labels)
 
-    def _mlm_loss(self, input_ids, attention_mask, image_tokens, image_tokens_m, alpha):
-        masked_ids, labels = mask_tokens(input_ids, self.tokenizer, self.config.mlm_probability)
+    def _mlm_loss(self, input_ids, attention_mask, image_tokens, image_tokens_m, alpha,
+                  mlm_inputs=None, generator=None):
+        if mlm_inputs is not None:
+            masked_ids, labels = (t.to(input_ids.device) for t in mlm_inputs)
+        else:
+            masked_ids, labels = mask_tokens(input_ids, self.tokenizer, self.config.mlm_probability,
+                                             generator=generator)
         student = self.text_encoder
         fused = student.fuse(student.encode_text(masked_ids, attention_mask), attention_mask,
                              image_tokens)
@@ -297,17 +342,42 @@ def _world() -> tuple[int, int]:
 
 
 def _other_ranks(image_feat_m: torch.Tensor, text_feat_m: torch.Tensor,
-                 sample_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The current step's teacher features (and ids) of every other rank; empty when alone."""
+                 sample_ids: torch.Tensor | None, alone: bool = False,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The current step's teacher features (and ids) of every other rank; empty when alone (a
+    single process, or ``alone``)."""
     world, rank = _world()
     batch = image_feat_m.shape[0]
     ids = (sample_ids if sample_ids is not None
            else torch.full((batch,), -1, dtype=torch.long, device=image_feat_m.device))
-    if world == 1:
+    if world == 1 or alone:
         return image_feat_m[:0], text_feat_m[:0], ids[:0]
     keep = torch.ones(world * batch, dtype=torch.bool, device=image_feat_m.device)
     keep[rank * batch:(rank + 1) * batch] = False
     return tuple(gather_from_all_ranks(t)[keep] for t in (image_feat_m, text_feat_m, ids.long()))
+
+
+def _check_given_draws(input_ids: torch.Tensor, mlm_inputs, itm_negatives) -> None:
+    """The shapes of a forward's given MLM inputs and ITM negatives, named when wrong."""
+    if mlm_inputs is not None:
+        if len(mlm_inputs) != 2:
+            raise ValueError("mlm_inputs: expected (masked_ids, labels)")
+        for name, tensor in zip(("masked_ids", "labels"), mlm_inputs):
+            if tuple(tensor.shape) != tuple(input_ids.shape):
+                raise ValueError(f"mlm_inputs: {name} must have the shape of input_ids "
+                                 f"{tuple(input_ids.shape)}, got {tuple(tensor.shape)}")
+    if itm_negatives is not None:
+        batch = input_ids.shape[0]
+        if len(itm_negatives) != 2:
+            raise ValueError("itm_negatives: expected (negative_image_for_text, "
+                             "negative_text_for_image)")
+        for name, tensor in zip(("negative_image_for_text", "negative_text_for_image"),
+                                itm_negatives):
+            if tuple(tensor.shape) != (batch,) or tensor.dtype != torch.long:
+                raise ValueError(f"itm_negatives: {name} must be ({batch},) long batch indices, "
+                                 f"got {tuple(tensor.shape)} {tensor.dtype}")
+            if batch and not bool(((tensor >= 0) & (tensor < batch)).all()):
+                raise ValueError(f"itm_negatives: {name} holds indices outside [0, {batch})")
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------

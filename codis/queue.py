@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -20,18 +23,27 @@ class FeatureQueue(nn.Module):
     """Ring buffers of normalised image and text teacher features and their sample ids.
 
     Unlike ALBEF, the size need not be a multiple of the global batch: writes wrap around the end.
-    Until the first ``size`` samples have arrived only the filled part is returned, so that no
-    random placeholder vectors act as negatives early in training.
+    ``init`` "empty": until the first ``size`` samples have arrived only the filled part is
+    returned, so that no random placeholder vectors act as negatives early in training. "random":
+    ALBEF's start, every entry a random unit vector (sample id -1) and the whole queue in use from
+    the first step; the pointer starts at 0 either way.
     """
 
-    def __init__(self, size: int, dim: int) -> None:
+    def __init__(self, size: int, dim: int, init: Literal["random", "empty"] = "empty") -> None:
         super().__init__()
+        if init not in ("random", "empty"):
+            raise ValueError(f"init must be 'random' or 'empty', got {init!r}")
         self.size = size
         self.register_buffer("image", torch.zeros(size, dim))
         self.register_buffer("text", torch.zeros(size, dim))
         self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+        if init == "random":
+            # Drawn as ALBEF draws its (dim, size) queues, so one seed gives the same features.
+            for queue in (self.image, self.text):
+                queue.copy_(F.normalize(torch.randn(dim, size), dim=0).T)
+            self.filled.fill_(size)
 
     def contents(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(image, text, ids) of the filled entries, detached copies."""

@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from tokenizers.processors import TemplateProcessing
 from transformers import BertTokenizerFast, PreTrainedTokenizerBase
 
 BUILTIN_TOKENIZER = Path(__file__).parent / "assets" / "tokenizer_builtin"
@@ -28,12 +30,27 @@ def resolve_pretrained(name_or_path: str) -> str:
     return str(minilm_folder()) if name_or_path == "minilm" else name_or_path
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(name_or_path: str, append_sep: bool = True) -> PreTrainedTokenizerBase:
     """``builtin`` (2.5k uncased WordPiece entries taken from BERT's vocabulary, in codis/assets), ``minilm``, a hub
-    name, or a local folder."""
-    if name_or_path == "builtin":
-        return BertTokenizerFast.from_pretrained(str(BUILTIN_TOKENIZER))
-    return BertTokenizerFast.from_pretrained(resolve_pretrained(name_or_path))
+    name, or a local folder.
+
+    ``append_sep`` False makes a single text "[CLS] x" instead of BERT's "[CLS] x [SEP]" (a pair
+    stays "[CLS] a [SEP] b [SEP]"), as ALBEF's ``tokenization_bert.py`` does; truncation then keeps
+    ``max_length - 1`` word pieces. The tokenizer's own post-processor does it, so every caller (and
+    a copy in a data-loading worker) tokenises alike."""
+    source = str(BUILTIN_TOKENIZER) if name_or_path == "builtin" else resolve_pretrained(name_or_path)
+    tokenizer = BertTokenizerFast.from_pretrained(source)
+    if not append_sep:
+        cls, sep = tokenizer.cls_token, tokenizer.sep_token
+        tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+            single=f"{cls} $A", pair=f"{cls} $A {sep} $B:1 {sep}:1",
+            special_tokens=[(cls, tokenizer.cls_token_id), (sep, tokenizer.sep_token_id)])
+    return tokenizer
+
+
+def appends_sep(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether ``tokenizer`` ends a single text with [SEP] (see :func:`load_tokenizer`)."""
+    return tokenizer("")["input_ids"][-1] == tokenizer.sep_token_id
 
 
 def clean_caption(caption: str, max_words: int = 30) -> str:
@@ -47,9 +64,21 @@ def clean_caption(caption: str, max_words: int = 30) -> str:
     return caption
 
 
-def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int,
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded ``input_ids`` and ``attention_mask`` of a batch of texts."""
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int, *,
+             end_with_sep: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded ``input_ids`` and ``attention_mask`` of a batch of texts, at most ``max_length``
+    tokens each. ``end_with_sep``: every text ends with [SEP] even when the tokenizer appends none
+    (VQA's answers: ALBEF adds it to each answer as text); the ids are then those of a tokenizer
+    that does, truncation included."""
+    if end_with_sep and not appends_sep(tokenizer):
+        ids, mask = tokenize(tokenizer, texts, max_length - 1)
+        ends = mask.sum(dim=1)
+        ids = F.pad(ids, (0, 1), value=tokenizer.pad_token_id)
+        mask = F.pad(mask, (0, 1), value=0)
+        rows = torch.arange(ids.shape[0])
+        ids[rows, ends] = tokenizer.sep_token_id
+        mask[rows, ends] = 1
+        return ids, mask
     encoded = tokenizer(texts, padding="longest", truncation=True, max_length=max_length,
                         return_tensors="pt")
     return encoded["input_ids"], encoded["attention_mask"]
@@ -57,16 +86,19 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: i
 
 def mask_tokens(input_ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase, probability: float,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT masking: choose ``probability`` of the non-special tokens; of those 80% become [MASK],
-    10% a random token, 10% stay. Returns the masked ids and labels (-100 where not chosen)."""
+    """BERT masking: choose ``probability`` of the non-special tokens ([PAD], [CLS], [SEP] never);
+    of those 80% become [MASK], 10% a random token, 10% stay. Returns the masked ids and labels
+    (-100 where not chosen). Drawn from ``generator`` (on its device) when given, else from the
+    global CPU generator."""
     device = input_ids.device
+    draw_device = generator.device if generator is not None else torch.device("cpu")
     labels = input_ids.clone()
     special = torch.zeros_like(input_ids, dtype=torch.bool)
     for token_id in (tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id):
         special |= input_ids == token_id
 
     def draw(shape_like: torch.Tensor, p: float) -> torch.Tensor:
-        noise = torch.rand(shape_like.shape, generator=generator, device="cpu").to(device)
+        noise = torch.rand(shape_like.shape, generator=generator, device=draw_device).to(device)
         return noise < p
 
     chosen = draw(input_ids, probability) & ~special
@@ -75,6 +107,7 @@ def mask_tokens(input_ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase, pro
     to_mask = draw(input_ids, 0.8) & chosen
     masked[to_mask] = tokenizer.mask_token_id
     to_random = draw(input_ids, 0.5) & chosen & ~to_mask
-    random_ids = torch.randint(len(tokenizer), input_ids.shape, generator=generator).to(device)
+    random_ids = torch.randint(len(tokenizer), input_ids.shape, generator=generator,
+                               device=draw_device).to(device)
     masked[to_random] = random_ids[to_random]
     return masked, labels

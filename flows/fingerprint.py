@@ -21,7 +21,7 @@ from typing import NamedTuple
 STAGE_ROOTS = {"generate_demo": "codis.data.demo_world", "shard": "codis.data.shards",
                "pretrain": "codis.train", "vision_init": "codis.train.vision_init",
                "text_assignment": "codis.tasks.nlvr", "report": "codis.report.collect",
-               "analyze": "codis.report.analysis"}
+               "analyze": "codis.report.analysis", "import_checkpoint": "codis.albef"}
 """The codis module each stage calls (finetune and evaluate: ``codis.tasks.<task>``)."""
 
 OWN_CODE_ONLY = frozenset({"generate_demo", "shard"})

@@ -22,7 +22,8 @@ from flows import recipe as recipes
 from flows.launch import evaluation_processes
 from flows.recipe import Recipe, TaskSpec, UrlSource
 from flows.stages import (StageContext, analyze_task, download_task, evaluate_task,
-                          finetune_task, generate_demo_task, pretrain_task, register_task,
+                          finetune_task, generate_demo_task, import_checkpoint_task,
+                          pretrain_task, register_task,
                           report_task, shard_task, source_run_id, stage_label,
                           text_assignment_task, vision_init_task)
 from flows.store import StageResult, Store
@@ -139,9 +140,15 @@ class Plan:
 
     # ---- models ----------------------------------------------------------------------------------
     def pretrained(self, variant: str) -> StageResult:
+        """``variant``'s pretrained model: pretrained here, or imported from the checkpoint the
+        variant names (``checkpoint``: ours, or a released ALBEF one converted)."""
         name = self.variant(variant)
+        spec = self.spec.variants[name]
+        if spec.checkpoint is not None:
+            return self._once(("pretrain", name), lambda: self._run(
+                import_checkpoint_task, self.ctx, name, spec))
         return self._once(("pretrain", name), lambda: self._run(
-            pretrain_task, self.ctx, name, self.spec.variants[name], self.spec.pretrain,
+            pretrain_task, self.ctx, name, spec, self.spec.pretrain,
             self.pretrain_shards(), self.spec.steps_scale, self.vision_weights()))
 
     def finetuned(self, variant: str, task: str) -> StageResult:
@@ -162,11 +169,17 @@ class Plan:
         return self._once(("finetune", name, spec.label), compute)
 
     def checkpoint(self, variant: str, task: str, zero_shot: bool) -> str:
-        """What an evaluation of ``task`` reads: the pretrained model (zero-shot) or the
-        finetuned one."""
+        """What an evaluation of ``task`` reads: the pretrained model (zero-shot), the model
+        finetuned on the task (or, with ``transfer_from``, on the task it names)."""
         if zero_shot:
             return str(self.pretrained(variant).file("model"))
-        return str(self.finetuned(variant, task).file("model"))
+        spec = self.task(task)
+        source = self._transfer_source(spec) if spec.transfer_from is not None else spec
+        return str(self.finetuned(variant, source.label).file("model"))
+
+    def _transfer_source(self, spec: TaskSpec) -> TaskSpec:
+        return next(t for t in self.spec.tasks
+                    if t.task == spec.task and t.name == spec.transfer_from)
 
     def evaluation(self, variant: str, task: str, zero_shot: bool = False,
                    checkpoint: str | None = None) -> StageResult:
@@ -261,7 +274,7 @@ class Plan:
                 for spec in self.spec.tasks:
                     if spec.zero_shot:
                         self.evaluation(name, spec.label, zero_shot=True)
-                    if spec.finetune:
+                    if spec.finetune or spec.transfer_from is not None:
                         self.evaluation(name, spec.label)
                 self.analysis(name)
             return self._run(report_task, self.ctx, self.spec,

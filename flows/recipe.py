@@ -57,7 +57,8 @@ SHARD_KINDS = {  # (train, eval) kinds of codis.data.shards.write_shards per tas
 }
 # Arguments of the task functions that the flows set themselves; a recipe may not pass them.
 _FLOW_ARGUMENTS = {"pretrained", "train_shards", "pretrain_shards", "output_dir", "config", "train",
-                   "optim", "callback", "progress", "resume", "stop_after", "checkpoint", "shards"}
+                   "optim", "callback", "progress", "resume", "stop_after", "checkpoint", "shards",
+                   "result_file"}
 
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]*$", max_length=64)]
 """Names used in stage labels, MLflow metric names and registered model names."""
@@ -100,17 +101,31 @@ class UrlSource(_Spec):
 class AnnotationSource(_Spec):
     """Annotation file(s) in ALBEF's format (a JSON list of records) whose image paths are relative
     to ``image_root``; written to webdataset shards by :func:`codis.data.shards.write_shards`. Several
-    files are concatenated in order (e.g. ALBEF's VQA training set: vqa_train + vqa_val)."""
+    files are concatenated in order (e.g. ALBEF's VQA training set: vqa_train + vqa_val).
+
+    ``image_roots`` (dataset name -> folder): the root of each record that has a ``dataset`` field,
+    as ALBEF's VQA picks ``vqa_root`` or ``vg_root``, so that vqa_train.json and vg_qa.json can be
+    one source; ``image_root`` is then needed only for records without the field.
+    ``image_prefix``: the absolute prefix of the image paths in ALBEF's released pretraining files
+    (``/export/share/datasets/vision/coco/images/``), replaced by the image root."""
 
     name: Name | None = None
     annotations: list[str] = Field(min_length=1)
-    image_root: str
+    image_root: str | None = None
+    image_roots: dict[Name, str] = {}
+    image_prefix: str | None = Field(default=None, min_length=1)
     samples_per_shard: int = Field(default=1000, gt=0)
 
     @field_validator("annotations", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _some_root(self) -> "AnnotationSource":
+        if self.image_root is None and not self.image_roots:
+            raise ValueError("image_root: required unless image_roots gives the records' roots")
+        return self
 
 
 def _source_kind(value: Any) -> str:
@@ -137,6 +152,11 @@ class VariantSpec(_Spec):
     optim: dict[str, Any] = {}
     paper: str | None = None
     description: str = ""
+    checkpoint: str | None = None
+    """A pretrained checkpoint to start from instead of pretraining (``import_checkpoint`` stage):
+    one of ours, or with ``checkpoint_format: albef`` a checkpoint released by ALBEF's authors,
+    converted by :func:`codis.albef.convert_albef_checkpoint` to ``preset`` + ``model``."""
+    checkpoint_format: Literal["codis", "albef"] = "codis"
 
 
 class PretrainDataSpec(_Spec):
@@ -232,6 +252,11 @@ class TaskSpec(_Spec):
     optim: dict[str, Any] = {}
     evaluate_args: dict[str, Any] = {}
     text_assignment: TextAssignmentSpec | None = None
+    transfer_from: Name | None = None
+    """The name of another task of the same kind in the recipe: this task evaluates that task's
+    finetuned model on its own ``eval_data``, without finetuning on this dataset (with
+    ``finetune: false``). The paper's Flickr30K "zero-shot" rows are this protocol: ALBEF's
+    COCO-finetuned model evaluated on Flickr30K (``name: flickr-from-coco, transfer_from: coco``)."""
 
     @property
     def label(self) -> str:
@@ -325,6 +350,9 @@ class Recipe(_Spec):
         for name, variant in self.variants.items():
             where = f"variants.{name}"
             model_config(variant, where=f"{where}.model")
+            if variant.checkpoint_format != "codis" and variant.checkpoint is None:
+                raise ValueError(f"{where}.checkpoint_format: {variant.checkpoint_format!r} needs "
+                                 f"{where}.checkpoint (the file to convert)")
             pretrain_train_config(self.pretrain, variant, self.steps_scale, where)
             pretrain_optim_config(self.pretrain, variant, self.steps_scale, where)
         if self.vision_init is not None:
@@ -339,7 +367,9 @@ class Recipe(_Spec):
                 raise ValueError(f"{where}.zero_shot: only retrieval has a zero-shot evaluation")
             if task.text_assignment is not None and task.task != "nlvr":
                 raise ValueError(f"{where}.text_assignment: only nlvr has the text-assignment step")
-            if not (task.finetune or task.zero_shot):
+            if task.transfer_from is not None:
+                _check_transfer(self.tasks, task, where)
+            elif not (task.finetune or task.zero_shot):
                 raise ValueError(f"{where}.finetune: false with zero_shot false leaves nothing to do")
             if task.finetune and not task.train_data:
                 raise ValueError(f"{where}.train_data: finetuning needs at least one training source")
@@ -386,6 +416,25 @@ class Recipe(_Spec):
             if task.zero_shot:
                 return metric_name(task, "r_mean", zero_shot=True)
         return None
+
+
+def _check_transfer(tasks: list[TaskSpec], task: TaskSpec, where: str) -> None:
+    """``transfer_from`` names another finetuned task of the same kind; the task itself is not
+    finetuned (its evaluation reads the other task's model)."""
+    sources = [t for t in tasks if t.task == task.task and t.name == task.transfer_from]
+    if task.transfer_from == task.name or not sources:
+        choices = ", ".join(t.name for t in tasks if t.task == task.task and t is not task) or "none"
+        raise ValueError(f"{where}.transfer_from: {task.transfer_from!r} is not another {task.task} "
+                         f"task of the recipe ({task.task} tasks: {choices})")
+    if not sources[0].finetune:
+        raise ValueError(f"{where}.transfer_from: task {sources[0].label} has finetune: false, so "
+                         "there is no finetuned model to transfer")
+    if sources[0].transfer_from is not None:
+        raise ValueError(f"{where}.transfer_from: task {sources[0].label} transfers itself; name "
+                         "the task that finetunes")
+    if task.finetune:
+        raise ValueError(f"{where}.finetune: must be false with transfer_from (the task evaluates "
+                         f"the model finetuned on {task.transfer_from})")
 
 
 # ---- loading -------------------------------------------------------------------------------------
@@ -830,7 +879,8 @@ _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 def _path_fields(recipe: Recipe) -> list[tuple[str, str, str]]:
     """Every path-valued field of a recipe as (field name, value, role). The role says what the
     file is for: ``url_list``, ``image_root``, ``argument`` (a task's evaluate_args), ``pretrain``
-    or ``labelled`` (vision_init) annotations, or a task's name for its annotations."""
+    or ``labelled`` (vision_init) annotations, ``checkpoint`` (a variant's starting checkpoint), or a
+    task's name for its annotations."""
     found: list[tuple[str, str, str]] = []
 
     def source(where: str, item: UrlSource | AnnotationSource, role: str) -> None:
@@ -838,8 +888,14 @@ def _path_fields(recipe: Recipe) -> list[tuple[str, str, str]]:
             found.append((f"{where}.url_list", item.url_list, "url_list"))
         else:
             found.extend((f"{where}.annotations.{i}", a, role) for i, a in enumerate(item.annotations))
-            found.append((f"{where}.image_root", item.image_root, "image_root"))
+            if item.image_root is not None:
+                found.append((f"{where}.image_root", item.image_root, "image_root"))
+            found.extend((f"{where}.image_roots.{name}", root, "image_root")
+                          for name, root in item.image_roots.items())
 
+    for name, variant in recipe.variants.items():
+        if variant.checkpoint is not None:
+            found.append((f"variants.{name}.checkpoint", variant.checkpoint, "checkpoint"))
     for index, item in enumerate(recipe.pretrain_data):
         source(f"pretrain_data.{index}", item, "pretrain")
     if recipe.vision_init is not None:

@@ -5,11 +5,13 @@
     python -m flows.reproduce --recipe quick    # every stage in about a minute (numbers are noise)
 
 Order: validate the recipe and its inputs (nothing starts before that) -> data (demo world,
-downloads, shards of every source and task split) -> for each variant: pretrain -> zero-shot
+downloads, shards of every source and task split) -> for each variant: pretrain (or import the
+checkpoint the variant names, e.g. a converted ALBEF release) -> zero-shot
 retrieval -> [analyze: codebook usage, retrieval examples, Grad-CAM, if ``report.analysis``]
 -> register (``candidate``; ``champion`` if it beats the current one on the recipe's champion
 metric by its margin) -> for each task: [NLVR² text assignment] -> finetune -> evaluate ->
-register -> report comparing the variants. The stages come from a :class:`flows.plan.Plan` of the
+register (a ``transfer_from`` task: evaluate the model finetuned on the task it names) -> report
+comparing the variants. The stages come from a :class:`flows.plan.Plan` of the
 recipe, which the single-stage deployments (:mod:`flows.deployments`) share.
 
 MLflow: a parent run per reproduction and a child run per stage that ran; a stage reused from the
@@ -194,11 +196,11 @@ def _reproduce(plan: Plan, summary: dict[str, Any], parent: Any) -> None:
             record["analysis"] = {"key": analysis.key}
         record["registered"]["pretrained"] = plan.register_pretrained(name)
         for index, task in enumerate(spec.tasks):
-            if not task.finetune:
+            if not (task.finetune or task.transfer_from is not None):
                 continue
             result = plan.evaluation(name, task.label)
             record["evaluations"].append({"task": index, "zero_shot": False, "key": result.key})
-            if spec.tracking.register_finetuned:
+            if spec.tracking.register_finetuned and task.finetune:
                 record["registered"][task.label] = plan.register_finetuned(name, task.label)
         metrics = {**pre.metrics, **{k: v for _, _, r in plan.evaluations.get(name, [])
                                      for k, v in r.metrics.items()}}

@@ -52,6 +52,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
 import codis  # noqa: F401  - the torchvision shim before anything imports timm
+from codis import albef as codis_albef
 from codis import train as codis_train
 from codis.config import ModelConfig, VisionConfig
 from codis.data import demo_world as codis_demo_world
@@ -60,6 +61,7 @@ from codis.data import shards as codis_shards
 from codis.data.demo_world import DemoWorldConfig
 from codis.data.manifest import MANIFEST, read_annotations, shard_files, shard_samples
 from codis.files import atomic_write_json
+from codis.model import load_model
 from codis.tasks import TASKS
 from codis.report import analysis as codis_analysis
 from codis.report import RunScale, StageTime
@@ -287,20 +289,27 @@ def shard_stage(ctx: StageContext, source: AnnotationSource, kind: str, world: s
     label = label or source.name or kind
     files = [recipes.resolve_path(a, world, f"{label}.annotations.{i}")
              for i, a in enumerate(source.annotations)]
-    image_root = recipes.resolve_path(source.image_root, world, f"{label}.image_root")
-    params = {"kind": kind, "samples_per_shard": source.samples_per_shard}
+    image_root = (None if source.image_root is None else
+                  recipes.resolve_path(source.image_root, world, f"{label}.image_root"))
+    image_roots = {name: recipes.resolve_path(root, world, f"{label}.image_roots.{name}")
+                   for name, root in source.image_roots.items()}
+    params = {"kind": kind, "samples_per_shard": source.samples_per_shard,
+              **({"image_prefix": source.image_prefix} if source.image_prefix else {})}
 
     def work(folder: Path, run: Any) -> StageOutput:
         out = folder / "shards"
         manifest = codis_shards.write_shards(
             read_annotations(files), image_root, out, kind=kind,
             samples_per_shard=source.samples_per_shard,
-            source={"annotations": [str(p) for p in files]}, progress=ctx.progress)
+            source={"annotations": [str(p) for p in files]}, progress=ctx.progress,
+            image_roots=image_roots or None, image_prefix=source.image_prefix)
         run.log_artifact(out / MANIFEST, "manifest")
         return StageOutput(outputs={"shards": "shards", "samples": int(manifest["num_samples"])},
                            metrics={f"shard.{label}.samples": float(manifest["num_samples"])})
 
-    return run_stage(ctx, "shard", label, params, {"annotations": files, "image_root": image_root},
+    inputs = {"annotations": files, "image_root": image_root,
+              **{f"image_roots.{name}": root for name, root in image_roots.items()}}
+    return run_stage(ctx, "shard", label, params, inputs,
                      work, tags={"codis.dataset": label, "codis.kind": kind}, verify=["shards"])
 
 
@@ -386,6 +395,36 @@ def pretrain_stage(ctx: StageContext, name: str, variant: VariantSpec, spec: Pre
               "codis.launcher": launch.launcher(spec)},
         logged_params={"variant": name, **params,
                        "run": {**run_config, "model": used_model_params(config.model)}}))
+
+
+def import_checkpoint_stage(ctx: StageContext, name: str, variant: VariantSpec) -> StageResult:
+    """A variant's pretrained model from ``variant.checkpoint`` instead of pretraining: with
+    ``checkpoint_format: albef`` a released ALBEF checkpoint converted to the variant's model
+    config (:func:`codis.albef.convert_albef_checkpoint`, which also checks that every tensor is
+    placed), else one of ours, checked to load as that config and copied. Downstream stages read
+    it as they read a pretraining stage's ``model.pt``."""
+    config = recipes.model_config(variant, where=f"variants.{name}.model")
+    source = recipes.resolve_path(variant.checkpoint, None, f"variants.{name}.checkpoint")
+    params = {"format": variant.checkpoint_format, "model": config.to_dict()}
+
+    def work(folder: Path, run: Any) -> StageOutput:
+        model = folder / "model.pt"
+        info: dict[str, Any] = {"source": str(source)}
+        if variant.checkpoint_format == "albef":
+            report = codis_albef.convert_albef_checkpoint(source, model, config)
+            info["conversion"] = report.to_dict()
+            atomic_write_json(folder / "conversion.json", report.to_dict())
+            run.log_artifact(folder / "conversion.json", "conversion")
+        else:
+            load_model(source, config)  # the architecture the recipe names, or ConfigError
+            shutil.copyfile(source, model)
+        (folder / "metrics.jsonl").write_text("", encoding="utf-8")  # no pretraining curve
+        return StageOutput(outputs={"model": "model.pt", "metrics": "metrics.jsonl"}, info=info)
+
+    return run_stage(ctx, "import_checkpoint", name, params, {"checkpoint": source}, work,
+                     tags={"codis.variant": name, "codis.mode": config.mode},
+                     logged_params={"variant": name, "format": variant.checkpoint_format,
+                                    "checkpoint": str(source), "model": used_model_params(config)})
 
 
 def used_model_params(model: ModelConfig) -> dict[str, Any]:
@@ -486,21 +525,29 @@ def evaluate_stage(ctx: StageContext, spec: TaskSpec, checkpoint: str, eval_shar
 
     def work(folder: Path, run: Any) -> StageOutput:
         metrics_file = folder / "metrics.json"
+        # VQA writes its predictions as the evaluation server's result file: for a split without
+        # answers (test-dev, test-std) that file is the result, the server scores it.
+        task_args = ({**args, "result_file": str(folder / VQA_RESULT)} if spec.task == "vqa"
+                     else args)
         if processes == 1:
             found = TASKS[spec.task].module().evaluate(checkpoint, eval_shards, config,
-                                                       progress=ctx.progress, **args)
+                                                       progress=ctx.progress, **task_args)
             atomic_write_json(metrics_file, found)
         else:
             command = launch.evaluate_command(
                 spec.task, checkpoint, eval_shards, metrics_file, preset=spec.preset,
-                config=dataclasses.asdict(config), options=args, processes=processes,
+                config=dataclasses.asdict(config), options=task_args, processes=processes,
                 progress=ctx.progress)
             launch.run_logged(command, folder, "evaluate", label=f"evaluate[{label}]",
                               logger=run_logger())
             if not metrics_file.is_file():
                 raise RuntimeError(f"evaluation finished without writing {metrics_file}")
             found = json.loads(metrics_file.read_text(encoding="utf-8"))
-        return StageOutput(outputs={"metrics": "metrics.json"},
+        outputs = {"metrics": "metrics.json"}
+        if (folder / VQA_RESULT).is_file():
+            outputs["result"] = VQA_RESULT
+            run.log_artifact(folder / VQA_RESULT, "result")
+        return StageOutput(outputs=outputs,
                            metrics={recipes.metric_name(spec, k, zero_shot): float(v)
                                     for k, v in found.items()})
 
@@ -510,6 +557,11 @@ def evaluate_stage(ctx: StageContext, spec: TaskSpec, checkpoint: str, eval_shar
                      tags={"codis.task": spec.task, "codis.dataset": spec.name,
                            "codis.variant": variant, "codis.zero_shot": str(zero_shot).lower(),
                            "codis.processes": processes})
+
+
+VQA_RESULT = "vqa_result.json"
+"""The evaluation server's result file (``[{question_id, answer}]``) that a VQA evaluation writes
+into its stage folder: what a split without answers (test-dev) is scored from."""
 
 
 def analyze_stage(ctx: StageContext, spec: TaskSpec, checkpoint: str, eval_shards: str,
@@ -654,9 +706,12 @@ def stage_label(result: StageResult) -> str:
 
 def report_task_key(spec: TaskSpec, zero_shot: bool) -> str:
     """The report row (:data:`codis.tasks.TASKS` ``report_keys``) of an evaluation: a task with
-    two rows reports zero-shot in the first and finetuned in the second."""
+    several rows reports zero-shot in the first, finetuned in the second and transfer from another
+    dataset's finetuned model (``transfer_from``) in the third."""
     keys = TASKS[spec.task].report_keys
-    return keys[0] if zero_shot or len(keys) == 1 else keys[1]
+    if len(keys) == 1:
+        return keys[0]
+    return keys[0] if zero_shot else keys[2] if spec.transfer_from is not None else keys[1]
 
 
 def report_results(recipe: Recipe, pretrained: dict[str, StageResult],
@@ -690,6 +745,8 @@ shard_task = task(shard_stage, name="shard", task_run_name="shard[{label}]", **_
 vision_init_task = task(vision_init_stage, name="vision_init", task_run_name="vision_init",
                         **_TASK_OPTIONS)
 pretrain_task = task(pretrain_stage, name="pretrain", task_run_name="pretrain[{name}]", **_TASK_OPTIONS)
+import_checkpoint_task = task(import_checkpoint_stage, name="import_checkpoint",
+                              task_run_name="import_checkpoint[{name}]", **_TASK_OPTIONS)
 text_assignment_task = task(text_assignment_stage, name="text_assignment",
                             task_run_name="text_assignment[{spec.name}/{variant}]", **_TASK_OPTIONS)
 finetune_task = task(finetune_stage, name="finetune",

@@ -239,7 +239,7 @@ class Fakes:
         return manifest
 
     def write_shards(self, records, image_root, output_dir, *, kind, samples_per_shard=1000,
-                     source=None, progress=True):
+                     source=None, progress=True, **kwargs):
         self.calls.append(("write_shards", {"kind": kind}))
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,13 @@ def test_base_preset_has_the_papers_hyper_parameters():
     assert config.embed_dim == 256 and config.queue_size == 65536
     assert config.momentum == 0.995 and config.alpha == 0.4 and config.temperature == 0.07
     assert (config.temperature_min, config.temperature_max) == (0.001, 0.5)
-    assert config.mlm_probability == 0.15 and config.text.max_length == 30
+    assert config.mlm_probability == 0.15
+    # ALBEF's code (issue #14): captions "[CLS] x" cut at 25 tokens, queues filled with random
+    # features, negatives per process, a raw temperature; 3K codewords, a size the paper tested.
+    assert config.text.max_length == 25 and config.text.append_sep is False
+    assert (config.queue_init, config.negatives, config.temperature_parameter) == (
+        "random", "per_rank", "raw")
+    assert config.codebook.size == 3000
 
 
 @pytest.mark.parametrize("mode, intra, codebook", [
@@ -52,6 +58,11 @@ def test_modes_map_to_the_papers_rows(mode, intra, codebook):
     (lambda: ModelConfig.from_dict({"loss_weights": {"itm": True}}), "loss_weights.itm"),
     (lambda: ModelConfig.from_dict({"codebook": {"size": True}}), "codebook.size"),
     (lambda: ModelConfig.from_dict({"text": {"dropout": False}}), "text.dropout"),
+    (lambda: ModelConfig.from_dict({"text": {"append_sep": "no"}}), "text.append_sep"),
+    (lambda: preset("tiny", queue_init="zeros"), "queue_init"),
+    (lambda: preset("tiny", negatives="all"), "negatives"),
+    (lambda: preset("tiny", temperature_parameter="exp"), "temperature_parameter"),
+    (lambda: preset("tiny", ica_terms="sum"), "ica_terms"),
 ])
 def test_bad_configs_fail_at_construction_naming_the_field(build, field):
     with pytest.raises(ConfigError) as error:

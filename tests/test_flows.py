@@ -115,7 +115,7 @@ class Fakes:
         return manifest
 
     def write_shards(self, records, image_root, output_dir, *, kind, samples_per_shard=1000,
-                     source=None, progress=True):
+                     source=None, progress=True, **kwargs):
         self._call("write_shards", records=records, image_root=Path(image_root),
                    output_dir=Path(output_dir), kind=kind)
         out = Path(output_dir)
@@ -150,12 +150,15 @@ class Fakes:
                        config=config, train=train, optim=optim, kwargs=kwargs)
             callback(train.steps, {"loss": 0.5, "accuracy": 50.0})
             out = Path(output_dir) / "model.pt"
-            out.write_text(_digest(task, Path(pretrained).read_text(), train.steps))
+            out.write_text(_digest(task, hashlib.sha256(Path(pretrained).read_bytes()).hexdigest(),
+                                   train.steps))
             return out
 
         def evaluate(checkpoint, shards, config=None, *, progress=True, **kwargs):
             self._call(f"{task}.evaluate", checkpoint=str(checkpoint), shards=shards,
                        config=config, kwargs=kwargs)
+            if "result_file" in kwargs:  # VQA writes the server's file for questions without answers
+                Path(kwargs["result_file"]).write_text(json.dumps([{"question_id": 1, "answer": "yes"}]))
             if task == "retrieval":
                 return {"txt_r1": _score(checkpoint), "img_r1": 1.0, "r_mean": _score(checkpoint)}
             return {"accuracy": _score(checkpoint)}
@@ -1012,3 +1015,121 @@ def test_torchrun_pretraining_with_two_cpu_processes(tmp_path) -> None:
     assert set(result.metrics) >= {"pretrain.loss_codis", "pretrain.ica", "pretrain.code"}
     assert load_model(result.file("model")).config.mode == "codis"
     assert "--nproc-per-node=2" in (Path(result.path) / "command.txt").read_text()
+
+
+# ---- protocols and starting points -----------------------------------------------------------------
+def test_a_transfer_task_evaluates_the_model_finetuned_on_the_task_it_names(fakes, tmp_path) -> None:
+    data = recipe_data()
+    data["variants"], data["report"] = {"codis": data["variants"]["codis"]}, {}
+    data["tasks"] = data["tasks"][:1] + [
+        {"task": "retrieval", "name": "other", "preset": "demo", "finetune": False,
+         "transfer_from": "t", "eval_data": {"annotations": "demo://retrieval/train.json",
+                                             "image_root": "demo://"}}]
+    summary = run(tmp_path, data)
+    finetunes = [args for name, args in fakes.calls if name == "retrieval.finetune"]
+    evaluations = [args for name, args in fakes.calls if name == "retrieval.evaluate"]
+    assert len(finetunes) == 1  # the transfer task finetunes nothing of its own
+    finetuned = next(s for s in summary["stages"] if s["label"] == "finetune[retrieval.t/codis]")
+    # zero-shot on t, finetuned on t, then t's finetuned model on the other dataset
+    assert evaluations[-1]["checkpoint"] == str(Path(finetuned["path"]) / "model.pt")
+    assert sum(e["checkpoint"] == evaluations[-1]["checkpoint"] for e in evaluations) == 2
+    metrics = summary["variants"]["codis"]["metrics"]
+    assert "retrieval.other.r_mean" in metrics and "retrieval.other.zs.r_mean" not in metrics
+    spec = recipes.parse_recipe(data)
+    assert stages.report_task_key(spec.tasks[1], False) == "retrieval_transfer"
+    assert stages.report_task_key(spec.tasks[0], False) == "retrieval_finetuned"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"transfer_from": "nowhere"}, r"tasks.1.transfer_from: 'nowhere' is not another retrieval task"),
+    ({"transfer_from": "other"}, r"'other' is not another retrieval task"),
+    ({"transfer_from": "t", "finetune": True, "train_data": [{"annotations": "demo://retrieval/train.json", "image_root": "demo://"}]},
+     r"tasks.1.finetune: must be false with transfer_from"),
+])
+def test_transfer_from_errors_name_the_field(change, message) -> None:
+    data = recipe_data()
+    data["tasks"] = data["tasks"][:1] + [
+        {"task": "retrieval", "name": "other", "preset": "demo", "finetune": False,
+         "eval_data": {"annotations": "demo://retrieval/test.json", "image_root": "demo://"},
+         **change}]
+    with pytest.raises(RecipeError, match=message):
+        recipes.parse_recipe(data)
+
+
+def test_a_variant_with_a_checkpoint_starts_from_it_instead_of_pretraining(
+        fakes, tmp_path, tiny_checkpoint) -> None:
+    data = recipe_data()
+    data["variants"] = {"codis": {**data["variants"]["codis"], "checkpoint": str(tiny_checkpoint)}}
+    data["report"] = {}
+    data["tasks"] = data["tasks"][2:]  # ve
+    summary = run(tmp_path, data)
+    assert "pretrain" not in fakes.names()
+    imported = next(s for s in summary["stages"] if s["label"] == "import_checkpoint[codis]")
+    model = Path(imported["path"]) / "model.pt"
+    assert model.read_bytes() == tiny_checkpoint.read_bytes()
+    finetune = next(args for name, args in fakes.calls if name == "ve.finetune")
+    assert finetune["pretrained"] == str(model)
+
+    fakes.calls.clear()
+    again = run(tmp_path, data)
+    assert fakes.calls == []  # nothing runs again, the import included
+    assert next(s for s in again["stages"] if s["label"] == "import_checkpoint[codis]")["cached"]
+
+    # A checkpoint of another architecture fails in its stage, naming what differs.
+    data["variants"]["codis"]["model"] = {"mode": "codis", "embed_dim": 32}
+    (tmp_path / "other").mkdir()
+    with pytest.raises(Exception, match="embed_dim"):
+        run(tmp_path / "other", data)
+    data["variants"]["codis"].pop("checkpoint")
+    data["variants"]["codis"]["checkpoint_format"] = "albef"
+    with pytest.raises(RecipeError, match="variants.codis.checkpoint_format: 'albef' needs "
+                                          "variants.codis.checkpoint"):
+        recipes.parse_recipe(data)
+
+
+def test_a_vqa_evaluation_keeps_the_server_result_file(fakes, tmp_path) -> None:
+    data = recipe_data()
+    data["variants"], data["report"] = {"codis": data["variants"]["codis"]}, {}
+    data["tasks"] = [{"task": "vqa", "name": "t", "preset": "demo",
+                      "train_data": [{"annotations": "demo://vqa/train.json", "image_root": "demo://"}],
+                      "eval_data": {"annotations": "demo://vqa/val.json", "image_root": "demo://"},
+                      "train": {"steps": 2}}]
+    summary = run(tmp_path, data)
+    evaluation = next(s for s in summary["stages"] if s["label"] == "evaluate[vqa.t/codis]")
+    result = Path(evaluation["path"]) / stages.VQA_RESULT
+    call = next(args for name, args in fakes.calls if name == "vqa.evaluate")
+    assert call["kwargs"]["result_file"] == str(result)
+    assert evaluation["outputs"]["result"] == stages.VQA_RESULT
+    assert json.loads(result.read_text()) == [{"question_id": 1, "answer": "yes"}]
+    with pytest.raises(RecipeError, match="result_file: set by the flow"):
+        data["tasks"][0]["evaluate_args"] = {"result_file": "x.json"}
+        recipes.parse_recipe(data)
+
+
+def test_an_albef_checkpoint_is_converted_to_the_variants_config(fakes, tmp_path, monkeypatch) -> None:
+    released = tmp_path / "ALBEF_4M.pth"
+    released.write_bytes(b"released weights")
+    converted: list[tuple[Path, Path, Any]] = []
+
+    class Conversion:
+        def to_dict(self) -> dict[str, Any]:
+            return {"kind": "pretrain", "unplaced": {"text_encoder.bert.embeddings.position_ids": "a buffer"}}
+
+    def convert(source, output, config):
+        converted.append((Path(source), Path(output), config))
+        Path(output).write_bytes(b"converted")
+        return Conversion()
+
+    monkeypatch.setattr(stages.codis_albef, "convert_albef_checkpoint", convert)
+    data = recipe_data()
+    data["variants"] = {"albef": {"preset": "tiny", "model": {"mode": "albef"},
+                                  "checkpoint": str(released), "checkpoint_format": "albef"}}
+    data["tasks"] = data["tasks"][2:]  # ve
+    summary = run(tmp_path, data)
+    (source, output, config), = converted
+    assert source == released and config.mode == "albef" and config == recipes.model_config(
+        recipes.parse_recipe(data).variants["albef"])
+    stage = next(s for s in summary["stages"] if s["label"] == "import_checkpoint[albef]")
+    assert output == Path(stage["path"]) / "model.pt"
+    assert json.loads((Path(stage["path"]) / "conversion.json").read_text())["unplaced"]
+    assert next(args for name, args in fakes.calls if name == "ve.finetune")["pretrained"] == str(output)

@@ -216,7 +216,11 @@ def test_missing_inputs_are_named_before_any_work(tmp_path: Path, monkeypatch) -
     monkeypatch.setenv("CODIS_DATA", str(tmp_path))
     with pytest.raises(RecipeError) as caught:
         recipes.check_inputs(recipe)
-    assert f"tasks.2.evaluate_args.answer_list: {tmp_path}/albef/answer_list.json does not exist" \
+    assert f"tasks.3.evaluate_args.answer_list: {tmp_path}/albef/answer_list.json does not exist" \
+        in str(caught.value)
+    with pytest.raises(RecipeError) as caught:
+        recipes.check_inputs(load_recipe(REPO / "pipelines" / "albef-4m-finetune.yaml"))
+    assert f"variants.albef.checkpoint: {tmp_path}/albef/ALBEF_4M.pth does not exist" \
         in str(caught.value)
     # the demo's inputs are produced by the run itself
     recipes.check_inputs(load_recipe(REPO / "pipelines" / "demo.yaml"))

@@ -159,8 +159,8 @@ def test_build_report_writes_self_contained_html_and_markdown(tmp_path, report_i
     assert len(linked) == 5 and all((paths["markdown"].parent / p).is_file() for p in linked)
 
     for text in (page, markdown):
-        for row in REPORT_ROWS:
-            assert row.title in text
+        for row in REPORT_ROWS:  # an optional row (transfer) only where a variant has results
+            assert (row.title in text) != row.optional, row.key
         for variant in ("codis", "albef"):
             assert variant in text
         # the paper's CODIS numbers, beside ours
@@ -307,11 +307,36 @@ def test_report_states_each_task_protocol(tmp_path, report_inputs):
     markdown = build_report(report_inputs(), tmp_path / "out")["markdown"].read_text()
     beside = _section(markdown, "The paper's numbers beside this run's")
     for row in REPORT_ROWS:
+        if row.optional:  # no variant has transfer results here: no row
+            assert f"### {row.title}\n" not in beside and row.title not in markdown
+            continue
         protocol = beside.split(f"### {row.title}\n")[1].strip().splitlines()[0]
         assert protocol.startswith(f"Protocol: {row.protocol};"), row.key
     zero_shot = beside.split("### Image-text retrieval (zero-shot)\n")[1]
     assert "no finetuning" in zero_shot.split("\n|")[0] and "COCO-finetuned" in zero_shot.split("\n|")[0]
+    # the true zero-shot row is compared with the paper's zero-shot MSCOCO numbers only
+    assert "Flickr30K" not in zero_shot.split("\n### ")[0].split("\n|", 1)[1]
     assert "the paper's is the same" in beside.split("### NLVR²\n")[1].split("\n|")[0]
+
+
+def test_the_transfer_protocol_has_its_own_row_beside_the_papers_flickr_zero_shot(tmp_path,
+                                                                                   report_inputs):
+    inputs = report_inputs()
+    transfer = {"txt_r1": 30.0, "txt_r5": 60.0, "txt_r10": 70.0, "img_r1": 20.0, "img_r5": 50.0,
+                "img_r10": 65.0, "r_mean": 49.2}
+    inputs.variants["codis"].metrics["retrieval_transfer"] = transfer
+    markdown = build_report(inputs, tmp_path / "out")["markdown"].read_text()
+    row = next(r for r in REPORT_ROWS if r.key == "retrieval_transfer")
+    beside = _section(markdown, "The paper's numbers beside this run's")
+    block = beside.split(f"### {row.title}\n")[1].split("\n### ")[0].strip()
+    assert block.startswith(f"Protocol: {row.protocol};") and "transfer_from" in block
+    rows = _table_rows(block)
+    assert ["paper", "ALBEF 4M", "Flickr30K 1K", "90.5", "98.8", "99.7", "76.8", "93.7", "96.7", "-"] in rows
+    assert ["this run", "codis", "demo test", "30.00", "60.00", "70.00", "20.00", "50.00", "65.00",
+            "49.20"] in rows
+    assert ["this run", "albef", "demo test", *[NOT_RUN] * 7] in rows
+    summary = _table_rows(_section(markdown, "Summary"))
+    assert any(r[0] == row.title and r[1] == "r_mean" and r[2] == "49.20" for r in summary)
 
 
 # ---------------------------------------------------------------------------------- the Prefect artifact

@@ -4,6 +4,7 @@ evaluation, finetuning on a small demo world, and configuration errors."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from codis.tasks.retrieval import (EncodedEvalSet, RetrievalConfig, RetrievalObj
                              load_retrieval_model, rerank, rerank_per_query, 
                              shared_match_logits)
 from codis.checkpoint import read_checkpoint, save_checkpoint
+from codis.data.shards import write_shards
 from codis.metrics import retrieval_metrics
 from codis.tasks.retrieval import config as retrieval_config
 from codis.train import task_schedule
@@ -100,12 +102,13 @@ def test_metrics_second_caption_counts_and_ties_at_the_top() -> None:
 
 
 def _albef_text_ranks(score_i2t: np.ndarray, text_to_image: np.ndarray) -> list[int]:
-    """ALBEF's itm_eval loop: the position of the best-placed own caption in the sorted row."""
+    """ALBEF's itm_eval loop: the position of the best-placed own caption in the sorted row
+    (1e20 for an image without captions)."""
     ranks = []
     for image, row in enumerate(score_i2t):
         order = np.argsort(row)[::-1]
         own = np.where(text_to_image == image)[0]
-        ranks.append(min(int(np.where(order == t)[0][0]) for t in own))
+        ranks.append(min((int(np.where(order == t)[0][0]) for t in own), default=1e20))
     return ranks
 
 
@@ -127,11 +130,64 @@ def test_metrics_agree_with_albef_itm_eval_without_ties() -> None:
     assert 0 < metrics["txt_r1"] < 100 and 0 < metrics["img_r1"] < 100
 
 
+def test_an_image_without_captions_is_a_miss_as_in_albef() -> None:
+    # 4 images, image 2 has no caption; captions 0-1 show image 0, 2 image 1, 3-4 image 3.
+    text_to_image = torch.tensor([0, 0, 1, 3, 3])
+    generator = torch.Generator().manual_seed(0)
+    score_i2t = torch.rand(4, 5, generator=generator, dtype=torch.float64)
+    score_t2i = torch.rand(5, 4, generator=generator, dtype=torch.float64)
+    score_i2t[text_to_image, torch.arange(5)] += 1.0  # every captioned image finds a caption first
+    metrics = retrieval_metrics(score_i2t, score_t2i, text_to_image)
+    # Few candidates: 5 captions < 10, yet the caption-less image misses at every k.
+    assert metrics["txt_r1"] == metrics["txt_r5"] == metrics["txt_r10"] == 75.0
+    ranks = _albef_text_ranks(score_i2t.numpy(), text_to_image.numpy())
+    assert ranks[2] == 1e20 and [ranks[i] for i in (0, 1, 3)] == [0, 0, 0]
+    img_ranks = [int(np.where(np.argsort(row)[::-1] == text_to_image[t].item())[0][0])
+                 for t, row in enumerate(score_t2i.numpy())]
+    for k in (1, 5, 10):
+        assert metrics[f"img_r{k}"] == pytest.approx(100.0 * np.mean(np.array(img_ranks) < k))
+
+
+def test_ties_count_against_the_query_whatever_the_order() -> None:
+    # ALBEF's argsort breaks ties by position: 2 images x 1 caption, all scores 0, gives it
+    # R@1 = 50; counted against the query it is 0, and R@5 (both candidates) is 100.
+    text_to_image = torch.tensor([0, 1])
+    zeros = torch.zeros(2, 2)
+    albef = _albef_text_ranks(zeros.numpy(), text_to_image.numpy())
+    assert sorted(albef) == [0, 1]
+    metrics = retrieval_metrics(zeros, zeros.T, text_to_image)
+    assert (metrics["txt_r1"], metrics["img_r1"], metrics["txt_r5"], metrics["img_r5"]) == (
+        0.0, 0.0, 100.0, 100.0)
+    # Coarse scores with many ties: the metrics are the same for every order of images and
+    # captions, and never above ALBEF's.
+    generator = torch.Generator().manual_seed(1)
+    text_to_image = torch.arange(8).repeat_interleave(3)
+    score_i2t = torch.randint(0, 4, (8, 24), generator=generator).double()
+    score_t2i = torch.randint(0, 4, (24, 8), generator=generator).double()
+    score_i2t[text_to_image, torch.arange(24)] += 1  # right pairs score higher, and still tie
+    score_t2i[torch.arange(24), text_to_image] += 1
+    metrics = retrieval_metrics(score_i2t, score_t2i, text_to_image)
+    images, texts = torch.randperm(8, generator=generator), torch.randperm(24, generator=generator)
+    new_row = torch.empty_like(images)
+    new_row[images] = torch.arange(8)
+    shuffled = retrieval_metrics(score_i2t[images][:, texts], score_t2i[texts][:, images],
+                                 new_row[text_to_image[texts]])
+    assert shuffled == pytest.approx(metrics)
+    txt = np.array(_albef_text_ranks(score_i2t.numpy(), text_to_image.numpy()))
+    img = np.array([int(np.where(np.argsort(row)[::-1] == text_to_image[t].item())[0][0])
+                    for t, row in enumerate(score_t2i.numpy())])
+    albef = {f"{name}_r{k}": 100.0 * np.mean(ranks < k)
+             for name, ranks in (("txt", txt), ("img", img)) for k in (1, 5, 10)}
+    assert all(metrics[name] <= albef[name] for name in albef)
+    assert sum(metrics[name] for name in albef) < sum(albef.values())  # the ties did cost something
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(score_t2i=torch.zeros(3, 6)), "score_t2i"),
     (dict(text_to_image=torch.tensor([0, 0, 1, 1, 1])), "text_to_image"),
     (dict(text_to_image=torch.tensor([0, 0, 1, 1, 1, 3])), "text_to_image"),
-    (dict(text_to_image=torch.tensor([0, 0, 1, 1, 1, 1])), "image 2 has no caption"),
+    (dict(score_i2t=torch.zeros(0, 0), score_t2i=torch.zeros(0, 0),
+          text_to_image=torch.zeros(0, dtype=torch.long)), "at least one image and one caption"),
     (dict(score_i2t=torch.full((3, 6), float("nan"))), "score_i2t: contains NaN"),
 ])
 def test_metrics_reject_bad_input(change: dict, message: str) -> None:
@@ -155,6 +211,7 @@ def test_bad_config_names_the_field(field: str, value: object) -> None:
 def test_presets_and_schedule() -> None:
     assert (retrieval_config("coco").k_test, retrieval_config("coco").image_size) == (256, 384)
     assert retrieval_config("flickr").k_test == 128
+    assert (retrieval_config("coco").epochs, retrieval_config("flickr").epochs) == (5, 10)  # ALBEF
     assert retrieval_config("demo").image_size == preset("tiny").vision.image_size
     assert retrieval_config("demo", k_test=4).k_test == 4
     with pytest.raises(ConfigError, match=r"retrieval\.preset"):
@@ -271,6 +328,18 @@ def test_zero_shot_evaluation_is_deterministic(world: dict[str, Path]) -> None:
     bigger = evaluate(world["pretrained"], world["test"], retrieval_config("demo", image_size=48),
                       progress=False)
     assert set(bigger) == METRIC_NAMES
+
+
+def test_an_evaluation_image_without_captions_counts_as_a_miss(world: dict[str, Path],
+                                                               tmp_path: Path) -> None:
+    records = json.loads((world["root"] / "retrieval" / "test.json").read_text())
+    records[0]["caption"] = []  # ALBEF's itm_eval: this image's text retrieval always misses
+    write_shards(records, world["root"], tmp_path / "shards", kind="retrieval_eval", progress=False)
+    metrics = evaluate(world["pretrained"], tmp_path / "shards", retrieval_config("demo", k_test=8),
+                       progress=False)
+    assert set(metrics) == METRIC_NAMES
+    assert metrics["txt_r10"] <= 100.0 * 6 / 7 + 1e-9  # 7 images, one that cannot be found
+    assert metrics["img_r10"] == 100.0  # the 30 captions of the other six still query all images
 
 
 def test_evaluation_rejects_bad_input_before_computing(world: dict[str, Path]) -> None:

@@ -15,7 +15,7 @@ from PIL import Image
 import codis  # noqa: F401
 from codis.config import ConfigError
 from codis.data import shards as shards_module
-from codis.data.shards import MANIFEST, PROGRESS, TEXT_FIELD, write_shards
+from codis.data.shards import MANIFEST, PROGRESS, TEXT_FIELD, image_files, write_shards
 
 
 def make_images(root: Path, names: list[str], seed: int = 0) -> None:
@@ -141,6 +141,39 @@ def test_bad_arguments_name_the_field(image_root: Path, tmp_path: Path, changes:
     arguments = {"kind": "pretrain", "progress": False, **changes}
     with pytest.raises(ConfigError, match=rf"^{field}: "):
         write_shards(records_of("pretrain", 2), image_root, tmp_path / "o", **arguments)
+    assert not (tmp_path / "o").exists()
+
+
+def test_image_paths_resolve_as_albef_opens_them(tmp_path: Path) -> None:
+    root, vg = tmp_path / "coco", tmp_path / "vg"
+    ve = [{"image": "2248275918", "sentence": "s", "label": "neutral"},
+          {"image": "sub/7.png", "sentence": "s", "label": "neutral"}]
+    assert image_files(ve, "ve", root) == [[root / "2248275918.jpg"], [root / "sub/7.png"]]
+    # the suffix rule is SNLI-VE's alone
+    assert image_files([{"image": "12", "caption": "c"}], "pretrain", root) == [[root / "12"]]
+    prefix = "/export/share/datasets/vision/coco/images/"
+    pretrain = [{"image": prefix + "train2014/a.jpg", "caption": "c"},
+                {"image": "/elsewhere/b.jpg", "caption": "c"}, {"image": "c.jpg", "caption": "c"}]
+    assert image_files(pretrain, "pretrain", root, image_prefix=prefix) == [
+        [root / "train2014/a.jpg"], [Path("/elsewhere/b.jpg")], [root / "c.jpg"]]
+    vqa = [{"image": "a.jpg", "dataset": "vqa"}, {"image": "image/1.jpg", "dataset": "vg"},
+           {"image": "b.jpg"}]
+    assert image_files(vqa, "vqa", root, image_roots={"vqa": root, "vg": vg}) == [
+        [root / "a.jpg"], [vg / "image/1.jpg"], [root / "b.jpg"]]
+    assert image_files(vqa, "vqa", root) == [[root / "a.jpg"], [root / "image/1.jpg"], [root / "b.jpg"]]
+    with pytest.raises(ValueError, match=r"^record 2: no image root"):
+        image_files(vqa, "vqa", None, image_roots={"vqa": root, "vg": vg})
+
+
+@pytest.mark.parametrize("changes, field", [({"image_roots": ["a"]}, "image_roots"),
+                                            ({"image_roots": {"vqa": 3}}, "image_roots"),
+                                            ({"image_root": None}, "image_root"),
+                                            ({"image_prefix": ""}, "image_prefix")])
+def test_bad_image_root_arguments_name_the_field(image_root: Path, tmp_path: Path, changes: dict,
+                                                 field: str) -> None:
+    arguments = {"image_root": image_root, "kind": "vqa", "progress": False, **changes}
+    with pytest.raises(ConfigError, match=rf"^{field}: "):
+        write_shards(records_of("vqa", 2), output_dir=tmp_path / "o", **arguments)
     assert not (tmp_path / "o").exists()
 
 

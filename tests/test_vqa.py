@@ -1,16 +1,17 @@
 import json
 import math
-from itertools import combinations
 
 import pytest
 import torch
 
 from codis.config import ConfigError, preset
 from codis.losses import answer_loss
-from codis.metrics import normalize_answer, vqa_accuracy
-from codis.model import CodisModel
+from codis.metrics import vqa_accuracy
+from codis.data.shards import write_shards
+from codis.model import CodisModel, load_model
 from codis.tasks.vqa import (VQAConfig, VQAModel, evaluate, finetune, load_answer_list,
-                             load_vqa_model, predict, rank_answers, sequence_log_likelihood)
+                             load_vqa_model, predict, rank_answers, save_vqa_model,
+                             sequence_log_likelihood)
 from codis.tasks.vqa import config as vqa_config
 from codis.text import tokenize
 from codis.train import OptimConfig, TrainConfig, task_schedule
@@ -28,43 +29,6 @@ def pretrained() -> CodisModel:
         for parameter in list(model.text_encoder_m.parameters()) + list(model.visual_encoder_m.parameters()):
             parameter.add_(0.01 * torch.randn_like(parameter))
     return model
-
-
-# ---- normalisation and the metric ----------------------------------------------------------------
-
-@pytest.mark.parametrize("raw, expected", [
-    ("Two", "2"), ("none", "0"), ("ten", "10"),
-    ("the dog.", "dog"), ("A red car", "red car"), ("an apple", "apple"),
-    ("yes!", "yes"), ("Yes ", "yes"), ("  many   spaces ", "many spaces"),
-    ("hot-dog", "hot dog"), ("t-shirt", "t shirt"), ("left , right", "left right"),
-    ("1,000", "1000"), ("3.5", "3.5"), ("e.g. 2.", "eg 2"),
-    ("dont", "don't"), ("don't", "don't"), ("couldnt've", "couldn't've"), ("couldn'tve", "couldn't've"),
-    ("its", "its"), ("well", "well"),
-])
-def test_normalize_answer_hand_cases(raw, expected):
-    assert normalize_answer(raw) == expected
-
-
-def test_vqa_accuracy_hand_cases():
-    assert vqa_accuracy("2", ["2", "2", "two", "3"]) == 1.0  # "two" counts as "2"
-    assert vqa_accuracy("two", ["2", "3", "3"]) == pytest.approx(1 / 3)
-    assert vqa_accuracy("The Dog", ["dog", "a dog", "dogs"]) == pytest.approx(2 / 3)
-    assert vqa_accuracy("red", ["blue"] * 10) == 0.0
-    answers = ["2"] * 3 + ["3"] * 7
-    assert vqa_accuracy("2", answers) == 1.0
-    # Official: 3 of the 10 leave-one-out subsets have 2 matches (2/3), the other 7 have 3 (1).
-    assert vqa_accuracy("2", answers, official=True) == pytest.approx((3 * 2 / 3 + 7 * 1) / 10)
-    assert vqa_accuracy("3", answers, official=True) == 1.0
-    with pytest.raises(ValueError, match="annotator_answers"):
-        vqa_accuracy("2", [])
-
-
-def test_official_accuracy_is_the_mean_over_leave_one_out_subsets():
-    answers = ["yes", "yes", "no", "yeah", "yes", "no", "no", "maybe", "yes", "no"]
-    for guess in ("yes", "no", "maybe", "blue"):
-        subsets = list(combinations(answers, len(answers) - 1))
-        expected = sum(min(sum(a == guess for a in s) / 3, 1) for s in subsets) / len(subsets)
-        assert vqa_accuracy(guess, answers, official=True) == pytest.approx(expected)
 
 
 # ---- configuration -------------------------------------------------------------------------------
@@ -323,10 +287,51 @@ def test_finetune_resume_evaluate_and_predict_end_to_end(world, shards, tmp_path
     assert set(answers.values()) <= allowed
     assert json.loads(result.read_text()) == [{"question_id": q, "answer": a} for q, a in answers.items()]
 
-    # The accuracy is the mean VQA accuracy of the predictions.
+    # The accuracy is the mean VQA accuracy of the predictions, by the official metric unless
+    # "min3" is asked for.
     predicted = predict(output, shards("vqa", "val"), progress=False)
-    expected = 100 * sum(vqa_accuracy(predicted[r["question_id"]], r["answer"]) for r in val) / len(val)
-    assert metrics["accuracy"] == pytest.approx(expected)
+    for metric in ("official", "min3"):
+        expected = 100 * sum(vqa_accuracy(predicted[r["question_id"]], r["answer"], metric=metric)
+                             for r in val) / len(val)
+        found = metrics if metric == "official" else evaluate(output, shards("vqa", "val"),
+                                                              progress=False, metric=metric)
+        assert found["accuracy"] == pytest.approx(expected)
+    assert found["accuracy"] >= metrics["accuracy"]
+
+    # A split without answers (test-dev) is not scored: the predictions become the evaluation
+    # server's result file, as predict() writes it.
+    server = tmp_path / "server" / "vqa_test_result.json"
+    assert evaluate(output, shards("vqa", "test"), progress=False, result_file=server) == {
+        "questions": len(test)}
+    assert json.loads(server.read_text()) == json.loads(result.read_text())
+    assert all(isinstance(r["question_id"], int) and isinstance(r["answer"], str)
+               for r in json.loads(server.read_text()))
+
+
+def test_accuracy_per_answer_type_when_the_records_carry_one(world, shards, tmp_path):
+    root, checkpoint = world
+    model = tmp_path / "vqa.pt"
+    torch.manual_seed(0)
+    save_vqa_model(VQAModel.from_pretrained(load_model(checkpoint), vqa_config("demo", k_test=4)),
+                   model)
+    val = json.loads((root / "vqa" / "val.json").read_text())
+    kinds = ("yes/no", "number", "other")
+    typed = [dict(r, answer_type=kinds[i % 3]) for i, r in enumerate(val)]
+    folder = tmp_path / "typed"
+    write_shards(typed, root, folder, kind="vqa", progress=False,
+                 source={"answer_list": str(root / "vqa" / "answer_list.json")})
+    metrics = evaluate(model, folder, progress=False)
+    assert set(metrics) == {"accuracy", "accuracy_answer_yes_no", "accuracy_answer_number",
+                            "accuracy_answer_other"}
+    predicted = predict(model, folder, progress=False)
+    for kind in kinds:
+        rows = [r for r in typed if r["answer_type"] == kind]
+        expected = 100 * sum(vqa_accuracy(predicted[r["question_id"]], r["answer"])
+                             for r in rows) / len(rows)
+        assert metrics[f"accuracy_answer_{kind.replace('/', '_')}"] == pytest.approx(expected)
+    assert metrics["accuracy"] == pytest.approx(sum(
+        metrics[f"accuracy_answer_{k.replace('/', '_')}"] * sum(r["answer_type"] == k for r in typed)
+        for k in kinds) / len(typed))
 
 
 def test_bad_inputs_are_named_before_any_compute(world, shards, tmp_path):
@@ -340,8 +345,16 @@ def test_bad_inputs_are_named_before_any_compute(world, shards, tmp_path):
                  train=TrainConfig(steps=1, batch_size=2), optim=OptimConfig())
     with pytest.raises(ValueError, match="a 'pretrain' checkpoint; expected 'vqa'"):
         load_vqa_model(checkpoint)
-    with pytest.raises(ValueError, match="no annotator answers"):
+    with pytest.raises(ValueError, match="result_file: .*no annotator answers"):
         evaluate(checkpoint, shards("vqa", "test"), progress=False)
+    with pytest.raises(ValueError, match="metric: expected one of official, min3"):
+        evaluate(checkpoint, shards("vqa", "val"), progress=False, metric="vqa2")
+    val = json.loads((root / "vqa" / "val.json").read_text())
+    mixed = [val[0], {k: v for k, v in val[1].items() if k != "answer"}]
+    write_shards(mixed, root, tmp_path / "mixed", kind="vqa", progress=False)
+    with pytest.raises(ValueError, match="1 of 2 questions have no annotator answers"):
+        evaluate(checkpoint, tmp_path / "mixed", progress=False, result_file=tmp_path / "r.json")
+    assert not (tmp_path / "r.json").exists()
     with pytest.raises(ValueError, match="answer_list"):
         load_answer_list([str(p) for p in shards("vqa", "val").glob("*.tar")])
     assert load_answer_list(shards("vqa", "val")) == json.loads(

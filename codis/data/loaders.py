@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import random
 import threading
 from dataclasses import dataclass
 from functools import partial
@@ -244,6 +245,8 @@ def _image(sample: dict) -> Any:
 
 
 def _caption_sample(sample: dict, transform: Callable, max_words: int) -> dict:
+    if "txt" not in sample:
+        raise KeyError("no 'txt' member: only training loaders draw from a caption list")
     return {"image": transform(_image(sample)), "caption": clean_caption(sample["txt"], max_words),
             "key": sample["__key__"]}
 
@@ -297,17 +300,30 @@ def _sample_seed(seed: int, epoch: int, sample: dict) -> int:
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
 
 
+def _draw_caption(sample: dict, sample_seed: int) -> dict:
+    """A pretraining sample whose record holds a caption list (in ``json``, no ``txt``: see
+    :mod:`codis.data.shards`) gets one of its captions as ``txt``. ALBEF draws with
+    ``random.choice`` at every read; here the draw comes from the sample's seed, through a
+    generator of its own: the same (seed, epoch) draws the same caption, and each epoch draws anew."""
+    captions = sample["json"].get("caption") if isinstance(sample.get("json"), dict) else None
+    if "txt" in sample or not isinstance(captions, list) or not captions:
+        return sample
+    return {**sample, "txt": captions[random.Random(sample_seed).randrange(len(captions))]}
+
+
 def _with_sample_seed(sample: dict, to_sample: Callable, seed: int, epoch: int,
                       transform: Callable, max_words: int) -> dict:
-    """Draw a training sample's augmentation from its own seed, not from the process's RNG.
+    """Draw a training sample's augmentation (and its caption, from a caption list) from its own
+    seed, not from the process's RNG.
 
     So the augmentations do not depend on the number of workers, on which worker reads which
     shard, or on how far the pipeline has read ahead, and a resumed run sees exactly the images
     an uninterrupted one would.
     """
+    sample_seed = _sample_seed(seed, epoch, sample)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_sample_seed(seed, epoch, sample))
-        return to_sample(sample, transform, max_words)
+        torch.manual_seed(sample_seed)
+        return to_sample(_draw_caption(sample, sample_seed), transform, max_words)
 
 
 @dataclass(frozen=True)
@@ -421,7 +437,8 @@ def pretrain_loader(shards: str | list[str], *, tokenizer: PreTrainedTokenizerBa
                     max_length: int = 30, drop_last: bool = True,
                     skips: SkipCounter | None = None) -> ShardLoader:
     """The pretraining stream over caption shards (write_shards' pretrain/retrieval_train kinds or
-    img2dataset's webdataset output).
+    img2dataset's webdataset output). A record with a list of captions gives one of them per
+    epoch, drawn from ``(seed, epoch)`` and the sample (:func:`_draw_caption`).
 
     Batches: ``image`` (B, 3, S, S) float, ``input_ids`` / ``attention_mask`` (B, L) long (L <=
     ``max_length``, pass ``TextConfig.max_length``), ``caption`` (cleaned, at most ``max_words``

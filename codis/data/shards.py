@@ -4,7 +4,16 @@ One sample per annotation record, keyed ``%09d`` by record position. Members: th
 original bytes as ``jpg`` (``0.jpg`` / ``1.jpg`` for the two NLVR2 images; Pillow reads the format
 from the bytes, so a PNG stored under ``jpg`` still decodes), the caption / sentence / question as
 ``txt``, and the rest of the record as ``json``. Pretraining shards thus have img2dataset's member
-names (``key.jpg``, ``key.txt``, ``key.json``) and one loader reads both.
+names (``key.jpg``, ``key.txt``, ``key.json``) and one loader reads both. A pretraining record
+whose ``caption`` is a list (ALBEF's ``Pretrain.yaml``: "text or list_of_text") keeps the list in
+``json`` and has no ``txt``: the loader draws one caption per epoch.
+
+Released ALBEF files load as they are (:func:`image_files` resolves their image paths): SNLI-VE's
+``image`` is a bare Flickr id (``"2248275918"``), opened as ``<id>.jpg`` as ALBEF and LAVIS do;
+VQA and VG-QA records name their image root by their ``dataset`` field (ALBEF's ``vqa_root`` /
+``vg_root``), given as ``image_roots``; the pretraining files name absolute paths on ALBEF's
+servers (``/export/share/datasets/vision/coco/images/train2014/...``), whose prefix
+``image_prefix`` replaces by the image root.
 
 Each shard is written under a hidden temporary name and ``os.replace``d into place when complete,
 so a shard with its final name is always whole. ``manifest.partial.json`` records every finished
@@ -35,13 +44,13 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
 import webdataset as wds
 from tqdm import tqdm
 
-from codis.config import check_choice, check_int
+from codis.config import check, check_choice, check_int
 from codis.data.manifest import MANIFEST, read_manifest, record_location
 from codis.files import atomic_path, atomic_write_json, sha256_file
 
@@ -56,7 +65,7 @@ _TAR_MTIME = 0.0
 
 KINDS = ("pretrain", "retrieval_train", "retrieval_eval", "vqa", "nlvr", "ve")
 _REQUIRED: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "pretrain": {"image": str, "caption": str},
+    "pretrain": {"image": str, "caption": (str, list)},
     "retrieval_train": {"image": str, "caption": str, "image_id": (int, str)},
     "retrieval_eval": {"image": str, "caption": list},
     "vqa": {"image": str, "question": str, "question_id": (int, str)},
@@ -74,7 +83,7 @@ LABEL_NAMES_BY_KIND: dict[str, tuple[str, ...]] = {"nlvr": NLVR_LABEL_NAMES, "ve
 
 
 def _type_names(types: type | tuple[type, ...]) -> str:
-    names = {"str": "a string", "int": "an integer", "list": "a list"}
+    names = {"str": "a string", "int": "an integer", "list": "a list of strings"}
     return " or ".join(names.get(t.__name__, t.__name__) for t in
                        (types if isinstance(types, tuple) else (types,)))
 
@@ -97,9 +106,13 @@ def _validate_records(records: list[dict], kind: str) -> None:
         if kind == "nlvr" and (len(record["images"]) != 2
                                or not all(isinstance(p, str) for p in record["images"])):
             raise ValueError(f"{where}: 'images' must be a list of two paths")
-        if kind == "retrieval_eval" and (not record["caption"]
-                                         or not all(isinstance(c, str) for c in record["caption"])):
-            raise ValueError(f"{where}: 'caption' must be a non-empty list of strings")
+        # An evaluation image may have no caption (ALBEF counts it as a text-retrieval miss); a
+        # pretraining sample needs one to draw.
+        if kind in ("retrieval_eval", "pretrain") and isinstance(record["caption"], list) and (
+                not all(isinstance(c, str) for c in record["caption"])
+                or (kind == "pretrain" and not record["caption"])):
+            qualifier = "non-empty " if kind == "pretrain" else ""
+            raise ValueError(f"{where}: 'caption' must be a {qualifier}list of strings")
         if kind in LABEL_NAMES_BY_KIND and record["label"] not in LABEL_NAMES_BY_KIND[kind]:
             raise ValueError(f"{where}: 'label' is {record['label']!r}, expected one of "
                              f"{', '.join(LABEL_NAMES_BY_KIND[kind])}")
@@ -116,15 +129,54 @@ def _image_paths(record: dict, kind: str) -> list[str]:
     return list(record["images"]) if kind == "nlvr" else [record["image"]]
 
 
-def _check_images(records: list[dict], kind: str, image_root: Path) -> list[list[Path]]:
-    """Resolve every record's image paths; raise before any write if some are missing."""
-    resolved = [[image_root / p for p in _image_paths(r, kind)] for r in records]
+def _record_root(records: list[dict], index: int, image_root: Path | None,
+                 image_roots: dict[str, Path]) -> Path:
+    """The image root of one record: ``image_roots[record["dataset"]]`` where ``image_roots`` is
+    given and the record names its dataset (ALBEF's VQA: "vqa" or "vg"), else ``image_root``."""
+    record = records[index]
+    if image_roots and "dataset" in record:
+        dataset = record["dataset"]
+        if not isinstance(dataset, str) or dataset not in image_roots:
+            raise ValueError(f"{record_location(records, index)}: 'dataset' is {dataset!r}, "
+                             f"image_roots has {', '.join(map(repr, image_roots))}")
+        return image_roots[dataset]
+    if image_root is None:
+        raise ValueError(f"{record_location(records, index)}: no image root: the record has no "
+                         f"'dataset' field and image_root is not given")
+    return image_root
+
+
+def image_files(records: list[dict], kind: str, image_root: str | Path | None, *,
+                image_roots: dict[str, str | Path] | None = None,
+                image_prefix: str | None = None) -> list[list[Path]]:
+    """Each record's image files, as :func:`write_shards` opens them.
+
+    A path is taken under the record's root (:func:`_record_root`); an absolute path stands as it
+    is, unless it begins with ``image_prefix``, which is then replaced by the root. A SNLI-VE
+    ``image`` without a suffix is a Flickr id, opened as ``<id>.jpg`` (ALBEF's ``ve_dataset.py``)."""
+    root = None if image_root is None else Path(image_root)
+    roots = {name: Path(path) for name, path in (image_roots or {}).items()}
+    resolved = []
+    for index, record in enumerate(records):
+        record_root = _record_root(records, index, root, roots)
+        paths = []
+        for path in _image_paths(record, kind):
+            if kind == "ve" and not PurePosixPath(path).suffix:
+                path += ".jpg"
+            if image_prefix and path.startswith(image_prefix):
+                path = path[len(image_prefix):].lstrip("/")
+            paths.append(record_root / path)
+        resolved.append(paths)
+    return resolved
+
+
+def _check_images(resolved: list[list[Path]], roots: list[Path]) -> None:
+    """Raise before any write if some images are missing."""
     missing = list(dict.fromkeys(str(p) for paths in resolved for p in paths if not p.is_file()))
     if missing:
         raise FileNotFoundError(
-            f"{len(missing)} referenced image(s) missing under {image_root}; first: "
-            f"{', '.join(missing[:5])}")
-    return resolved
+            f"{len(missing)} referenced image(s) missing under {', '.join(map(str, roots))}; "
+            f"first: {', '.join(missing[:5])}")
 
 
 def _sample(record: dict, paths: list[Path], kind: str, key: str) -> dict[str, Any]:
@@ -135,7 +187,7 @@ def _sample(record: dict, paths: list[Path], kind: str, key: str) -> dict[str, A
         sample["jpg"] = paths[0].read_bytes()
     rest = dict(record)
     text_field = TEXT_FIELD.get(kind)
-    if text_field is not None:
+    if text_field is not None and isinstance(rest[text_field], str):  # a caption list stays in json
         sample["txt"] = rest.pop(text_field).encode("utf-8")
     sample["json"] = json.dumps(rest, ensure_ascii=False).encode("utf-8")
     return sample
@@ -176,25 +228,41 @@ def _previous_entries(out: Path, kind: str) -> dict[str, dict]:
     return {}
 
 
-def write_shards(records: list[dict], image_root: str | Path, output_dir: str | Path, *,
+def write_shards(records: list[dict], image_root: str | Path | None, output_dir: str | Path, *,
                  kind: str, samples_per_shard: int = 1000, source: dict | None = None,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, image_roots: dict[str, str | Path] | None = None,
+                 image_prefix: str | None = None) -> dict:
     """Write ``records`` (an ALBEF annotation list of ``kind``) with their images as tar shards.
 
+    Image paths are relative to ``image_root``; with ``image_roots`` (dataset name -> root), a
+    record that has a ``dataset`` field takes its root from there (ALBEF's VQA training set mixes
+    ``"vqa"`` records under COCO with ``"vg"`` ones under Visual Genome), and ``image_root`` may be
+    None when every record does. ``image_prefix``: a prefix of absolute image paths that stands
+    for the root (see :func:`image_files`).
+
     Returns the manifest (also saved as ``output_dir/manifest.json``): format, kind, source (the
-    caller's ``source`` plus image root, kind and shard size), totals, and per shard its name,
+    caller's ``source`` plus image root(s), kind and shard size), totals, and per shard its name,
     sample count, sha256, first and last key. Re-running with the same inputs rewrites nothing;
-    shards whose inputs or bytes changed are rewritten. Raises ConfigError for a bad ``kind`` or
-    ``samples_per_shard``, ValueError for a bad record and FileNotFoundError for missing images,
-    before anything is written.
+    shards whose inputs or bytes changed are rewritten. Raises ConfigError for a bad ``kind``,
+    ``samples_per_shard``, ``image_roots`` or ``image_prefix``, ValueError for a bad record and
+    FileNotFoundError for missing images, before anything is written.
     """
     check_choice(kind, "kind", KINDS)
     check_int(samples_per_shard, "samples_per_shard", 1)
+    check(image_roots is None or isinstance(image_roots, dict) and all(
+        isinstance(name, str) and isinstance(path, (str, Path)) for name, path in image_roots.items()),
+        "image_roots", f"must map dataset names to folders, got {image_roots!r:.80}")
+    check(image_root is not None or bool(image_roots), "image_root",
+          "must be given unless image_roots is")
+    check(image_prefix is None or isinstance(image_prefix, str) and image_prefix != "",
+          "image_prefix", f"must be a non-empty string or None, got {image_prefix!r}")
     if not isinstance(records, list) or not records:
         raise ValueError("records: must be a non-empty list of annotation records")
     _validate_records(records, kind)
-    image_root = Path(image_root)
-    paths = _check_images(records, kind, image_root)
+    paths = image_files(records, kind, image_root, image_roots=image_roots,
+                        image_prefix=image_prefix)
+    roots = {name: str(path) for name, path in (image_roots or {}).items()}
+    _check_images(paths, [Path(path) for path in [image_root, *roots.values()] if path is not None])
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -232,8 +300,10 @@ def write_shards(records: list[dict], image_root: str | Path, output_dir: str | 
     manifest = {
         "format": FORMAT,
         "kind": kind,
-        "source": {**(source or {}), "image_root": str(image_root), "kind": kind,
-                   "samples_per_shard": samples_per_shard},
+        "source": {**(source or {}), "image_root": None if image_root is None else str(image_root),
+                   **({"image_roots": roots} if roots else {}),
+                   **({"image_prefix": image_prefix} if image_prefix else {}),
+                   "kind": kind, "samples_per_shard": samples_per_shard},
         "num_samples": len(records),
         "num_images": sum(len(p) for p in paths),
         "num_shards": num_shards,

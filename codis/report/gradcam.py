@@ -73,11 +73,12 @@ def word_gradcam(model: CodisModel, image: torch.Tensor, text: str,
     default :func:`default_layer`). On the last fusion layer only [CLS] has a gradient, so the
     word maps there are all zero (a warning says so; a one-layer fusion encoder has no other).
 
-    Returns ``tokens`` (T word pieces, with [CLS] and [SEP]), ``word_ids`` (each token's index in
-    ``words`` or None), ``words`` (the cleaned caption's words), ``maps`` (T, H, W) in [0, 1] on
-    the CPU, each token's map min-max scaled (all zero where the gradient is), ``itm_score`` (the
-    match probability) and ``layer`` (as a non-negative index). The model is left in the
-    train/eval mode it came in and without parameter gradients.
+    Returns ``tokens`` (T word pieces, with [CLS], and [SEP] if the model's tokenizer appends it),
+    ``word_ids`` (each token's index in ``words`` or None), ``words`` (the cleaned caption's
+    words), ``maps`` (T, H, W) in [0, 1] on the CPU, each token's map min-max scaled (all zero
+    where the gradient is), ``itm_score`` (the match probability) and ``layer`` (as a
+    non-negative index). The model is left in the train/eval mode it came in and without
+    parameter gradients.
     """
     if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"image: expected a (3, H, W) tensor, got "

@@ -89,6 +89,12 @@ def _baseline_cell(inputs: ReportInputs, row: ReportRow, metric: str) -> str:
     return " / ".join(found) if found else NOT_RUN
 
 
+def _rows(inputs: ReportInputs) -> list[ReportRow]:
+    """The report's rows, without optional ones that no variant has results for."""
+    return [row for row in REPORT_ROWS
+            if not row.optional or any(row.key in v.metrics for v in inputs.variants.values())]
+
+
 def _measured(inputs: ReportInputs, variant: str, key: str, metric: str) -> str:
     metrics = inputs.variants[variant].metrics
     if key not in metrics:
@@ -99,7 +105,7 @@ def _measured(inputs: ReportInputs, variant: str, key: str, metric: str) -> str:
 def _summary(inputs: ReportInputs) -> Section:
     headers = ["Task", "Metric (%)", *inputs.variants, "Trivial baseline"]
     rows = []
-    for row in REPORT_ROWS:
+    for row in _rows(inputs):
         for metric in row.metrics:
             rows.append([row.title, metric,
                          *(_measured(inputs, v, row.key, metric) for v in inputs.variants),
@@ -168,10 +174,10 @@ def _paper_deltas(row: ReportRow, metric: str) -> tuple[str, list[str]]:
 def _direction(inputs: ReportInputs) -> Section:
     where = "; ".join(dict.fromkeys(
         f"{' / '.join(ref.label for ref in row.paper_refs)} ({TASKS[row.task].title})"
-        for row in REPORT_ROWS))
+        for row in _rows(inputs)))
     blocks: list[Block] = [
         "CODIS - ALBEF per metric, in the paper and in this run. Paper delta: one per dataset or "
-        f"split, {where}; the Flickr30K \"zero-shot\" one is that of COCO-finetuned models. "
+        f"split, {where}. "
         f"Verdict: \"at chance (both)\" when both variants are within {NOISE_ERRORS:g} standard "
         "errors of a trivial baseline (a binomial proportion at the baseline over the evaluated "
         f"items), \"within noise\" when the difference is within {NOISE_ERRORS:g} standard errors, "
@@ -181,7 +187,7 @@ def _direction(inputs: ReportInputs) -> Section:
         missing = sorted({"codis", "albef"} - set(have))
         blocks.append(f"CODIS vs ALBEF: {NOT_RUN} (no results for variant {', '.join(missing)}).")
     rows, unassessed = [], False
-    for row in REPORT_ROWS:
+    for row in _rows(inputs):
         for metric in row.metrics:
             paper_cell, paper_signs = _paper_deltas(row, metric)
             ours = [inputs.variants[v].metrics.get(row.key, {}).get(metric) for v in ("codis", "albef")
@@ -208,7 +214,7 @@ def _beside(inputs: ReportInputs) -> Section:
         "The paper's ALBEF 4M and CODIS rows next to this run's numbers on the same metric. Paper: "
         "real benchmarks, 4M pretraining images, base-size model. This run: "
         f"{inputs.dataset}, preset '{inputs.preset}'. Compare directions, not values."]
-    for row in REPORT_ROWS:
+    for row in _rows(inputs):
         rows = []
         for ref in row.paper_refs:
             for method in (paper.ALBEF, paper.CODIS):

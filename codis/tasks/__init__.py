@@ -24,7 +24,8 @@ class TaskInfo:
 
     ``train_kind`` / ``eval_kind``: the shard kinds its finetuning and evaluation read;
     ``headline_metric``: the metric that ranks models of the task; ``report_keys``: its rows in
-    the report (retrieval reports zero-shot and finetuned separately); ``paper_preset``: the preset
+    the report (retrieval reports zero-shot, finetuned and transfer from another dataset's
+    finetuning separately); ``paper_preset``: the preset
     with the paper's (ALBEF's) settings; ``loader``: the function of its module that loads a
     finetuned checkpoint as a module in eval mode (``load(path)``)."""
 
@@ -48,7 +49,8 @@ class TaskInfo:
 
 TASKS: dict[str, TaskInfo] = {
     "retrieval": TaskInfo("retrieval", "Image-text retrieval", "retrieval_train", "retrieval_eval",
-                          "r_mean", ("retrieval_zero_shot", "retrieval_finetuned"), "coco",
+                          "r_mean", ("retrieval_zero_shot", "retrieval_finetuned",
+                                    "retrieval_transfer"), "coco",
                           "load_retrieval_model"),
     "vqa": TaskInfo("vqa", "VQA", "vqa", "vqa", "accuracy", ("vqa",), "vqa", "load_vqa_model"),
     "nlvr": TaskInfo("nlvr", "NLVR²", "nlvr", "nlvr", "accuracy", ("nlvr",), "nlvr",

@@ -16,8 +16,8 @@ from typing import Any, ClassVar, Literal, Mapping, TypeVar
 
 from transformers import PreTrainedTokenizerBase
 
-from codis.config import (ConfigError, check_bool, check_choice, check_int, check_number, check_positive,
-                          from_dict)
+from codis.config import (ConfigError, ModelConfig, check_bool, check_choice, check_int, check_number,
+                          check_positive, from_dict)
 from codis.data.loaders import ShardLoader, SkipCounter, task_loader
 from codis.train import TrainConfig
 
@@ -36,7 +36,9 @@ class TaskConfig:
     teacher of momentum ``momentum``; ``alpha_warmup`` (ALBEF's ``warm_up``) ramps alpha from 0 over
     the first epoch. ``hflip``: random horizontal flips (off for data whose text says left and
     right); ``augment``: ALBEF's random crops and RandAugment (false: the evaluation transform).
-    ``max_words``: ALBEF's ``pre_caption`` cut of the text. ``num_workers``: data-loading processes;
+    ``max_words``: ALBEF's ``pre_caption`` cut of the text. ``max_length``: the token limit of the
+    task's texts ([CLS] included), at training and evaluation; None uses the pretrained model's
+    ``text.max_length`` (see :meth:`text_max_length`). ``num_workers``: data-loading processes;
     ``shuffle_buffer``: samples shuffled in memory while finetuning. ``eval_precision``: autocast
     of the evaluation ("auto": bf16 on GPUs, fp32 on the CPU as ALBEF evaluates).
     """
@@ -56,6 +58,7 @@ class TaskConfig:
     hflip: bool = True
     augment: bool = True
     max_words: int = 30
+    max_length: int | None = None
     num_workers: int = 2
     shuffle_buffer: int = 1000
     eval_precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -67,6 +70,8 @@ class TaskConfig:
             self.check_int("image_size", 1)
         for name in ("batch_size", "epochs", "max_words"):
             self.check_int(name, 1)
+        if self.max_length is not None:  # [CLS], [SEP] and a word
+            self.check_int("max_length", 3)
         for name in ("warmup_steps", "num_workers", "shuffle_buffer"):
             self.check_int(name, 0)
         for name in ("lr", "min_lr", "warmup_lr"):
@@ -78,6 +83,10 @@ class TaskConfig:
         for name in ("distill", "alpha_warmup", "hflip", "augment"):
             check_bool(getattr(self, name), self.field_name(name))
         check_choice(self.eval_precision, self.field_name("eval_precision"), ("auto", "fp32", "bf16"))
+
+    def text_max_length(self, model_config: ModelConfig) -> int:
+        """The token limit the task's texts are cut at: ``max_length``, else the model's."""
+        return model_config.text.max_length if self.max_length is None else self.max_length
 
     def field_name(self, name: str) -> str:
         """``<task>.<field>``, as errors name a field."""

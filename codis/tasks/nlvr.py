@@ -104,7 +104,8 @@ class NLVRConfig(ClassifierConfig):
 
 
 PRESETS: dict[str, NLVRConfig] = {
-    "nlvr": NLVRConfig(),
+    # ALBEF does not cut the statements (padding "longest"): 512 is BERT's position limit.
+    "nlvr": NLVRConfig(max_length=512),
     # The tiny model's 64 px images for TA and finetuning, lr 1e-4 for a model trained briefly from
     # scratch, and a faster EMA (0.99) so the teacher follows within a short run.
     "demo": NLVRConfig(image_size=64, batch_size=16, lr=1e-4, epochs=10, momentum=0.99,

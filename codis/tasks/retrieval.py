@@ -17,10 +17,11 @@ values, a text's first self-attention) once per pass and the last layer on [CLS]
 (:func:`shared_match_logits`). :func:`rerank_per_query` is the one-query-per-pass loop of ALBEF,
 kept as the reference that the batched version must rank like.
 
-Ties in the metrics count against the query (see :func:`retrieval_metrics`); ALBEF's argsort
-leaves them to the sort algorithm. Under ``torchrun`` every rank encodes the whole set and re-ranks
-its block of the passes; the score matrices are then combined on every rank, and all ranks return
-the same metrics (:mod:`codis.tasks.evaluation`, as ALBEF's ``evaluation()``).
+Ties in the metrics count against the query, on purpose (see :func:`retrieval_metrics`: ALBEF's
+argsort leaves them to the sort algorithm); an image without captions is a miss, as in ALBEF.
+Under ``torchrun`` every rank encodes the whole set and re-ranks its block of the passes; the
+score matrices are then combined on every rank, and all ranks return the same metrics
+(:mod:`codis.tasks.evaluation`, as ALBEF's ``evaluation()``).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class RetrievalConfig(TaskConfig):
     ramped over the first epoch; ``momentum`` None keeps the pretrained model's teacher momentum.
     ``k_test``: candidates re-scored by ITM per query. ``queue_size``: the ITC queue used while finetuning;
     ``None`` keeps the pretrained model's (a queue of the same size keeps its contents, as ALBEF
-    loads them; another size starts empty). ``image_batch_size`` / ``text_batch_size``: encoding
+    loads them; another size starts anew, as the model's ``queue_init`` says). ``image_batch_size`` / ``text_batch_size``: encoding
     batches; ``rerank_batch_size``: image-text pairs per fusion pass when re-ranking (all ``k_test``
     candidates of a query always share a pass).
     """
@@ -94,8 +95,10 @@ class RetrievalConfig(TaskConfig):
 
 
 PRESETS: dict[str, RetrievalConfig] = {
-    "coco": RetrievalConfig(),
-    "flickr": RetrievalConfig(k_test=128),
+    # Captions cut at 30 tokens, as ALBEF's evaluation does (its training cuts them at 30 words).
+    "coco": RetrievalConfig(max_length=30),
+    # ALBEF's Retrieval_flickr.yaml: Retrieval_coco.yaml with k_test 128 and 10 epochs, not 5.
+    "flickr": RetrievalConfig(k_test=128, epochs=10, max_length=30),
     # The tiny model's 64 px, k_test 16 for a 100-image test set, the model's own queue, no flips
     # (the demo captions use left and right), lr 1e-4 (a tiny model from scratch learns nothing at
     # 1e-5 in a CPU budget), batch 16.
@@ -106,8 +109,8 @@ PRESETS: dict[str, RetrievalConfig] = {
 
 
 def config(preset: str = "coco", **changes: Any) -> RetrievalConfig:
-    """A preset (``coco``: ALBEF's Retrieval_coco.yaml; ``flickr``: the same with k_test 128;
-    ``demo``: the tiny CPU model) with fields replaced."""
+    """A preset (``coco``: ALBEF's Retrieval_coco.yaml; ``flickr``: Retrieval_flickr.yaml, the
+    same with k_test 128 and 10 epochs; ``demo``: the tiny CPU model) with fields replaced."""
     return preset_config(PRESETS, TASK, preset, changes)
 
 
@@ -177,7 +180,8 @@ def prepare_model(model: CodisModel, config: RetrievalConfig) -> CodisModel:
         model.config = model.config.replace(momentum=config.momentum)
     if config.queue_size is not None and config.queue_size != model.config.queue_size:
         device = model.queue.image.device
-        model.queue = FeatureQueue(config.queue_size, model.config.embed_dim).to(device)
+        model.queue = FeatureQueue(config.queue_size, model.config.embed_dim,
+                                   init=model.config.queue_init).to(device)
         model.config = model.config.replace(queue_size=config.queue_size)
     return model
 
@@ -204,13 +208,14 @@ def finetune(pretrained: str | Path, train_shards: str | Path | list[str], outpu
     def open_epoch(epoch: int):
         return training_loader(urls, "retrieval_train", config, train, tokenizer=model.tokenizer,
                                image_size=config.image_size,
-                               max_length=model.config.text.max_length, epoch=epoch, skips=skips)
+                               max_length=config.text_max_length(model.config), epoch=epoch,
+                               skips=skips)
 
     def step_loss(trained: nn.Module, batch: dict, step: int) -> PretrainOutput:
         alpha = distillation_alpha(step, config.alpha, train.alpha_warmup_steps) if config.distill else 0.0
         ids = image_keys(batch["image_id"], device=batch["image"].device)
         output = trained(batch["image"], batch["input_ids"], batch["attention_mask"], ids, alpha)
-        output.parts.update(alpha=torch.tensor(alpha), temperature=model.temp.detach())
+        output.parts.update(alpha=torch.tensor(alpha), temperature=model.temperature.detach())
         return output
 
     shards = ([str(s) for s in train_shards] if isinstance(train_shards, (list, tuple))
@@ -321,7 +326,7 @@ def encode_eval_set(model: CodisModel, shards: str | Path | list[str], config: R
     for row, position in enumerate(order):
         texts += captions[position]
         text_to_image += [row] * len(captions[position])
-    input_ids, mask = tokenize(model.tokenizer, texts, model.config.text.max_length)
+    input_ids, mask = tokenize(model.tokenizer, texts, config.text_max_length(model.config))
     text_feat, text_tokens = encode_texts(model, input_ids, mask, config.text_batch_size,
                                           config.eval_precision)
     return EncodedEvalSet(image_feat, image_tokens, text_feat, text_tokens,

@@ -66,7 +66,8 @@ class VEConfig(ClassifierConfig):
 
 
 PRESETS: dict[str, VEConfig] = {
-    "ve": VEConfig(),
+    # ALBEF does not cut the hypotheses (padding "longest"): 512 is BERT's position limit.
+    "ve": VEConfig(max_length=512),
     # The tiny model's 64 px images, lr 1e-4 for a model trained briefly from scratch, a faster EMA
     # (0.99) so the teacher follows within a short run, no flips (the demo world's hypotheses talk
     # about left and right).
@@ -213,7 +214,8 @@ def empty_backbone(model_config: ModelConfig, text_architecture: dict[str, Any],
     vision = dataclasses.replace(model_config.vision, image_size=image_size, pretrained=None)
     text = TextFusionEncoder(BertConfig.from_dict(text_architecture), model_config.text.text_layers,
                              model_config.text.fusion_layers)
-    tokenizer = load_tokenizer(model_config.text.tokenizer or model_config.text.pretrained)
+    tokenizer = load_tokenizer(model_config.text.tokenizer or model_config.text.pretrained,
+                               append_sep=model_config.text.append_sep)
     return Backbone(build_image_encoder(vision), text.bert, text.fusion, tokenizer, model_config,
                     text_architecture)
 
@@ -282,8 +284,8 @@ def finetune_classifier(kind: str, initial_model: Callable[[], tuple[nn.Module, 
     def open_epoch(epoch: int):
         return training_loader(urls, kind, config, train, tokenizer=backbone.tokenizer,
                                image_size=config.image_size,
-                               max_length=backbone.model_config.text.max_length, epoch=epoch,
-                               skips=skips)
+                               max_length=config.text_max_length(backbone.model_config),
+                               epoch=epoch, skips=skips)
 
     # config.alpha_warmup says whether alpha ramps (ALBEF's per-task warm_up), train how long
     ramp = train.alpha_warmup_steps if config.alpha_warmup else 0
@@ -371,7 +373,7 @@ def evaluate_checkpoint(kind: str, load: Callable[[str | Path], FusionClassifier
     config = eval_config(model.task_config, config)
     loader = task_loader(urls, kind, image_size=config.image_size, batch_size=batch_size,
                          tokenizer=model.tokenizer, max_words=config.max_words,
-                         max_length=model.model_config.text.max_length,
+                         max_length=config.text_max_length(model.model_config),
                          num_workers=config.num_workers, rank=runtime.rank,
                          world_size=runtime.world_size)
     return evaluate_classifier(model, loader, inputs, runtime=runtime,

@@ -19,9 +19,11 @@ answer list, keeps the ``k_test`` answers whose first token is most likely, comp
 log-likelihood of those k answers and returns the best. (ALBEF adds the first-token log-probability
 once more to that sum; here the score is the plain sequence log-likelihood.)
 
-Metric: VQA accuracy min(#annotators who gave the answer / 3, 1) after the VQA evaluation's answer
-normalisation, averaged over questions (percent). ``official=True`` uses the evaluation server's
-average over the 10 leave-one-annotator-out subsets instead.
+Metric (:func:`codis.metrics.vqa_accuracy`): by default the official VQA evaluation's accuracy (the
+mean over the leave-one-annotator-out subsets of min(matches / 3, 1), answers normalised only where
+the annotators disagree), averaged over questions (percent); ``metric="min3"`` is the lenient
+min(matches / 3, 1). The paper's VQA numbers are the evaluation server's on test-dev / test-std:
+evaluating a split without answers writes the server's result file instead of scoring it.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from codis.encoders import (TextFusionEncoder, additive_mask, build_image_encode
                            set_image_size)
 from codis.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
 from codis.files import atomic_write_json
-from codis.metrics import vqa_accuracy
+from codis.metrics import VQA_METRICS, vqa_accuracy
 from codis.data.loaders import SkipCounter, shard_urls, vqa_loader
 from codis.model import CodisModel, PretrainOutput, load_model
 from codis.data.manifest import MANIFEST, read_json
@@ -70,7 +72,11 @@ class VQAConfig(TaskConfig):
 
     ``image_size`` None keeps the pretrained model's resolution. ``k_test`` answers are re-ranked
     by full likelihood after the first-token shortlist. ``max_answer_length`` counts [CLS] and
-    [SEP]. ``hflip``: ALBEF flips training images; data whose questions say left / right should not.
+    [SEP] (an answer always ends with [SEP], whether or not the tokenizer appends it to questions).
+    ``hflip``: ALBEF flips training images; data whose questions say left / right should not.
+    ``max_length`` (the ``vqa`` preset: ALBEF's 25) cuts questions at training and at evaluation;
+    ALBEF does not cut test questions, which differs only for questions of more than 24 word
+    pieces (both keep ``max_words`` = 30 words).
     """
 
     epochs: int = 8
@@ -88,7 +94,7 @@ class VQAConfig(TaskConfig):
 
 
 PRESETS: dict[str, VQAConfig] = {
-    "vqa": VQAConfig(),
+    "vqa": VQAConfig(max_length=25),
     # The CPU demo: the pretrained (tiny) model's image size, the demo world's short answer list,
     # no flips (its questions ask about left and right), a learning rate for a short run from small
     # weights, and no distillation: over a few hundred steps an EMA teacher (momentum 0.995, a lag of
@@ -197,7 +203,8 @@ class VQAModel(nn.Module):
         super().__init__()
         self.model_config = model_config
         self.config = config
-        self.tokenizer = load_tokenizer(model_config.text.tokenizer or model_config.text.pretrained)
+        self.tokenizer = load_tokenizer(model_config.text.tokenizer or model_config.text.pretrained,
+                                        append_sep=model_config.text.append_sep)
         self.visual_encoder = build_image_encoder(dataclasses.replace(model_config.vision,
                                                                       pretrained=None))
         self.text_encoder = TextFusionEncoder(BertConfig.from_dict(text_architecture),
@@ -327,7 +334,7 @@ def _answer_batch(batch: dict, tokenizer, max_length: int, device: torch.device,
     if not answers:
         raise ValueError("train_shards: a training batch holds no answers (test questions have none; "
                          "finetune on a split with annotator answers)")
-    ids, mask = tokenize(tokenizer, answers, max_length)
+    ids, mask = tokenize(tokenizer, answers, max_length, end_with_sep=True)
     counts = torch.tensor([len(group) for group in batch["answers"]], dtype=torch.long)
     weights = torch.tensor([w for group in batch["answer_weights"] for w in group], dtype=torch.float32)
     return ids.to(device), mask.to(device), counts.to(device), weights.to(device)
@@ -355,7 +362,7 @@ def finetune(pretrained: str | Path, train_shards: str | Path | list[str], outpu
     def open_epoch(epoch: int):
         return training_loader(urls, "vqa", config, train, tokenizer=model.tokenizer,
                                image_size=model.image_size,
-                               max_length=model.model_config.text.max_length, epoch=epoch,
+                               max_length=config.text_max_length(model.model_config), epoch=epoch,
                                skips=skips)
 
     def step_loss(trained: nn.Module, batch: dict, step: int) -> PretrainOutput:
@@ -417,14 +424,24 @@ def read_annotator_answers(shards: str | Path | list[str]) -> dict[Any, list[str
 
     The loader's batches carry only distinct answers and their shares, which cannot give back the
     annotator counts the metric needs, so the records are read once more (no image is decoded)."""
+    return _read_questions(shards)[0]
+
+
+def _read_questions(shards: str | Path | list[str],
+                    ) -> tuple[dict[Any, list[str] | None], dict[Any, str]]:
+    """:func:`read_annotator_answers`, and the ``answer_type`` of the records that carry one (the
+    official annotations' "yes/no", "number", "other")."""
     urls = shard_urls(shards, ("vqa",))
     pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(),
                                 wds.map(lambda sample: json.loads(sample["json"])))
     found: dict[Any, list[str] | None] = {}
+    answer_types: dict[Any, str] = {}
     for record in pipeline:
         answer = record.get("answer")
         found[record["question_id"]] = [answer] if isinstance(answer, str) else answer
-    return found
+        if isinstance(record.get("answer_type"), str):
+            answer_types[record["question_id"]] = record["answer_type"]
+    return found, answer_types
 
 
 def _resolve_config(model: VQAModel, config: VQAConfig | None) -> VQAConfig:
@@ -449,12 +466,14 @@ def _predict(checkpoint: str | Path, shards: str | Path | list[str], config: VQA
     config = _resolve_config(model, config)
     device = runtime.device
     model.eval()
-    answer_ids, answer_mask = tokenize(model.tokenizer, answers, config.max_answer_length)
+    answer_ids, answer_mask = tokenize(model.tokenizer, answers, config.max_answer_length,
+                                       end_with_sep=True)
     answer_ids, answer_mask = answer_ids.to(device), answer_mask.to(device)
     loader = vqa_loader(shard_urls(shards, ("vqa",)), image_size=model.image_size,
                         batch_size=batch_size, tokenizer=model.tokenizer,
                         max_words=config.max_words,
-                        max_length=model.model_config.text.max_length, num_workers=config.num_workers,
+                        max_length=config.text_max_length(model.model_config),
+                        num_workers=config.num_workers,
                         rank=runtime.rank, world_size=runtime.world_size)
 
     def best_answers(batch: dict) -> Iterable[tuple[Any, str]]:
@@ -469,48 +488,87 @@ def _predict(checkpoint: str | Path, shards: str | Path | list[str], config: VQA
                        progress=progress, desc="vqa eval"), runtime
 
 
+def write_result_file(predictions: Mapping[Any, str], output: str | Path) -> Path:
+    """The VQA evaluation server's result file, ``[{"question_id": int, "answer": str}, ...]``,
+    written atomically; ids that are digit strings become integers, as the server expects."""
+    def server_id(question_id: Any) -> Any:
+        digits = isinstance(question_id, str) and question_id.isdecimal()
+        return int(question_id) if digits else question_id
+
+    return atomic_write_json(output, [{"question_id": server_id(q), "answer": a}
+                                      for q, a in predictions.items()])
+
+
 def predict(checkpoint: str | Path, shards: str | Path | list[str], config: VQAConfig | None = None,
             *, answer_list: str | Path | Sequence[str] | None = None, output: str | Path | None = None,
             batch_size: int = 16, progress: bool = True,
             device: str | torch.device | None = None) -> dict[Any, str]:
     """{question_id: answer} for every question in ``shards``; with ``output`` also written as the
-    VQA result file ``[{"question_id": ..., "answer": ...}, ...]`` (for the test-dev server).
+    VQA result file (:func:`write_result_file`, for the test-dev / test-std server).
     Under ``torchrun`` every rank calls it: each answers its share, all return every answer, and
     rank 0 writes ``output``. ``config.eval_precision`` "auto": bf16 autocast on GPUs, fp32 on the CPU."""
     predictions, runtime = _predict(checkpoint, shards, config, answer_list, batch_size=batch_size,
                                     progress=progress, device=device)
     if output is not None and runtime.is_main:
-        atomic_write_json(output, [{"question_id": q, "answer": a} for q, a in predictions.items()])
+        write_result_file(predictions, output)
     return predictions
 
 
 def evaluate(checkpoint: str | Path, shards: str | Path | list[str], config: VQAConfig | None = None,
              *, answer_list: str | Path | Sequence[str] | None = None,
-             question_types: str | Path | Mapping[str, str] | None = None, official: bool = False,
-             batch_size: int = 16, progress: bool = True,
+             question_types: str | Path | Mapping[str, str] | None = None, metric: str = "official",
+             result_file: str | Path | None = None, batch_size: int = 16, progress: bool = True,
              device: str | torch.device | None = None) -> dict[str, float]:
-    """VQA accuracy (percent) of a finetuned checkpoint on annotated VQA shards: ``accuracy`` and,
-    with ``question_types`` (question_id -> type, e.g. the demo world's
-    meta/vqa_question_types.json), ``accuracy_<type>`` per type. ``config`` None uses the
-    checkpoint's (k_test, answer length). Deterministic: eval mode, shard order, no augmentation.
-    Under ``torchrun`` every rank calls it, answers its share of the questions and returns the
-    metrics of all. ``config.eval_precision`` "auto": bf16 autocast on GPUs, fp32 on the CPU."""
-    annotated = read_annotator_answers(shards)
+    """VQA accuracy (percent) of a finetuned checkpoint on VQA shards, by ``metric``
+    (:func:`codis.metrics.vqa_accuracy`: ``official``, the evaluation server's, or ``min3``).
+
+    Returns ``accuracy``; with ``question_types`` (question_id -> type, e.g. the demo world's
+    meta/vqa_question_types.json) ``accuracy_<type>`` per type; for records that carry the official
+    annotations' ``answer_type``, ``accuracy_answer_<type>`` per answer type ("yes/no" ->
+    ``yes_no``, ``number``, ``other``). ``result_file``: also write the predictions as the
+    evaluation server's result file.
+
+    A split without answers (VQA test-dev / test-std, as ALBEF's test files) cannot be scored
+    here: the predictions go to ``result_file`` (required then) for the evaluation server, and the
+    only metric returned is ``questions``, the number answered.
+
+    ``config`` None uses the checkpoint's (k_test, answer length). Deterministic: eval mode, shard
+    order, no augmentation. Under ``torchrun`` every rank calls it, answers its share of the
+    questions and returns the metrics of all; rank 0 writes ``result_file``.
+    ``config.eval_precision`` "auto": bf16 autocast on GPUs, fp32 on the CPU."""
+    if metric not in VQA_METRICS:
+        raise ValueError(f"metric: expected one of {', '.join(VQA_METRICS)}, got {metric!r}")
+    annotated, answer_types = _read_questions(shards)
     missing = [q for q, given in annotated.items() if not given]
-    if missing:
-        raise ValueError(f"shards: {len(missing)} question(s) have no annotator answers (first: "
-                         f"{missing[0]!r}); a test split can only be predicted, see predict()")
-    types = _question_types(question_types, annotated)
-    predictions, _ = _predict(checkpoint, shards, config, answer_list, batch_size=batch_size,
-                              progress=progress, device=device)
-    scores = {q: vqa_accuracy(predictions[q], annotated[q], official=official) for q in predictions}
-    metrics = {"accuracy": 100.0 * sum(scores.values()) / len(scores)}
-    if types is not None:
-        for name in sorted(set(types.values())):
-            chosen = [scores[q] for q in scores if types[str(q)] == name]
-            if chosen:
-                metrics[f"accuracy_{name}"] = 100.0 * sum(chosen) / len(chosen)
-    return metrics
+    unanswered = bool(annotated) and len(missing) == len(annotated)
+    if missing and not unanswered:
+        raise ValueError(f"shards: {len(missing)} of {len(annotated)} questions have no annotator "
+                         f"answers (first: {missing[0]!r}); evaluate a split that is answered "
+                         "throughout, or one without answers (test-dev) for a result file")
+    if unanswered and result_file is None:
+        raise ValueError("result_file: the shards' questions have no annotator answers (a test "
+                         "split): pass result_file to write the evaluation server's result file")
+    types = None if unanswered else _question_types(question_types, annotated)
+    predictions, runtime = _predict(checkpoint, shards, config, answer_list, batch_size=batch_size,
+                                    progress=progress, device=device)
+    if result_file is not None and runtime.is_main:
+        write_result_file(predictions, result_file)
+    if unanswered:
+        return {"questions": len(predictions)}
+    scores = {q: vqa_accuracy(predictions[q], annotated[q], metric=metric) for q in predictions}
+    groups: dict[str, list[float]] = {}
+    for q, score in scores.items():
+        if types is not None:
+            groups.setdefault(f"accuracy_{types[str(q)]}", []).append(score)
+        if q in answer_types:
+            groups.setdefault(f"accuracy_answer_{_metric_word(answer_types[q])}", []).append(score)
+    return {"accuracy": 100.0 * sum(scores.values()) / len(scores),
+            **{key: 100.0 * sum(group) / len(group) for key, group in sorted(groups.items())}}
+
+
+def _metric_word(name: str) -> str:
+    """An answer type as part of a metric name: "yes/no" -> "yes_no"."""
+    return "".join(c if c.isalnum() else "_" for c in name)
 
 
 def _question_types(question_types: str | Path | Mapping[str, str] | None,

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -166,6 +166,27 @@ class EpochBatches:
 StepLoss = Callable[[torch.nn.Module, dict, int], PretrainOutput]
 
 
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters, timm's grouping: no weight decay for biases and tensors
+    of fewer than two dimensions, except the 0-d parameters a module lists in ``decayed_scalars()``
+    (ALBEF's grouping decays its raw temperature, see :meth:`codis.model.CodisModel.decayed_scalars`)."""
+    decayed = {id(p) for module in model.modules() if hasattr(module, "decayed_scalars")
+               for p in module.decayed_scalars() if p.requires_grad}
+    if not decayed:
+        return create_optimizer_v2(model, "adamw", lr=optim.lr, weight_decay=optim.weight_decay)
+
+    def groups(module: torch.nn.Module) -> list[dict[str, Any]]:
+        grouped = param_groups_weight_decay(module, weight_decay=optim.weight_decay)
+        for group in grouped:
+            group["params"] = [p for p in group["params"] if id(p) not in decayed]
+        grouped.append({"params": [p for p in module.parameters() if id(p) in decayed],
+                        "weight_decay": optim.weight_decay})
+        return [group for group in grouped if group["params"]]
+
+    return create_optimizer_v2(model, "adamw", lr=optim.lr, weight_decay=optim.weight_decay,
+                               param_group_fn=groups)
+
+
 def fit(model: torch.nn.Module, step_loss: StepLoss, open_epoch: Callable[[int], Any], *,
         run_config: dict[str, Any], train: TrainConfig, optim: OptimConfig, output_dir: str | Path,
         runtime: Runtime, callback: MetricsCallback | None = None, progress: bool = True,
@@ -179,7 +200,7 @@ def fit(model: torch.nn.Module, step_loss: StepLoss, open_epoch: Callable[[int],
     every ``train.checkpoint_every`` steps and at the end. Returns the number of steps done.
     """
     checkpoints = Path(output_dir) / "checkpoints"
-    optimizer = create_optimizer_v2(model, "adamw", lr=optim.lr, weight_decay=optim.weight_decay)
+    optimizer = build_optimizer(model, optim)
     step, position, rng = 0, {"epoch": 0, "batch": 0}, None
     state_path = latest_checkpoint(checkpoints) if resume else None
     if state_path is not None:

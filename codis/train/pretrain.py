@@ -117,7 +117,7 @@ def pretrain(config: PretrainConfig, *, resume: bool = True, callback: MetricsCa
         alpha = distillation_alpha(step, config.model.alpha, config.train.alpha_warmup_steps)
         output = trained(batch["image"], batch["input_ids"], batch["attention_mask"], alpha=alpha,
                          hard_negatives=step >= config.train.itm_uniform_negative_steps)
-        output.parts.update(alpha=torch.tensor(alpha), temperature=model.temp.detach())
+        output.parts.update(alpha=torch.tensor(alpha), temperature=model.temperature.detach())
         return output
 
     step = fit(model, step_loss, open_epoch, run_config=config.to_dict(), train=config.train,
