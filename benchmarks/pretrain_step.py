@@ -18,15 +18,14 @@ import torch
 import codis  # noqa: F401
 from codis.config import preset
 from codis.model import CodisModel
-from codis.text import load_tokenizer, tokenize
+from codis.text import text_tokenizer, tokenize
 
 WORDS = "red green blue yellow circle square triangle star left right above below small large".split()
 
 
 def make_batch(config, batch_size: int, device: torch.device):
     generator = torch.Generator().manual_seed(0)
-    tokenizer = load_tokenizer(config.text.tokenizer or config.text.pretrained,
-                               append_sep=config.text.append_sep)
+    tokenizer = text_tokenizer(config.text)
     captions = [" ".join(WORDS[j] for j in torch.randint(len(WORDS), (8,), generator=generator))
                 for _ in range(batch_size)]
     ids, mask = tokenize(tokenizer, captions, config.text.max_length)

@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import codis  # noqa: F401
 from codis.config import preset
 from codis.model import CodisModel
-from codis.text import load_tokenizer, tokenize
+from codis.text import tokenize
 
 WORDS = "red green blue yellow circle square triangle star left right above below small large".split()
 
@@ -68,8 +68,7 @@ def main() -> None:
     config = preset(args.preset, mode=args.mode)
     model = CodisModel(config).to(device).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    tokenizer = load_tokenizer(config.text.tokenizer or config.text.pretrained,
-                               append_sep=config.text.append_sep)
+    tokenizer = model.tokenizer
     generator = torch.Generator().manual_seed(0)
     captions = [" ".join(WORDS[j] for j in torch.randint(len(WORDS), (12,), generator=generator))
                 for _ in range(args.batch_size)]

@@ -487,13 +487,13 @@ def check_tokenizer(config: ModelConfig, vocab_size: int) -> None:
     """The tokenizer a model of ``config`` loads exists and has ``vocab_size`` entries (the
     checkpoint's word embeddings), or a ConfigError naming ``text.tokenizer``: checked before any
     model is built."""
-    from codis.text import load_tokenizer  # on use: the CLI imports this module at start-up
+    from codis.text import text_tokenizer  # on use: the CLI imports this module at start-up
 
     name = config.text.tokenizer or config.text.pretrained
     hint = ("name a local tokenizer folder, e.g. --set "
             "'{\"text\": {\"tokenizer\": \"/path/to/bert-base-uncased\"}}'")
     try:
-        tokenizer = load_tokenizer(name, append_sep=config.text.append_sep)
+        tokenizer = text_tokenizer(config.text)
     except OSError as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ConfigError(f"text.tokenizer: cannot load {name!r} ({first}); {hint}") from None

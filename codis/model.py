@@ -33,7 +33,7 @@ from codis.ema import momentum_update
 from codis.encoders import TextFusionEncoder, build_image_encoder
 from codis.ot import transport_plan
 from codis.queue import FeatureQueue, gather_from_all_ranks
-from codis.text import load_tokenizer, mask_tokens
+from codis.text import mask_tokens, text_tokenizer
 
 @dataclasses.dataclass
 class PairFeatures:
@@ -63,8 +63,7 @@ class CodisModel(nn.Module):
     def __init__(self, config: ModelConfig, text_architecture: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.config = config
-        self.tokenizer = load_tokenizer(config.text.tokenizer or config.text.pretrained,
-                                        append_sep=config.text.append_sep)
+        self.tokenizer = text_tokenizer(config.text)
         if text_architecture is None:
             self.visual_encoder = build_image_encoder(config.vision)
             self.text_encoder = TextFusionEncoder.from_config(config.text, len(self.tokenizer))
@@ -84,7 +83,7 @@ class CodisModel(nn.Module):
             self.temp = nn.Parameter(torch.tensor(float(config.temperature)))
         else:
             # Adam moves a parameter by about lr per step whatever its gradient, which for a raw
-            # temperature of 0.07 is a large relative jump (at the demo's lr 1e-3 it fell to 0.011
+            # temperature of 0.07 is a large relative jump (at the demo's lr 1e-3 it fell to 0.014
             # in 91 steps: docs/findings/tiny-preset.md, finding 9); in log space a step changes
             # it by ~0.1%.
             self.log_temp = nn.Parameter(torch.tensor(math.log(config.temperature)))

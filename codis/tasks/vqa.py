@@ -55,7 +55,7 @@ from codis.data.loaders import SkipCounter, shard_urls, vqa_loader
 from codis.model import CodisModel, PretrainOutput, load_model
 from codis.data.manifest import MANIFEST, read_json
 from codis.tasks.base import TaskConfig, check_config, preset_config, training_loader
-from codis.text import load_tokenizer, tokenize
+from codis.text import text_tokenizer, tokenize
 from codis.tasks.evaluation import predict_all
 from codis.train import (MetricsCallback, OptimConfig, Runtime, TrainConfig, distillation_alpha, fit,
                          init_runtime, seed_everything)
@@ -203,8 +203,7 @@ class VQAModel(nn.Module):
         super().__init__()
         self.model_config = model_config
         self.config = config
-        self.tokenizer = load_tokenizer(model_config.text.tokenizer or model_config.text.pretrained,
-                                        append_sep=model_config.text.append_sep)
+        self.tokenizer = text_tokenizer(model_config.text)
         self.visual_encoder = build_image_encoder(dataclasses.replace(model_config.vision,
                                                                       pretrained=None))
         self.text_encoder = TextFusionEncoder(BertConfig.from_dict(text_architecture),
