@@ -32,11 +32,15 @@ from codis.data.shards import write_shards
 from codis.text import load_tokenizer
 
 
-def make_images(root: Path, count: int, seed: int = 0) -> list[dict]:
+def make_images(root: Path, count: int, seed: int = 0,
+                sizes: tuple[tuple[int, int], ...] = ((320, 240),)) -> list[dict]:
+    """``count`` photo-like JPEGs (smooth gradients plus noise, so they compress like photos),
+    image i of size ``sizes[i % len(sizes)]`` (width, height), and their pretraining records."""
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:240, 0:320].astype(np.float32)
+    grids = {size: np.mgrid[0:size[1], 0:size[0]].astype(np.float32) for size in set(sizes)}
     records = []
     for i in range(count):
+        yy, xx = grids[sizes[i % len(sizes)]]
         a, b, c = rng.uniform(0.005, 0.05, size=3)
         base = np.stack([128 + 100 * np.sin(a * xx + b * yy + k) for k in rng.uniform(0, 6, 3)], -1)
         pixels = np.clip(base + rng.normal(0, 12, size=base.shape) * c * 20, 0, 255).astype(np.uint8)

@@ -166,7 +166,10 @@ class TextFusionEncoder(nn.Module):
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Text-only hidden states (B, L, H)."""
-        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # Given the 2-D padding mask, transformers asks whether it is all ones (to drop it), which
+        # reads it back from the device on every call; a 4-D mask is used as it is.
+        mask = additive_mask(attention_mask, self.bert.embeddings.word_embeddings.weight.dtype)
+        return self.bert(input_ids=input_ids, attention_mask=mask).last_hidden_state
 
     def fuse(self, text_hidden: torch.Tensor, attention_mask: torch.Tensor,
              image_hidden: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:

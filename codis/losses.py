@@ -135,10 +135,17 @@ def ica_loss(image_feat: Tensor, text_feat: Tensor, image_feat_m: Tensor, text_f
 
 
 def codeword_distance(features: Tensor, codewords: Tensor) -> Tensor:
-    """CODIS transport cost D_ij = d(z_i, c_j) = 1 - cos(z_i, c_j), shape (N, K)."""
-    _check_matrix("features", features)
-    _check_matrix("codewords", codewords, cols=features.shape[1])
-    return 1.0 - F.normalize(features, dim=-1) @ F.normalize(codewords, dim=-1).t()
+    """CODIS transport cost D_ij = d(z_i, c_j) = 1 - cos(z_i, c_j), shape (..., N, K) for features
+    (..., N, D), in float32 (or float64) even under autocast: in bf16 the cost near 1 sits on a grid
+    of 0.004-0.008, several percent of the OT's epsilon."""
+    if features.dim() < 2:
+        raise ValueError(f"features must be (..., N, D), got shape {tuple(features.shape)}")
+    _check_matrix("codewords", codewords, cols=features.shape[-1])
+    dtype = torch.promote_types(torch.promote_types(features.dtype, codewords.dtype), torch.float32)
+    with torch.autocast(features.device.type, enabled=False):
+        cosine = (F.normalize(features.to(dtype), dim=-1)
+                  @ F.normalize(codewords.to(dtype), dim=-1).t())
+    return 1.0 - cosine
 
 
 def ot_loss(plan: Tensor, cost: Tensor) -> Tensor:
@@ -184,6 +191,10 @@ def code_loss(image_feat: Tensor, text_feat: Tensor, image_target_feat: Tensor, 
     return ot_image + ot_text + t2p + i2p, parts
 
 
+_NO_NEGATIVE = ("hard negative mining needs at least one negative per row, but some sample has no "
+                "negative in the batch (every sample of the batch shares its id)")
+
+
 @torch.no_grad()
 def hard_negative_indices(sim_i2t: Tensor, sim_t2i: Tensor, sample_ids: Tensor | None = None,
                           generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -193,6 +204,10 @@ def hard_negative_indices(sim_i2t: Tensor, sim_t2i: Tensor, sample_ids: Tensor |
     Positives are masked to -inf before the softmax, so a positive can never be drawn, however peaked
     the similarities are. Returns (negative_image_for_text, negative_text_for_image), each (B,) long,
     drawn from ``generator`` (on its own device) when given.
+
+    A batch of one raises ValueError. A sample whose every batch entry shares its id (so has no
+    negative) is caught on the device, without a host sync: on the CPU a RuntimeError "hard
+    negative mining needs at least one negative per row ...", on CUDA a device-side assert.
     """
     _check_matrix("sim_i2t", sim_i2t)
     batch = sim_i2t.shape[0]
@@ -206,9 +221,11 @@ def hard_negative_indices(sim_i2t: Tensor, sim_t2i: Tensor, sample_ids: Tensor |
             raise ValueError(f"sample_ids must have shape ({batch},), got {tuple(sample_ids.shape)}")
         ids = sample_ids.to(sim_i2t.device)
         positives = ids.view(-1, 1) == ids.view(1, -1)
-    if bool(positives.all(dim=1).any()):
-        raise ValueError("hard negative mining needs at least one negative per row, but some sample has no "
-                         "negative in the batch (batch size 1, or every sample shares the same id)")
+    if batch < 2:
+        raise ValueError("hard negative mining needs at least one negative per row, but a batch of "
+                         f"{batch} has none")
+    # Checked on the device: reading the answer back would stall the host every step.
+    torch._assert_async(~positives.all(dim=1).any(), _NO_NEGATIVE)
     draw_device = sim_i2t.device if generator is None else generator.device
 
     def draw(sim: Tensor) -> Tensor:
@@ -229,12 +246,18 @@ def itm_loss(logits: Tensor, labels: Tensor) -> Tensor:
 
 def mlm_loss(logits: Tensor, labels: Tensor, teacher_logits: Tensor | None = None,
              alpha: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
-    """ALBEF L_mlm = (1 - alpha) H(y^msk, p^msk) + alpha H(softmax(teacher), p^msk) on masked tokens."""
+    """ALBEF L_mlm = (1 - alpha) H(y^msk, p^msk) + alpha H(softmax(teacher), p^msk) on masked tokens.
+
+    ``logits`` (N, V) and ``teacher_logits`` (N, V) are the MLM head's outputs at the N masked
+    tokens only, ``labels`` (N,) their original ids (the rows of ``codis.text.mlm_positions``);
+    N = 0 gives a zero loss that keeps the graph."""
     _check_alpha(alpha)
-    if logits.dim() != 3:
-        raise ValueError(f"MLM logits must have shape (B, L, V), got {tuple(logits.shape)}")
-    if labels.shape != logits.shape[:2]:
-        raise ValueError(f"MLM labels must have shape {tuple(logits.shape[:2])} (B, L), got {tuple(labels.shape)}")
+    if logits.dim() != 2:
+        raise ValueError(f"MLM logits must have shape (N, V) (masked tokens, vocabulary), "
+                         f"got {tuple(logits.shape)}")
+    if labels.shape != logits.shape[:1]:
+        raise ValueError(f"MLM labels must have shape ({logits.shape[0]},) (one per masked token), "
+                         f"got {tuple(labels.shape)}")
     if teacher_logits is not None and teacher_logits.shape != logits.shape:
         raise ValueError(f"teacher_logits must have the shape of logits {tuple(logits.shape)}, "
                          f"got {tuple(teacher_logits.shape)}")
@@ -242,16 +265,14 @@ def mlm_loss(logits: Tensor, labels: Tensor, teacher_logits: Tensor | None = Non
         # Otherwise (1 - alpha) would silently shrink the MLM loss with nothing to distil from.
         raise ValueError(f"alpha={alpha} needs teacher_logits; pass alpha=0 when not distilling")
 
-    masked = labels != -100
-    if not bool(masked.any()):
+    if logits.shape[0] == 0:
         zero = logits.sum() * 0  # keeps the graph so that backward() and DDP still see every parameter
         return zero, {"ce": zero, "distill": zero}
-    student = logits[masked]
-    ce = F.cross_entropy(student, labels[masked])
+    ce = F.cross_entropy(logits, labels)
     if teacher_logits is None:
         distill = torch.zeros((), dtype=ce.dtype, device=ce.device)
     else:
-        distill = soft_cross_entropy(student, F.softmax(teacher_logits.detach()[masked], dim=-1))
+        distill = soft_cross_entropy(logits, F.softmax(teacher_logits.detach(), dim=-1))
     total = (1.0 - alpha) * ce + alpha * distill
     return total, {"ce": ce, "distill": distill}
 

@@ -33,7 +33,7 @@ from codis.ema import momentum_update
 from codis.encoders import TextFusionEncoder, build_image_encoder
 from codis.ot import transport_plan
 from codis.queue import FeatureQueue, gather_from_all_ranks
-from codis.text import mask_tokens, text_tokenizer
+from codis.text import mask_tokens, mlm_positions, text_tokenizer
 
 @dataclasses.dataclass
 class PairFeatures:
@@ -185,7 +185,7 @@ class CodisModel(nn.Module):
     def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 alpha: float | None = None, sample_ids: torch.Tensor | None = None,
                 hard_negatives: bool = True, *,
-                mlm_inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
+                mlm_inputs: tuple[torch.Tensor, ...] | None = None,
                 itm_negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
                 generator: torch.Generator | None = None) -> PretrainOutput:
         """One pretraining step's losses on a batch of matched (image, text) pairs.
@@ -196,13 +196,20 @@ class CodisModel(nn.Module):
 
         The step's random draws can be given, so that a replay (of ALBEF's code, of another run)
         needs no patching: ``mlm_inputs`` (masked_ids, labels) with labels -100 where a token is not
-        masked; ``itm_negatives`` (negative_image_for_text, negative_text_for_image), batch indices
-        as :func:`codis.losses.hard_negative_indices` returns them; ``generator`` draws whichever
-        of the two is not given (the ITM negatives first, then the MLM mask, as ALBEF does) instead
-        of the global generator. Dropout still draws from the global generator.
+        masked, or (masked_ids, labels, positions) with positions = ``codis.text.mlm_positions(labels)``
+        as the pretraining loader gives them; ``itm_negatives`` (negative_image_for_text,
+        negative_text_for_image), batch indices as :func:`codis.losses.hard_negative_indices`
+        returns them; ``generator`` draws whichever of the two is not given (the ITM negatives
+        first, then the MLM mask, as ALBEF does) instead of the global generator. Dropout still
+        draws from the global generator.
+
+        With the positions given, the step reads nothing back from the device (no host sync)
+        unless ``itm_negatives`` are given; without them, finding the masked tokens costs one.
         """
         config = self.config
         alpha = config.alpha if alpha is None else alpha
+        if mlm_inputs is not None:
+            mlm_inputs = tuple(t.to(input_ids.device) for t in mlm_inputs)
         _check_given_draws(input_ids, mlm_inputs, itm_negatives)
         self.clamp_temperature()
 
@@ -287,27 +294,30 @@ class CodisModel(nn.Module):
         texts = torch.cat([f.text_tokens, f.text_tokens, f.text_tokens[negative_text]], dim=0)
         masks = torch.cat([attention_mask, attention_mask, attention_mask[negative_text]], dim=0)
         logits = self.itm_logits(images, texts, masks)
-        labels = torch.cat([torch.ones(batch, dtype=torch.long),
-                            torch.zeros(2 * batch, dtype=torch.long)]).to(logits.device)
+        labels = torch.zeros(3 * batch, dtype=torch.long, device=logits.device)
+        labels[:batch] = 1  # the positive pairs come first
         return losses.itm_loss(logits, labels)
 
     def _mlm_loss(self, input_ids, attention_mask, image_tokens, image_tokens_m, alpha,
                   mlm_inputs=None, generator=None):
         if mlm_inputs is not None:
-            masked_ids, labels = (t.to(input_ids.device) for t in mlm_inputs)
+            masked_ids, labels, *positions = mlm_inputs
         else:
             masked_ids, labels = mask_tokens(input_ids, self.tokenizer, self.config.mlm_probability,
                                              generator=generator)
+            positions = []
+        positions = positions[0] if positions else mlm_positions(labels)  # else: one host sync
+        # The MLM head (and its vocabulary-wide projection) runs on the masked tokens only.
         student = self.text_encoder
         fused = student.fuse(student.encode_text(masked_ids, attention_mask), attention_mask,
                              image_tokens)
-        logits = student.mlm_logits(fused)
+        logits = student.mlm_logits(fused.flatten(0, 1).index_select(0, positions))
         with torch.no_grad():
             teacher = self.text_encoder_m
             fused_m = teacher.fuse(teacher.encode_text(masked_ids, attention_mask), attention_mask,
                                    image_tokens_m)
-            logits_m = teacher.mlm_logits(fused_m)
-        return losses.mlm_loss(logits, labels, logits_m, alpha)
+            logits_m = teacher.mlm_logits(fused_m.flatten(0, 1).index_select(0, positions))
+        return losses.mlm_loss(logits, labels.reshape(-1).index_select(0, positions), logits_m, alpha)
 
     def _code_loss(self, image_feat, text_feat, image_feat_m, text_feat_m):
         if self.config.codebook_features == "teacher":
@@ -315,23 +325,27 @@ class CodisModel(nn.Module):
         else:
             image_target, text_target = image_feat.detach(), text_feat.detach()
         with torch.no_grad():
-            image_plan = self._local_plan(image_target)
-            text_plan = self._local_plan(text_target)
+            image_plan, text_plan = self._local_plans(image_target, text_target)
         return losses.code_loss(image_feat, text_feat, image_target, text_target, self.codebook,
                                 image_plan, text_plan, temperature=self.config.codebook.temperature)
 
-    def _local_plan(self, features: torch.Tensor) -> torch.Tensor:
-        """This rank's rows of the OT plan of the whole global batch to the codewords.
+    def _local_plans(self, image_features: torch.Tensor, text_features: torch.Tensor,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's rows of the OT plans of the whole global batch's image and of its text
+        features to the codewords, both problems solved in one batched call.
 
         The rows are scaled by the world size so that each rank's plan carries unit mass: the
         ranks' L_ot terms, averaged by DDP, then add up to the single-process <T, D>.
         """
         world, rank = _world()
-        everyone = gather_from_all_ranks(features)
-        plan = transport_plan(losses.codeword_distance(everyone, self.codebook),
-                              self.config.codebook.ot)
-        batch = features.shape[0]
-        return plan[rank * batch:(rank + 1) * batch] * world
+        batch = image_features.shape[0]
+        # (world * B, 2, D) -> (2, world * B, D): one all-gather for both modalities.
+        everyone = gather_from_all_ranks(torch.stack([image_features, text_features], 1))
+        cost = losses.codeword_distance(everyone.transpose(0, 1), self.codebook)
+        # Rounding can put 1 - cos a hair below 0 for a feature on a codeword; OT needs cost >= 0.
+        plans = transport_plan(cost.clamp_min(0), self.config.codebook.ot)
+        local = plans[:, rank * batch:(rank + 1) * batch] * world
+        return local[0], local[1]
 
 
 def _world() -> tuple[int, int]:
@@ -351,20 +365,37 @@ def _other_ranks(image_feat_m: torch.Tensor, text_feat_m: torch.Tensor,
            else torch.full((batch,), -1, dtype=torch.long, device=image_feat_m.device))
     if world == 1 or alone:
         return image_feat_m[:0], text_feat_m[:0], ids[:0]
-    keep = torch.ones(world * batch, dtype=torch.bool, device=image_feat_m.device)
-    keep[rank * batch:(rank + 1) * batch] = False
-    return tuple(gather_from_all_ranks(t)[keep] for t in (image_feat_m, text_feat_m, ids.long()))
+    gathered = (gather_from_all_ranks(t) for t in (image_feat_m, text_feat_m, ids.long()))
+    return tuple(torch.cat([t[:rank * batch], t[(rank + 1) * batch:]]) for t in gathered)
 
 
 def _check_given_draws(input_ids: torch.Tensor, mlm_inputs, itm_negatives) -> None:
-    """The shapes of a forward's given MLM inputs and ITM negatives, named when wrong."""
+    """The shapes of a forward's given MLM inputs and ITM negatives, named when wrong (checked on
+    the host); the values of given MLM positions on the device, without a host sync; the values of
+    given ITM negatives on the host (a sync: they serve replays, not the training loop)."""
     if mlm_inputs is not None:
-        if len(mlm_inputs) != 2:
-            raise ValueError("mlm_inputs: expected (masked_ids, labels)")
+        if len(mlm_inputs) not in (2, 3):
+            raise ValueError("mlm_inputs: expected (masked_ids, labels) or (masked_ids, labels, "
+                             "positions)")
         for name, tensor in zip(("masked_ids", "labels"), mlm_inputs):
             if tuple(tensor.shape) != tuple(input_ids.shape):
                 raise ValueError(f"mlm_inputs: {name} must have the shape of input_ids "
                                  f"{tuple(input_ids.shape)}, got {tuple(tensor.shape)}")
+        if len(mlm_inputs) == 3:
+            labels, positions = mlm_inputs[1], mlm_inputs[2]
+            if positions.dim() != 1 or positions.dtype != torch.long:
+                raise ValueError(f"mlm_inputs: positions must be 1-D long indices "
+                                 f"(codis.text.mlm_positions), got {tuple(positions.shape)} "
+                                 f"{positions.dtype}")
+            flat = labels.reshape(-1)
+            if len(positions) > len(flat):
+                raise ValueError(f"mlm_inputs: {len(positions)} positions for {len(flat)} tokens")
+            # As many, all masked and ascending: exactly mlm_positions(labels).
+            masked = flat != -100
+            valid = ((masked.sum() == len(positions))
+                     & masked[positions.clamp(0, len(flat) - 1)].all()
+                     & (positions[1:] > positions[:-1]).all())
+            torch._assert_async(valid, "mlm_inputs: positions must be codis.text.mlm_positions(labels)")
     if itm_negatives is not None:
         batch = input_ids.shape[0]
         if len(itm_negatives) != 2:

@@ -62,8 +62,14 @@ def _marginal(weights: Tensor | None, name: str, size: int, batch: torch.Size, d
     return weights.to(dtype).expand(*batch, size)
 
 
-def _prepare(cost: Tensor, a: Tensor | None, b: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """Validate the problem and return (cost, a, b) in the compute dtype, marginals broadcast."""
+def _prepare(cost: Tensor, a: Tensor | None, b: Tensor | None, check_on_host: bool,
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """Validate the problem and return (cost, a, b) in the compute dtype, marginals broadcast.
+
+    Shapes are checked on the host. Values (finite, non-negative cost; finite, non-negative
+    marginals of equal positive mass) are read back once and raise ValueError naming the argument
+    when ``check_on_host``; otherwise they are asserted on the device (torch._assert_async: no
+    host sync; a RuntimeError on the CPU, a device-side assert on CUDA)."""
     if not isinstance(cost, Tensor):
         raise ValueError(f"cost: expected a torch.Tensor, got {type(cost).__name__}")
     if cost.dim() < 2 or cost.shape[-2] == 0 or cost.shape[-1] == 0:
@@ -73,29 +79,30 @@ def _prepare(cost: Tensor, a: Tensor | None, b: Tensor | None) -> tuple[Tensor, 
     dtype = _compute_dtype(cost.dtype)
     batch, (n, k) = cost.shape[:-2], cost.shape[-2:]
     cost = cost.to(dtype)
+    given_a, given_b = a is not None, b is not None
     a = _marginal(a, "a", n, batch, dtype, cost.device)
     b = _marginal(b, "b", k, batch, dtype, cost.device)
-    # One host round trip for all value checks (each check alone would synchronise the GPU);
     # aminmax is a single pass and propagates NaN, so non-finite costs show up in lo or hi.
     lo, hi = torch.aminmax(cost)
-    mass_a, mass_b = a.sum(-1), b.sum(-1)
-    flags = torch.stack([
-        ~(torch.isfinite(lo) & torch.isfinite(hi)),
-        lo < 0,
-        ~torch.isfinite(a).all() | (a < 0).any(),
-        ~torch.isfinite(b).all() | (b < 0).any(),
-        (mass_a <= 0).any(),
-        ((mass_a - mass_b).abs() > _MASS_RTOL * mass_a.abs()).any(),
-    ]).tolist()
-    messages = (
-        ("cost", "contains NaN or infinite values"),
-        ("cost", "contains negative values; OT costs must be >= 0"),
-        ("a", "must be finite and non-negative"),
-        ("b", "must be finite and non-negative"),
-        ("a", "must have positive total mass"),
-        ("b", "total mass differs from a's; the marginals must carry the same mass"),
-    )
-    for bad, (name, message) in zip(flags, messages):
+    checks = [(~(torch.isfinite(lo) & torch.isfinite(hi)), "cost", "contains NaN or infinite values"),
+              (lo < 0, "cost", "contains negative values; OT costs must be >= 0")]
+    # The default marginals are uniform by construction: only given ones need their values checked.
+    if given_a:
+        checks.append((~torch.isfinite(a).all() | (a < 0).any(), "a", "must be finite and non-negative"))
+    if given_b:
+        checks.append((~torch.isfinite(b).all() | (b < 0).any(), "b", "must be finite and non-negative"))
+    if given_a or given_b:
+        mass_a, mass_b = a.sum(-1), b.sum(-1)
+        checks.append(((mass_a <= 0).any(), "a", "must have positive total mass"))
+        checks.append((((mass_a - mass_b).abs() > _MASS_RTOL * mass_a.abs()).any(), "b",
+                       "total mass differs from a's; the marginals must carry the same mass"))
+    flags = torch.stack([bad for bad, _, _ in checks])
+    if not check_on_host:
+        torch._assert_async(~flags.any(), "OT problem: " + "; ".join(
+            f"{name} {message}" for _, name, message in checks) + " (one of these failed)")
+        return cost, a, b
+    # One host round trip for all value checks (each check alone would synchronise the GPU).
+    for bad, (_, name, message) in zip(flags.tolist(), checks):
         if bad:
             raise ValueError(f"{name}: {message}")
     return cost, a, b
@@ -124,7 +131,7 @@ def _vecmat(vector: Tensor, matrix: Tensor) -> Tensor:
 
 @torch.no_grad()
 def sinkhorn(cost: Tensor, a: Tensor | None = None, b: Tensor | None = None, *, epsilon: float = 0.05,
-             iterations: int = 50, log_domain: bool = True) -> Tensor:
+             iterations: int = 50, log_domain: bool = True, check_on_host: bool = True) -> Tensor:
     """Entropic OT plan argmin_T <T, cost> - epsilon H(T) with T 1 = a, T^T 1 = b (Cuturi 2013).
 
     ``cost``: (..., N, K), non-negative; ``a``: (..., N) and ``b``: (..., K) marginals (default uniform,
@@ -139,10 +146,14 @@ def sinkhorn(cost: Tensor, a: Tensor | None = None, b: Tensor | None = None, *, 
     underflows once cost / epsilon passes ~87 in float32 (e.g. epsilon=0.005 on cosine distances)
     and the plan becomes NaN. ``log_domain=True`` keeps log u, log v and updates them with
     log-sum-exp over cost / epsilon, which stays finite for any epsilon.
+
+    ``check_on_host`` False checks the values of cost and marginals on the device instead of
+    reading them back (no host-device sync; a failure is a RuntimeError or a device-side assert,
+    not a ValueError): the training step's choice.
     """
     _check_positive("epsilon", epsilon)
     _check_positive("iterations", iterations, integer=True)
-    cost, a, b = _prepare(cost, a, b)
+    cost, a, b = _prepare(cost, a, b, check_on_host)
     if log_domain:
         return _sinkhorn_log(cost, a, b, epsilon, iterations)
     kernel = torch.exp(cost / -epsilon)
@@ -190,7 +201,7 @@ def _sinkhorn_log(cost: Tensor, a: Tensor, b: Tensor, epsilon: float, iterations
 
 @torch.no_grad()
 def ipot(cost: Tensor, a: Tensor | None = None, b: Tensor | None = None, *, epsilon: float = 0.1,
-         iterations: int = 50, inner_iterations: int = 1) -> Tensor:
+         iterations: int = 50, inner_iterations: int = 1, check_on_host: bool = True) -> Tensor:
     """Exact-OT plan by the inexact proximal point method, IPOT (Xie et al. 2020, Algorithm 1).
 
     Each outer step solves min_T <T, cost> + epsilon KL(T || T_prev) inexactly; the plans converge to
@@ -212,34 +223,44 @@ def ipot(cost: Tensor, a: Tensor | None = None, b: Tensor | None = None, *, epsi
     ~87 epsilon; that codeword then gets no mass. The default epsilon=0.1 on cosine distances
     (at most 2) keeps A above exp(-20).
 
-    Shapes, dtypes and devices as in :func:`sinkhorn`.
+    Shapes, dtypes, devices and ``check_on_host`` as in :func:`sinkhorn`.
     """
     _check_positive("epsilon", epsilon)
     _check_positive("iterations", iterations, integer=True)
     _check_positive("inner_iterations", inner_iterations, integer=True)
-    cost, a, b = _prepare(cost, a, b)
-    shifted = cost - cost.amin(-1, keepdim=True)
-    kernel = shifted.div_(-epsilon).exp_()
+    cost, a, b = _prepare(cost, a, b, check_on_host)
+    shape, (n, k) = cost.shape, cost.shape[-2:]
+    # Every problem of the batch in one (P, N, K) stack, delta a (P, N, 1) and sigma a (P, K, 1)
+    # column, and ``plan_t`` a transposed view that follows the plan's in-place updates: each
+    # product in the loop is then one bmm and each scaling one broadcast multiply, with no
+    # reshaping (the loop is the training step's longest run of small kernels).
+    cost = cost.reshape(-1, n, k)
+    a, b = a.reshape(-1, n, 1), b.reshape(-1, k, 1)
+    kernel = (cost - cost.amin(-1, keepdim=True)).div_(-epsilon).exp_()
     plan = kernel.clone()  # Q of the first step, A * ones
-    sigma = torch.full_like(b, 1.0 / cost.shape[-1])
+    plan_t = plan.mT
+    sigma = torch.full_like(b, 1.0 / k)
     tiny = torch.finfo(cost.dtype).tiny
     for step in range(iterations):
         if step:
             plan.mul_(kernel)
         for _ in range(inner_iterations):
             # A zero-mass row or column stays zero in the plan; the clamp makes its 0 / 0 a 0.
-            delta = a / _matvec(plan, sigma).clamp_min_(tiny)
-            sigma = b / _vecmat(delta, plan).clamp_min_(tiny)
-        plan.mul_(delta.unsqueeze(-1)).mul_(sigma.unsqueeze(-2))
-    return plan
+            delta = a / torch.bmm(plan, sigma).clamp_min_(tiny)
+            sigma = b / torch.bmm(plan_t, delta).clamp_min_(tiny)
+        plan.mul_(delta)
+        plan_t.mul_(sigma)
+    return plan.reshape(shape)
 
 
 def transport_plan(cost: Tensor, config: OTConfig) -> Tensor:
-    """The plan for uniform marginals from the solver and settings that ``config`` names."""
+    """The plan for uniform marginals from the solver and settings that ``config`` names, for a
+    cost of shape (..., N, K) (several problems in one call), its values checked on the device
+    (no host-device sync: this runs every training step)."""
     if config.solver == "ipot":
         return ipot(cost, epsilon=config.epsilon, iterations=config.iterations,
-                    inner_iterations=config.inner_iterations)
+                    inner_iterations=config.inner_iterations, check_on_host=False)
     if config.solver == "sinkhorn":
         return sinkhorn(cost, epsilon=config.epsilon, iterations=config.iterations,
-                        log_domain=config.log_domain)
+                        log_domain=config.log_domain, check_on_host=False)
     raise ValueError(f"config.solver: must be 'ipot' or 'sinkhorn', got {config.solver!r}")

@@ -44,10 +44,18 @@ class FeatureQueue(nn.Module):
             for queue in (self.image, self.text):
                 queue.copy_(F.normalize(torch.randn(dim, size), dim=0).T)
             self.filled.fill_(size)
+        # The ``filled`` buffer as a Python int, so that each step slices the queue without
+        # reading a tensor back from the device; the buffer is what checkpoints keep.
+        self._filled = size if init == "random" else 0
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if not self.filled.is_meta:
+            self._filled = int(self.filled)
 
     def contents(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(image, text, ids) of the filled entries, detached copies."""
-        count = int(self.filled)
+        count = self._filled
         return (self.image[:count].clone(), self.text[:count].clone(), self.ids[:count].clone())
 
     @torch.no_grad()
@@ -65,4 +73,5 @@ class FeatureQueue(nn.Module):
         self.text[slots] = text.to(self.text.dtype)
         self.ids[slots] = ids
         self.pointer.copy_((self.pointer + count) % self.size)
-        self.filled.copy_(torch.clamp(self.filled + count, max=self.size))
+        self._filled = min(self._filled + count, self.size)
+        self.filled.fill_(self._filled)

@@ -96,26 +96,33 @@ def mask_tokens(input_ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase, pro
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking: choose ``probability`` of the non-special tokens ([PAD], [CLS], [SEP] never);
     of those 80% become [MASK], 10% a random token, 10% stay. Returns the masked ids and labels
-    (-100 where not chosen). Drawn from ``generator`` (on its device) when given, else from the
-    global CPU generator."""
+    (-100 where not chosen). Drawn on ``input_ids``' device from the global generator, or from
+    ``generator`` on its own device when given (then copied to ``input_ids``' device)."""
     device = input_ids.device
-    draw_device = generator.device if generator is not None else torch.device("cpu")
-    labels = input_ids.clone()
+    draw_device = generator.device if generator is not None else device
     special = torch.zeros_like(input_ids, dtype=torch.bool)
     for token_id in (tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id):
         special |= input_ids == token_id
 
-    def draw(shape_like: torch.Tensor, p: float) -> torch.Tensor:
-        noise = torch.rand(shape_like.shape, generator=generator, device=draw_device).to(device)
-        return noise < p
+    def draw(p: float) -> torch.Tensor:
+        noise = torch.rand(input_ids.shape, generator=generator, device=draw_device)
+        return noise.to(device) < p
 
-    chosen = draw(input_ids, probability) & ~special
-    labels[~chosen] = -100
-    masked = input_ids.clone()
-    to_mask = draw(input_ids, 0.8) & chosen
-    masked[to_mask] = tokenizer.mask_token_id
-    to_random = draw(input_ids, 0.5) & chosen & ~to_mask
+    # torch.where rather than boolean-mask writes, which read the mask back to the host.
+    chosen = draw(probability) & ~special
+    labels = torch.where(chosen, input_ids, -100)
+    to_mask = draw(0.8) & chosen
+    masked = torch.where(to_mask, tokenizer.mask_token_id, input_ids)
+    to_random = draw(0.5) & chosen & ~to_mask
     random_ids = torch.randint(len(tokenizer), input_ids.shape, generator=generator,
                                device=draw_device).to(device)
-    masked[to_random] = random_ids[to_random]
-    return masked, labels
+    return torch.where(to_random, random_ids, masked), labels
+
+
+def mlm_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The masked tokens' flat indices into ``labels.reshape(-1)`` (labels != -100), ascending.
+
+    A data-dependent size, so computing it reads the labels back to the host: the pretraining
+    loader's collate does it on the CPU, where that costs nothing, and hands it to the model with
+    the masked ids (``CodisModel.forward``'s ``mlm_inputs``)."""
+    return (labels.reshape(-1) != -100).nonzero().squeeze(1)

@@ -99,6 +99,29 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_model(model, tmp_path_factory.mktemp("tiny_checkpoint") / "pretrained.pt")
 
 
+@pytest.fixture
+def transform_calls(monkeypatch: pytest.MonkeyPatch):
+    """Counts the images the pretraining transform is applied to, in every loader process (a
+    shared counter: DataLoader workers add to it too); reset it by setting ``.value``."""
+    import multiprocessing
+    from codis.data import loaders
+
+    calls = multiprocessing.Value("q", 0)
+    build = loaders.pretrain_transform
+
+    def counting(*args, **kwargs):
+        transform = build(*args, **kwargs)
+
+        def counted(image):
+            with calls.get_lock():
+                calls.value += 1
+            return transform(image)
+        return counted
+
+    monkeypatch.setattr(loaders, "pretrain_transform", counting)
+    return calls
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): on a

@@ -13,11 +13,13 @@ from PIL import Image
 
 import codis  # noqa: F401
 from codis.config import ConfigError
+from codis.data import loaders
 from codis.data.loaders import (ShardDataError, SkipCounter, nlvr_loader, pretrain_loader,
                                 retrieval_eval_loader, retrieval_train_loader, task_loader,
                                 ve_loader, vqa_loader)
 from codis.data.shards import VERIFY_ENV, ShardIntegrityError, write_shards
 from codis.text import clean_caption, load_tokenizer
+from codis.transforms import normalize_on_device
 
 N_IMAGES = 8
 
@@ -62,7 +64,8 @@ def test_pretrain_batches(image_root: Path, tmp_path: Path, tokenizer) -> None:
     batches = all_batches(loader)
     assert len(batches) == 2  # 10 samples, full batches of 4 only
     for batch in batches:
-        assert batch["image"].shape == (4, 3, 32, 32) and batch["image"].dtype == torch.float32
+        # uint8 pixels: fit normalises them on the device
+        assert batch["image"].shape == (4, 3, 32, 32) and batch["image"].dtype == torch.uint8
         assert batch["input_ids"].dtype == torch.long and batch["input_ids"].shape[0] == 4
         assert batch["input_ids"].shape[1] <= 8
         assert batch["attention_mask"].shape == batch["input_ids"].shape
@@ -70,8 +73,7 @@ def test_pretrain_batches(image_root: Path, tmp_path: Path, tokenizer) -> None:
         for key, caption in zip(batch["key"], batch["caption"]):
             assert caption == clean_caption(records[int(key)]["caption"], 5)
             assert len(caption.split()) == 5
-        # normalised, not raw [0, 1] pixels
-        assert batch["image"].min() < 0
+        assert batch["image"].max() > 1  # bytes, not [0, 1] floats
     assert loader.skips.count == 0
 
 
@@ -320,8 +322,11 @@ def test_training_without_augmentation_sees_the_evaluation_images(image_root: Pa
 
     plain, augmented = training(False), training(True)
     assert set(plain) == set(evaluation)
-    assert all(torch.equal(plain[k], evaluation[k]) for k in plain)
-    assert any(not torch.equal(augmented[k], evaluation[k]) for k in augmented)
+    for key in plain:  # training batches are uint8, normalised on the device by fit
+        torch.testing.assert_close(normalize_on_device(plain[key]), evaluation[key], rtol=0,
+                                   atol=1e-6)
+    assert any(not torch.allclose(normalize_on_device(augmented[k]), evaluation[k])
+               for k in augmented)
 
 
 def test_retrieval_train_loader_is_seeded(image_root: Path, tmp_path: Path, tokenizer) -> None:
@@ -426,3 +431,134 @@ print("samples", sum(len(batch["key"]) for batch in loader))
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "samples 6" in done.stdout
+
+
+# ---- per-sample seeds, MLM masks, resuming without decoding -------------------------------------
+def test_sample_seeding_gives_the_batches_torch_manual_seed_gave(image_root: Path, tmp_path: Path,
+                                                                 tokenizer, monkeypatch) -> None:
+    # Only the CPU generator is seeded per sample now (torch.manual_seed also seeded CUDA, at 30
+    # times the cost); the pixels must be those of the torch.manual_seed version, byte for byte.
+    write_shards(caption_records(12), image_root, tmp_path / "s", kind="pretrain",
+                 samples_per_shard=3, progress=False)
+
+    def batches() -> list[dict]:
+        return all_batches(pretrain_loader(str(tmp_path / "s"), tokenizer=tokenizer, image_size=24,
+                                           batch_size=4, seed=5, epoch=2, shuffle_buffer=6))
+
+    def seeded_by_torch_manual_seed(sample, to_sample, seed, epoch, transform, max_words):
+        sample_seed = loaders._sample_seed(seed, epoch, sample)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            return to_sample(loaders._draw_caption(sample, sample_seed), transform, max_words)
+
+    now = batches()
+    monkeypatch.setattr(loaders, "_with_sample_seed", seeded_by_torch_manual_seed)
+    _assert_same_batches(now, batches())
+
+
+def test_mlm_masks_depend_on_seed_epoch_and_keys_only(image_root: Path, tmp_path: Path,
+                                                      tokenizer) -> None:
+    # Shards of one batch each and no sample shuffle: every epoch and worker count forms the same
+    # batches (in other orders), so their masks can be compared batch by batch.
+    write_shards(caption_records(16), image_root, tmp_path / "s", kind="pretrain",
+                 samples_per_shard=4, progress=False)
+
+    def masks(workers: int, epoch: int = 0, seed: int = 0) -> dict[tuple, tuple]:
+        loader = pretrain_loader(str(tmp_path / "s"), tokenizer=tokenizer, image_size=16,
+                                 batch_size=4, num_workers=workers, seed=seed, epoch=epoch,
+                                 shuffle_buffer=0, mlm_probability=0.5)
+        return {tuple(b["key"]): (b["input_ids"], b["mlm_ids"], b["mlm_labels"], b["mlm_positions"])
+                for b in loader}
+
+    first = masks(0)
+    assert len(first) == 4
+    for ids, masked, labels, positions in first.values():
+        chosen = labels != -100
+        assert chosen.any() and torch.equal(labels[chosen], ids[chosen])
+        assert torch.equal(masked[~chosen], ids[~chosen])
+        assert torch.equal(positions, chosen.flatten().nonzero().squeeze(1))
+    for other in (masks(0), masks(2)):
+        assert other.keys() == first.keys()
+        for keys, tensors in first.items():
+            assert all(torch.equal(a, b) for a, b in zip(tensors, other[keys]))
+    for other in (masks(0, epoch=1), masks(0, seed=1)):
+        assert other.keys() == first.keys()
+        assert any(not torch.equal(first[keys][2], other[keys][2]) for keys in first)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_resumed_loader_continues_exactly_without_decoding_what_it_skips(
+        image_root: Path, tmp_path: Path, tokenizer, monkeypatch, transform_calls,
+        num_workers: int) -> None:
+    records = caption_records(29)
+    records[4]["image"] = records[17]["image"] = "garbage.jpg"
+    manifest = write_shards(records, image_root, tmp_path / "s", kind="pretrain",
+                            samples_per_shard=4, progress=False)
+    _truncate_inside_second_sample(tmp_path / "s" / manifest["shards"][2]["name"])  # 9-11 lost
+    monkeypatch.setenv(VERIFY_ENV, "off")
+    decoded = transform_calls
+
+    def loader():
+        return pretrain_loader(str(tmp_path / "s"), tokenizer=tokenizer, image_size=16,
+                               batch_size=3, num_workers=num_workers, seed=4, epoch=1,
+                               shuffle_buffer=5, mlm_probability=0.15)
+
+    straight = loader()
+    iterator = iter(straight)
+    batches, positions = [], []
+    for batch in iterator:
+        batches.append(batch)
+        positions.append(iterator.position)
+    assert len(batches) == 8 and straight.skips.count == 5
+    all_decoded = decoded.value
+    for k in (1, 3, len(batches) - 2):
+        decoded.value = 0
+        resumed = loader()
+        _assert_same_batches(batches[k:], all_batches(resumed.resume(positions[k - 1])))
+        # the k batches before the position were neither decoded nor augmented again
+        assert decoded.value == all_decoded - 3 * k
+        assert resumed.skips.count == 5  # those lost before the position count, and once
+    # a fresh pass starts at the beginning
+    _assert_same_batches(batches, all_batches(loader()))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_resampled_stream_resumes_without_decoding_what_it_skips(
+        image_root: Path, tmp_path: Path, tokenizer, transform_calls, num_workers: int) -> None:
+    write_shards(caption_records(10), image_root, tmp_path / "s", kind="pretrain",
+                 samples_per_shard=2, progress=False)
+    decoded = transform_calls
+
+    def loader():
+        return pretrain_loader(str(tmp_path / "s"), tokenizer=tokenizer, image_size=16,
+                               batch_size=2, num_workers=num_workers, resample=True,
+                               shuffle_buffer=4)
+
+    iterator = iter(loader())
+    batches = [next(iterator) for _ in range(4)]
+    position = iterator.position
+    batches += [next(iterator) for _ in range(4)]
+    del iterator  # its workers stop (they would go on decoding what they prefetch)
+    decoded.value = 0
+    resumed = loader().resume(position)
+    _assert_same_batches(batches[4:], [next(resumed) for _ in range(4)])
+    if num_workers == 0:
+        assert decoded.value == 8
+    else:  # at most 8 batches asked of the workers (4 taken, 2 x 2 prefetched); a replay adds 4
+        assert decoded.value <= 2 * 8
+
+
+def test_a_position_is_checked_against_the_loader(image_root: Path, tmp_path: Path,
+                                                  tokenizer) -> None:
+    write_shards(caption_records(4), image_root, tmp_path / "s", kind="pretrain", progress=False)
+    train = pretrain_loader(str(tmp_path / "s"), tokenizer=tokenizer, image_size=16, batch_size=2)
+    with pytest.raises(ValueError, match="recorded with 2 loader worker"):
+        train.resume({"next": 0, "workers": [[0, 0], [2, 0]], "skipped": 0})
+    write_shards([{"image": "0.jpg", "sentence": "s", "label": "neutral"}], image_root,
+                 tmp_path / "ve", kind="ve", progress=False)
+    evaluation = ve_loader(str(tmp_path / "ve"), image_size=16, batch_size=1)
+    iterator = iter(evaluation)
+    next(iterator)
+    assert iterator.position is None
+    with pytest.raises(ValueError, match="only training loaders resume"):
+        evaluation.resume({"next": 0, "workers": [[0, 0]], "skipped": 0})

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from codis.losses import (code_loss, codeword_distance, distillation_targets, hard_negative_indices,
                           ica_loss, itm_loss, mlm_loss, ot_loss, positive_targets, soft_cross_entropy)
+from codis.text import mlm_positions
 
 
 def unit(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -179,6 +180,9 @@ def test_codeword_distance_is_zero_for_equal_and_two_for_opposite():
     features = torch.tensor([[1.0, 0.0, 0.0], [0.0, -1.0, 0.0], [0.0, 0.0, 1.0]])
     expected = torch.tensor([[0.0, 1.0], [1.0, 2.0], [1.0, 1.0]])
     torch.testing.assert_close(codeword_distance(features, codewords), expected)
+    # Leading batch dims: one cost per problem.
+    stacked = codeword_distance(torch.stack([features, -features]), codewords)
+    torch.testing.assert_close(stacked, torch.stack([expected, 2 - expected]))
     with pytest.raises(ValueError, match="codewords"):
         codeword_distance(features, torch.zeros(2, 4))
 
@@ -329,7 +333,9 @@ def test_hard_negatives_prefer_the_most_similar_negative():
 
 
 def test_hard_negatives_raise_without_any_negative():
-    with pytest.raises(ValueError, match="negative"):
+    # Every sample sharing one id is seen only on the device (no host sync): on the CPU that
+    # assertion raises at once.
+    with pytest.raises(RuntimeError, match="negative"):
         hard_negative_indices(torch.zeros(3, 3), torch.zeros(3, 3), torch.tensor([4, 4, 4]))
     with pytest.raises(ValueError, match="negative"):
         hard_negative_indices(torch.zeros(1, 1), torch.zeros(1, 1))
@@ -353,15 +359,27 @@ def test_itm_loss_is_two_way_cross_entropy():
         itm_loss(torch.zeros(3, 3), labels)
 
 
+def _masked_rows(logits, labels):
+    """The (N, V) logits and (N,) labels of the masked tokens of (B, L, V) logits."""
+    positions = mlm_positions(labels)
+    return logits.flatten(0, 1)[positions], labels.reshape(-1)[positions]
+
+
 def _mlm_inputs():
     logits = torch.randn(2, 4, 6, generator=torch.Generator().manual_seed(81), requires_grad=True)
     labels = torch.tensor([[-100, 3, -100, 0], [5, -100, -100, -100]])
     return logits, labels
 
 
+def test_mlm_positions_are_the_masked_tokens_in_order():
+    labels = torch.tensor([[-100, 3, -100, 0], [5, -100, -100, 7]])
+    assert mlm_positions(labels).tolist() == [1, 3, 4, 7]
+    assert mlm_positions(torch.full((2, 3), -100)).shape == (0,)
+
+
 def test_mlm_alpha_zero_is_masked_cross_entropy():
     logits, labels = _mlm_inputs()
-    total, parts = mlm_loss(logits, labels)
+    total, parts = mlm_loss(*_masked_rows(logits, labels))
     expected = F.cross_entropy(logits.reshape(-1, 6), labels.reshape(-1), ignore_index=-100)
     torch.testing.assert_close(total, expected)
     torch.testing.assert_close(parts["ce"], expected)
@@ -370,9 +388,9 @@ def test_mlm_alpha_zero_is_masked_cross_entropy():
 
 def test_mlm_self_distillation_with_alpha_one_is_prediction_entropy():
     logits, labels = _mlm_inputs()
-    total, parts = mlm_loss(logits, labels, teacher_logits=logits.detach().clone(), alpha=1.0)
-    masked = logits[labels != -100]
-    probs = F.softmax(masked, -1)
+    rows, targets = _masked_rows(logits, labels)
+    total, parts = mlm_loss(rows, targets, teacher_logits=rows.detach().clone(), alpha=1.0)
+    probs = F.softmax(rows, -1)
     entropy = -(probs * probs.log()).sum(-1).mean()
     torch.testing.assert_close(total, entropy)
     torch.testing.assert_close(parts["distill"], entropy)
@@ -381,7 +399,8 @@ def test_mlm_self_distillation_with_alpha_one_is_prediction_entropy():
 def test_mlm_mixes_ce_and_distillation():
     logits, labels = _mlm_inputs()
     teacher = torch.randn(2, 4, 6, generator=torch.Generator().manual_seed(82))
-    total, parts = mlm_loss(logits, labels, teacher, alpha=0.4)
+    rows, targets = _masked_rows(logits, labels)
+    total, parts = mlm_loss(rows, targets, _masked_rows(teacher, labels)[0], alpha=0.4)
     torch.testing.assert_close(total, 0.6 * parts["ce"] + 0.4 * parts["distill"])
     total.backward()
     # Unmasked positions carry no loss, hence no gradient.
@@ -389,9 +408,58 @@ def test_mlm_mixes_ce_and_distillation():
     assert logits.grad[labels != -100].abs().sum() > 0
 
 
+def test_mlm_on_the_masked_rows_equals_the_head_on_every_token_then_boolean_selection():
+    """The loss and gradients of the former formulation (MLM head on all B x L tokens, masked rows
+    picked by a boolean mask) on a fixed seed."""
+    from transformers import BertConfig
+    from transformers.models.bert.modeling_bert import BertOnlyMLMHead
+
+    generator = torch.Generator().manual_seed(5)
+    head = BertOnlyMLMHead(BertConfig(vocab_size=40, hidden_size=16))
+    with torch.no_grad():
+        for parameter in head.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    teacher = BertOnlyMLMHead(BertConfig(vocab_size=40, hidden_size=16))
+    teacher.load_state_dict(head.state_dict())
+    hidden = torch.randn(3, 7, 16, generator=generator, requires_grad=True)
+    hidden_m = torch.randn(3, 7, 16, generator=generator)
+    chosen = torch.rand(3, 7, generator=generator) < 0.4
+    labels = torch.where(chosen, torch.randint(40, (3, 7), generator=generator), -100)
+    alpha = 0.4
+
+    def gradients(total):
+        used = [hidden] + [p for name, p in head.named_parameters() if name != "predictions.bias"]
+        return torch.autograd.grad(total, used)  # the untied bias: the decoder has its own
+
+    # Former: logits of every token, then rows by boolean mask.
+    logits = head(hidden)
+    masked = labels != -100
+    student = logits[masked]
+    ce = F.cross_entropy(student, labels[masked])
+    with torch.no_grad():
+        targets = F.softmax(teacher(hidden_m)[masked], dim=-1)
+    distill = -(targets * F.log_softmax(student, dim=-1)).sum(-1).mean()
+    old_total = (1 - alpha) * ce + alpha * distill
+    old_grads = gradients(old_total)
+
+    positions = mlm_positions(labels)
+    with torch.no_grad():
+        teacher_rows = teacher(hidden_m.flatten(0, 1).index_select(0, positions))
+    total, parts = mlm_loss(head(hidden.flatten(0, 1).index_select(0, positions)),
+                            labels.reshape(-1).index_select(0, positions), teacher_rows, alpha)
+    torch.testing.assert_close(total, old_total)
+    torch.testing.assert_close(parts["ce"], ce)
+    torch.testing.assert_close(parts["distill"], distill)
+    for new, old in zip(gradients(total), old_grads):
+        torch.testing.assert_close(new, old)
+    assert old_grads[0].abs().sum() > 0
+
+
 def test_mlm_without_masked_tokens_is_zero_with_a_graph():
     logits = torch.randn(2, 3, 5, requires_grad=True)
-    total, parts = mlm_loss(logits, torch.full((2, 3), -100), logits.detach(), alpha=0.4)
+    rows, targets = _masked_rows(logits, torch.full((2, 3), -100))
+    assert rows.shape == (0, 5)
+    total, parts = mlm_loss(rows, targets, rows.detach(), alpha=0.4)
     assert total.item() == 0.0 and not math.isnan(total.item())
     assert total.requires_grad
     total.backward()
@@ -400,9 +468,12 @@ def test_mlm_without_masked_tokens_is_zero_with_a_graph():
 
 def test_mlm_validates_inputs():
     logits, labels = _mlm_inputs()
+    rows, targets = _masked_rows(logits, labels)
+    with pytest.raises(ValueError, match="logits"):
+        mlm_loss(logits, labels)  # (B, L, V): the head's output on every token
     with pytest.raises(ValueError, match="labels"):
-        mlm_loss(logits, labels[:, :3])
+        mlm_loss(rows, targets[:2])
     with pytest.raises(ValueError, match="teacher_logits"):
-        mlm_loss(logits, labels, alpha=0.4)
+        mlm_loss(rows, targets, alpha=0.4)
     with pytest.raises(ValueError, match="teacher_logits"):
-        mlm_loss(logits, labels, torch.zeros(2, 4, 5), alpha=0.4)
+        mlm_loss(rows, targets, torch.zeros(3, 5), alpha=0.4)

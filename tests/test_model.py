@@ -248,3 +248,127 @@ def test_loss_weights_scale_the_total():
     parts = plain.parts
     expected = parts["ica"] + 0.5 * parts["itm"] + parts["mlm"] + 2.0 * parts["code"]
     torch.testing.assert_close(weighted.loss.detach(), expected)
+
+
+# ---- step efficiency: same numbers without host syncs ---------------------------------------------
+def test_mlm_on_masked_positions_equals_the_head_on_every_token_then_boolean_selection():
+    import torch.nn.functional as F
+
+    from codis.text import mask_tokens, mlm_positions
+
+    model = tiny_model("albef")
+    images, ids, mask = make_batch(model.config)
+    masked, labels = mask_tokens(ids, model.tokenizer, 0.3, generator=torch.Generator().manual_seed(3))
+    f = model.pair_features(images, ids, mask)
+    encoder, teacher = model.text_encoder, model.text_encoder_m
+    parameters = [p for p in encoder.parameters() if p.requires_grad]
+
+    # Former: the MLM head on every token, the masked rows picked by a boolean mask.
+    logits = encoder.mlm_logits(encoder.fuse(encoder.encode_text(masked, mask), mask, f.image_tokens))
+    with torch.no_grad():
+        logits_m = teacher.mlm_logits(teacher.fuse(teacher.encode_text(masked, mask), mask,
+                                                   f.image_tokens_m))
+    chosen = labels != -100
+    ce = F.cross_entropy(logits[chosen], labels[chosen])
+    targets = F.softmax(logits_m[chosen], dim=-1)
+    distill = -(targets * F.log_softmax(logits[chosen], dim=-1)).sum(-1).mean()
+    former = 0.6 * ce + 0.4 * distill
+    former_grads = torch.autograd.grad(former, parameters, allow_unused=True)
+
+    for mlm_inputs in ((masked, labels, mlm_positions(labels)), (masked, labels)):
+        total, parts = model._mlm_loss(ids, mask, f.image_tokens, f.image_tokens_m, 0.4, mlm_inputs)
+        torch.testing.assert_close(total, former)
+        torch.testing.assert_close(parts["ce"], ce)
+        grads = torch.autograd.grad(total, parameters, allow_unused=True)
+        for name, new, old in zip([n for n, p in encoder.named_parameters() if p.requires_grad],
+                                  grads, former_grads):
+            assert (new is None) == (old is None), name
+            if new is not None:
+                torch.testing.assert_close(new, old, msg=name)
+
+
+def test_given_mlm_positions_must_be_those_of_the_labels():
+    from codis.text import mask_tokens, mlm_positions
+
+    model = tiny_model("albef")
+    images, ids, mask = make_batch(model.config)
+    masked, labels = mask_tokens(ids, model.tokenizer, 0.3, generator=torch.Generator().manual_seed(3))
+    positions = mlm_positions(labels)
+    assert len(positions) > 1
+    for wrong in (positions[1:], positions.flip(0), positions + 1):
+        with pytest.raises(RuntimeError, match="positions"):  # asserted on the device
+            model(images, ids, mask, mlm_inputs=(masked, labels, wrong))
+    with pytest.raises(ValueError, match="positions must be 1-D long"):
+        model(images, ids, mask, mlm_inputs=(masked, labels, positions.int()))
+
+
+def test_text_encoder_gives_the_hidden_states_of_transformers_2d_mask():
+    model = tiny_model("codis").eval()
+    _, ids, mask = make_batch(model.config)
+    assert (mask == 0).any() and (mask.sum(1) == mask.shape[1]).any()  # padded and full rows
+    encoder = model.text_encoder
+    expected = encoder.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(encoder.encode_text(ids, mask), expected)
+    # Without padding transformers drops the mask; ours is all zeros: the same attention.
+    full = torch.ones_like(mask)
+    torch.testing.assert_close(encoder.encode_text(ids, full),
+                               encoder.bert(input_ids=ids, attention_mask=full).last_hidden_state)
+
+
+def test_a_loaded_half_filled_queue_returns_its_filled_part():
+    model = tiny_model("codis", queue_size=16)
+    model(*make_batch(model.config))  # 8 of 16 entries
+    loaded = tiny_model("codis", queue_size=16, seed=1)
+    assert loaded.queue.contents()[0].shape[0] == 0
+    loaded.load_state_dict(model.state_dict())
+    image, text, ids = loaded.queue.contents()
+    assert image.shape[0] == text.shape[0] == ids.shape[0] == 8
+    torch.testing.assert_close(image, model.queue.contents()[0])
+    # and it keeps counting from there
+    loaded(*make_batch(loaded.config))
+    assert loaded.queue.contents()[0].shape[0] == 16 == int(loaded.queue.filled)
+
+
+def test_both_modalities_plans_in_one_call_equal_two_separate_solves():
+    from codis.losses import codeword_distance
+    from codis.ot import transport_plan
+
+    model = tiny_model("codis")
+    generator = torch.Generator().manual_seed(4)
+    image, text = (torch.nn.functional.normalize(torch.randn(8, model.config.embed_dim,
+                                                             generator=generator), dim=-1)
+                   for _ in range(2))
+    with torch.no_grad():
+        image_plan, text_plan = model._local_plans(image, text)
+        for features, plan in ((image, image_plan), (text, text_plan)):
+            separate = transport_plan(codeword_distance(features, model.codebook),
+                                      model.config.codebook.ot)
+            torch.testing.assert_close(plan, separate, rtol=1e-5, atol=1e-9)
+    assert not torch.allclose(image_plan, text_plan)
+
+
+def test_rank_one_of_two_takes_the_other_ranks_rows_and_its_own_plan_rows(monkeypatch):
+    import codis.model
+    from codis.losses import codeword_distance
+    from codis.ot import transport_plan
+
+    # Rank 1 of two, without a process group: rank 0's batch is rank 1's reversed.
+    monkeypatch.setattr(codis.model, "_world", lambda: (2, 1))
+    monkeypatch.setattr(codis.model, "gather_from_all_ranks",
+                        lambda tensor: torch.cat([tensor.flip(0), tensor]))
+    model = tiny_model("codis")
+    generator = torch.Generator().manual_seed(6)
+    image, text = (torch.nn.functional.normalize(torch.randn(4, model.config.embed_dim,
+                                                             generator=generator), dim=-1)
+                   for _ in range(2))
+    ids = torch.arange(4)
+    others = codis.model._other_ranks(image, text, ids)
+    for got, mine in zip(others, (image, text, ids)):
+        assert torch.equal(got, mine.flip(0))
+    with torch.no_grad():
+        image_plan, text_plan = model._local_plans(image, text)
+        for features, plan in ((image, image_plan), (text, text_plan)):
+            everyone = torch.cat([features.flip(0), features])
+            whole = transport_plan(codeword_distance(everyone, model.codebook),
+                                   model.config.codebook.ot)
+            torch.testing.assert_close(plan, 2 * whole[4:], rtol=1e-5, atol=1e-9)

@@ -273,3 +273,46 @@ def test_transport_plan_dispatches_on_config(config: OTConfig) -> None:
     plan = transport_plan(cost, config)
     torch.testing.assert_close(plan, expected, rtol=0, atol=0)
     assert not torch.allclose(plan, other)
+
+
+# ---- the training step's call: both modalities at once, no host sync, fp32 cost ------------------
+def test_transport_plan_solves_stacked_problems_as_separate_ones_and_as_pot() -> None:
+    config = OTConfig(solver="ipot", epsilon=0.1, iterations=2000)
+    image_cost, text_cost = cosine_cost(10, 12, seed=21), cosine_cost(10, 12, seed=22)
+    plans = transport_plan(torch.stack([image_cost, text_cost]), config)
+    for plan, cost in zip(plans, (image_cost, text_cost)):
+        torch.testing.assert_close(plan, transport_plan(cost, config), rtol=1e-10, atol=1e-14)
+        assert (plan - emd_plans(cost)[0]).abs().max().item() < 1e-3 / 12
+
+
+@pytest.mark.parametrize("solver", ["ipot", "sinkhorn"])
+def test_transport_plan_checks_values_on_the_device_without_a_sync(solver: str) -> None:
+    from codis.train.syncs import count_syncs
+
+    config = OTConfig(solver=solver, epsilon=0.1, iterations=5)
+    with count_syncs() as report:
+        plan = transport_plan(GOOD, config)
+    assert report.count == 0, dict(report.sites)
+    assert torch.isfinite(plan).all()
+    with count_syncs() as report:
+        ipot(GOOD, iterations=5)  # called directly, a solver reads the checks back to raise ValueError
+    assert report.count == 1
+    for bad in (_with((1, 2), float("nan")), _with((3, 5), -0.5)):
+        with pytest.raises(RuntimeError, match="OT problem"):
+            transport_plan(bad, config)
+
+
+def test_codeword_distance_is_float32_under_bf16_autocast() -> None:
+    from codis.losses import codeword_distance
+
+    generator = torch.Generator().manual_seed(23)
+    features = torch.randn(6, 16, generator=generator).bfloat16()
+    codewords = torch.randn(5, 16, generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cost = codeword_distance(features, codewords)
+        # what autocast alone would have done: the matmul in bf16
+        rounded = 1 - (torch.nn.functional.normalize(features, dim=-1)
+                       @ torch.nn.functional.normalize(codewords, dim=-1).t())
+    assert cost.dtype == torch.float32 and rounded.dtype == torch.bfloat16
+    torch.testing.assert_close(cost, codeword_distance(features.float(), codewords), rtol=0, atol=0)
+    assert (cost - rounded.float()).abs().max() > 1e-4

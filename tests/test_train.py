@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,13 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from codis.config import ConfigError, LossWeights, preset
-from codis.model import CodisModel, load_model
+from codis.model import CodisModel, PretrainOutput, load_model
 from codis.data.shards import write_shards
-from codis.train import (DataConfig, OptimConfig, PretrainConfig, TrainConfig, distillation_alpha,
-                         latest_checkpoint, learning_rate, pretrain)
+from codis.train import (DataConfig, OptimConfig, PretrainConfig, Runtime, TrainConfig,
+                         distillation_alpha, fit, latest_checkpoint, learning_rate, pretrain)
+from codis.train import engine as train_engine
+from codis.train.engine import _check_resumable, _to_device, build_optimizer
+from codis.train.syncs import count_syncs
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), "yellow": (230, 220, 30)}
 SHAPES = ("square", "circle")
@@ -213,3 +217,280 @@ def test_itm_negatives_are_uniform_for_the_first_steps_then_hard(tmp_path, capti
     assert drawn_from_equal_similarities == [True, True, False, False]
     with pytest.raises(ConfigError, match="train.itm_uniform_negative_steps"):
         TrainConfig(itm_uniform_negative_steps=-1)
+
+
+# ---- the loop's step: syncs, metrics, optimiser, DDP, compile, batches, resume ---------------------
+def _stub_batches(rows: int, batch_size: int) -> list[dict]:
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(rows, 4, generator=generator), torch.randn(rows, 1, generator=generator)
+    return [{"x": x[i:i + batch_size], "y": y[i:i + batch_size]} for i in range(0, rows, batch_size)]
+
+
+def _stub_step(trained: torch.nn.Module, batch: dict, step: int) -> PretrainOutput:
+    """A regression step reporting parts as the real ones do: a tensor of the step and a CPU one."""
+    error = trained(batch["x"]) - batch["y"]
+    return PretrainOutput(error.pow(2).mean(), {"mae": error.abs().mean().detach(),
+                                                "alpha": torch.tensor(0.25)})
+
+
+def _stub_fit(output: Path, batches: list[dict], step_loss=_stub_step, runtime: Runtime | None = None,
+              **train) -> tuple[torch.nn.Module, list]:
+    """``fit`` of a 4 -> 1 linear model over ``batches`` (every epoch the same), logging into a list."""
+    settings = dict(steps=4, batch_size=len(batches[0]["x"]), log_every=100, checkpoint_every=100)
+    torch.manual_seed(0)
+    model, seen = torch.nn.Linear(4, 1), []
+    fit(model, step_loss, lambda epoch: batches, run_config={"stub": 1},
+        train=TrainConfig(**{**settings, **train}), optim=OptimConfig(lr=0.01, warmup_steps=1),
+        output_dir=output, runtime=runtime or Runtime(torch.device("cpu")), progress=False,
+        callback=lambda step, metrics: seen.append((step, metrics)))
+    return model, seen
+
+
+def _syncs_per_step(marks: list, calls_per_step: int) -> list[Counter]:
+    """The sync sites between the first ``step_loss`` call of one step and of the next."""
+    firsts = marks[::calls_per_step]
+    return [after - before for before, after in zip(firsts, firsts[1:])]
+
+
+def test_fit_reads_metrics_in_one_sync_on_logged_steps_only_with_the_micro_batch_means(tmp_path):
+    losses, marks = [], []
+    with count_syncs() as report:
+        def step_loss(trained, batch, step):
+            marks.append(report.sites.copy())
+            output = _stub_step(trained, batch, step)
+            losses.append(output.loss.detach())
+            return output
+        _, seen = _stub_fit(tmp_path, _stub_batches(64, 4), step_loss, steps=4, log_every=2,
+                            grad_accumulation=2, clip_grad_norm=1.0)
+    # steps 1 and 3 (0-based) are logged; the interval after the last one holds the final checkpoint
+    assert [sum(sites.values()) for sites in _syncs_per_step(marks, 2)] == [0, 1, 0], \
+        _syncs_per_step(marks, 2)
+    assert [step for step, _ in seen] == [2, 4]
+    for (_, metrics), first in zip(seen, (2, 6)):
+        assert set(metrics) == {"loss", "mae", "alpha", "grad_norm", "lr", "skipped_samples",
+                                "samples_per_s"}
+        # what fit computed on the host before: float(part) / accumulation, summed in Python
+        assert metrics["loss"] == float(losses[first]) / 2 + float(losses[first + 1]) / 2
+        assert metrics["alpha"] == 0.25 and metrics["grad_norm"] > 0
+
+
+def test_a_tiny_model_pretraining_step_in_fit_syncs_only_to_log(tmp_path, caption_shards):
+    from codis.data.loaders import pretrain_loader
+
+    torch.manual_seed(0)
+    model = CodisModel(preset("tiny", queue_size=32))
+    loader = pretrain_loader(str(caption_shards), tokenizer=model.tokenizer, batch_size=8,
+                             image_size=model.config.vision.image_size, shuffle_buffer=4, seed=0,
+                             mlm_probability=model.config.mlm_probability)
+    batches = list(loader)  # decoded before counting: a loader worker's work is not the step's
+    marks = []
+
+    def step_loss(trained, batch, step):  # pretraining's
+        marks.append(report.sites.copy())
+        return trained(batch["image"], batch["input_ids"], batch["attention_mask"], alpha=0.4,
+                       mlm_inputs=(batch["mlm_ids"], batch["mlm_labels"], batch["mlm_positions"]))
+
+    with count_syncs() as report:
+        fit(model, step_loss, lambda epoch: batches, run_config={}, progress=False,
+            train=TrainConfig(steps=5, batch_size=8, log_every=3, checkpoint_every=100),
+            optim=OptimConfig(), output_dir=tmp_path, runtime=Runtime(torch.device("cpu")))
+    # the queue (32) fills over the first four steps, then is full; the third step is logged
+    per_step = _syncs_per_step(marks, 1)
+    assert [sum(sites.values()) for sites in per_step] == [0, 0, 1, 0], per_step
+    (site,) = per_step[2]
+    assert "codis/train/engine.py:" in site and site.endswith("tolist"), site
+
+
+def test_build_optimizer_is_fused_keeps_the_groups_and_matches_the_reference_adamw():
+    torch.manual_seed(0)
+    config = preset("tiny", temperature_parameter="raw")
+    model, reference_model = CodisModel(config), CodisModel(config)
+    reference_model.load_state_dict(model.state_dict())
+    initial = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-3, weight_decay=0.05))
+    assert all(group["fused"] for group in optimizer.param_groups)
+    decays = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    assert decays[id(model.temp)] == 0.05  # decayed_scalars (ALBEF's grouping) kept
+    assert decays[id(model.visual_encoder.blocks[0].norm1.weight)] == 0.0
+    names = {id(p): name for name, p in model.named_parameters()}
+    reference_parameters = dict(reference_model.named_parameters())
+    reference = torch.optim.AdamW(
+        [{"params": [reference_parameters[names[id(p)]] for p in group["params"]],
+          "weight_decay": group["weight_decay"]} for group in optimizer.param_groups],
+        lr=1e-3, foreach=False, fused=False)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                parameter.grad = torch.randn(parameter.shape, generator=generator)
+                reference_parameters[name].grad = parameter.grad.clone()
+        optimizer.step()
+        reference.step()
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter, reference_parameters[name], rtol=0, atol=1e-6,
+                                   msg=name)
+        assert not torch.equal(parameter, initial[name]) or not parameter.requires_grad, name
+
+
+def test_uint8_images_reach_the_device_as_the_float_transform_made_them():
+    import torchvision.transforms as T
+    from codis.transforms import MEAN, STD
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2, 2, 3, 8, 8), dtype=torch.uint8, generator=generator)
+    old = T.Compose([T.ToTensor(), T.Normalize(MEAN, STD)])
+    expected = torch.stack([torch.stack([old(Image.fromarray(image.permute(1, 2, 0).numpy()))
+                                         for image in pair]) for pair in images])
+    ids = torch.arange(6).view(2, 3)
+    batch = _to_device({"image": images[:, 0], "images": images, "input_ids": ids,
+                        "features": images[:, 0].float(), "key": ["a", "b"]}, torch.device("cpu"))
+    assert batch["image"].dtype == batch["images"].dtype == torch.float32
+    torch.testing.assert_close(batch["image"], expected[:, 0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(batch["images"], expected, rtol=0, atol=1e-6)
+    assert torch.equal(batch["input_ids"], ids) and batch["key"] == ["a", "b"]
+    assert torch.equal(batch["features"], images[:, 0].float())  # not an image key: untouched
+
+
+def test_resuming_with_another_world_size_is_refused_older_states_are_not(tmp_path):
+    batches = _stub_batches(32, 4)
+    _stub_fit(tmp_path, batches, steps=2)
+    with pytest.raises(ConfigError, match="world size 1.*this one has world size 2"):
+        _stub_fit(tmp_path, batches, steps=4, runtime=Runtime(torch.device("cpu"), world_size=2))
+    path = latest_checkpoint(tmp_path / "checkpoints")
+    state = torch.load(path, weights_only=True)
+    assert state["world_size"] == 1
+    del state["world_size"]  # a state written before the world size was saved
+    _check_resumable(state, {"stub": 1}, path, world_size=2)
+
+
+def test_train_compile_takes_a_mode_and_reads_the_old_booleans():
+    assert TrainConfig().compile == "off"
+    assert TrainConfig(compile=False).compile == "off" and TrainConfig(compile=True).compile == "full"
+    assert TrainConfig(compile="regional").compile == "regional"
+    with pytest.raises(ConfigError, match="train.compile"):
+        TrainConfig(compile="fast")
+
+
+@pytest.mark.slow
+def test_regional_compile_trains_to_the_eager_losses(tmp_path, caption_shards, monkeypatch):
+    compiled = []
+
+    def counting(model):
+        compiled.append(regions(model))
+        return compiled[-1]
+    regions = train_engine.compile_regions
+    monkeypatch.setattr(train_engine, "compile_regions", counting)
+    losses = {}
+    for mode in ("off", "regional"):
+        seen = []
+        pretrain(run_config(tmp_path / mode, caption_shards, steps=2, compile=mode),
+                 progress=False, callback=lambda step, metrics: seen.append(metrics["loss"]))
+        losses[mode] = seen
+    # students and teachers: 2 ViT blocks, 1 text and 2 fusion layers each
+    assert compiled == [10]
+    assert losses["regional"] == pytest.approx(losses["off"], rel=0, abs=1e-4)
+
+
+def _fit_worker(rank: int, world: int, port: int, output: Path, shares, results) -> None:
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    for accumulation, batches in shares.items():
+        model, _ = _stub_fit(output / str(accumulation), batches[rank], steps=3,
+                             grad_accumulation=accumulation,
+                             runtime=Runtime(torch.device("cpu"), rank=rank, world_size=world))
+        results[rank, accumulation] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fit_in_two_gloo_processes_matches_one_process_with_the_full_batch(tmp_path):
+    full = _stub_batches(24, 8)  # 3 steps of 8
+    single, _ = _stub_fit(tmp_path / "single", full, steps=3)
+    # without accumulation rank r takes rows 4r..4r+3 of each step's batch (DDP's static graph);
+    # with 2 micro-batches (no_sync for the first), rows 4r+2m, 4r+2m+1 in micro-batch m
+    shares = {accumulation: [[{k: v[4 * rank + size * micro:][:size] for k, v in batch.items()}
+                              for batch in full for micro in range(accumulation)]
+                             for rank in (0, 1)]
+              for accumulation, size in ((1, 4), (2, 2))}
+    results = mp.Manager().dict()
+    mp.spawn(_fit_worker, args=(2, _free_port(), tmp_path / "ddp", shares, results), nprocs=2,
+             join=True)
+    for (rank, accumulation), state in results.items():
+        for name, value in single.state_dict().items():
+            torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6,
+                                       msg=f"rank {rank}, accumulation {accumulation}: {name}")
+    assert len(results) == 4
+
+
+def test_a_resumed_run_decodes_only_the_batches_it_trains_on(tmp_path, caption_shards,
+                                                               transform_calls):
+    # The checkpoint's data position holds the loader's stream position: a resumed run drops the
+    # samples it consumed before decoding them. An older position ({epoch, batch} only) replays
+    # the consumed batches instead, and both reach the same weights.
+    decoded = transform_calls
+    config = run_config(tmp_path / "run", caption_shards, steps=6)  # batches of 8, 6 per epoch
+    checkpoints = tmp_path / "run" / "checkpoints"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two threads may sum a CPU backward in either order: not bitwise
+    try:
+        pretrain(config, progress=False, stop_after=4)
+        saved = checkpoints / "step-00000004.pt"
+        state = torch.load(saved, weights_only=True)
+        assert state["position"]["epoch"] == 0 and state["position"]["batch"] == 4
+        assert [len(s["workers"]) for s in state["position"]["streams"]] == [1]
+        weights = {}
+        for form in ("replayed", "streamed"):
+            if form == "replayed":
+                torch.save({**state, "position": {"epoch": 0, "batch": 4}}, saved)
+            else:
+                torch.save(state, saved)
+                (checkpoints / "step-00000006.pt").unlink()
+            decoded.value = 0
+            final = pretrain(config, progress=False)
+            assert decoded.value == 8 * (2 if form == "streamed" else 6), form
+            weights[form] = load_model(final).state_dict()
+    finally:
+        torch.set_num_threads(threads)
+    for name, value in weights["streamed"].items():
+        assert torch.equal(value, weights["replayed"][name]), name
+
+
+def _stream_worker(rank: int, world: int, port: int, shards: Path, results) -> None:
+    import torch.distributed as dist
+    from codis.data.loaders import pretrain_loader
+    from codis.text import load_tokenizer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world))  # as torchrun sets them: the shards split by rank
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    tokenizer = load_tokenizer("builtin")
+
+    def open_epoch(epoch: int):
+        return pretrain_loader(str(shards), tokenizer=tokenizer, image_size=16, batch_size=4,
+                               seed=1, epoch=epoch, shuffle_buffer=8)
+
+    runtime = Runtime(torch.device("cpu"), rank=rank, world_size=world)
+    straight = train_engine.EpochBatches(open_epoch, runtime)
+    for _ in range(3):
+        straight.next()
+    position = straight.position()  # every rank's stream, gathered
+    # rank 1 reads one shard of the three (4 batches): both ranks go on into epoch 1 together
+    expected = [straight.next()["key"] for _ in range(4)]
+    resumed = train_engine.EpochBatches(open_epoch, runtime, **position)
+    results[rank] = (position, expected, [resumed.next()["key"] for _ in range(4)])
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_each_rank_resumes_its_own_stream(tmp_path, caption_shards):
+    results = mp.Manager().dict()
+    mp.spawn(_stream_worker, args=(2, _free_port(), caption_shards, results), nprocs=2, join=True)
+    assert results[0][0] == results[1][0]  # the position holds both ranks' streams
+    assert [stream["workers"] for stream in results[0][0]["streams"]] == [[[12, 0]], [[12, 0]]]
+    for rank in (0, 1):
+        _, expected, resumed = results[rank]
+        assert resumed == expected
+    assert not set(sum(results[0][1][:1], [])) & set(sum(results[1][1][:1], []))

@@ -8,8 +8,9 @@ from torchvision import transforms as T
 
 from codis.train import DataConfig
 from codis.config import ConfigError
-from codis.transforms import (ALBEF_AUGMENTATIONS, CaptionSafeRandAugment, eval_transform,
-                              pretrain_transform, train_transform)
+from codis.transforms import (ALBEF_AUGMENTATIONS, MEAN, STD, CaptionSafeRandAugment,
+                              eval_transform, normalize_on_device, pretrain_transform,
+                              train_transform)
 
 HUE_CHANGING = {"Color", "Contrast", "Posterize", "Solarize"}
 
@@ -61,3 +62,24 @@ def test_eval_transform_is_deterministic_resize():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), np.uint8))
     a, b = eval_transform(32)(image), eval_transform(32)(image)
     assert a.shape == (3, 32, 32) and torch.equal(a, b)
+
+
+def test_normalize_on_device_matches_to_tensor_and_normalize():
+    # Every byte value in every channel, and a training transform's output: uint8 then normalised
+    # must give what ToTensor + Normalize at the end of the same transform gave.
+    every_value = np.stack([np.arange(256, dtype=np.uint8).reshape(16, 16)] * 3, axis=-1)
+    reference = T.Compose([T.ToTensor(), T.Normalize(MEAN, STD)])
+    torch.testing.assert_close(normalize_on_device(T.PILToTensor()(Image.fromarray(every_value))),
+                               reference(Image.fromarray(every_value)), rtol=0, atol=1e-6)
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 50, 3), np.uint8))
+    transform = pretrain_transform(32)
+    assert isinstance(transform.transforms[-1], T.PILToTensor)
+    torch.manual_seed(3)
+    pixels = transform(image)
+    torch.manual_seed(3)
+    floats = T.Compose([*transform.transforms[:-1], reference])(image)
+    assert pixels.dtype == torch.uint8
+    torch.testing.assert_close(normalize_on_device(pixels[None]), floats[None], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="expected uint8"):
+        normalize_on_device(floats)
+

@@ -111,12 +111,16 @@ def pretrain(config: PretrainConfig, *, resume: bool = True, callback: MetricsCa
             batch_size=config.train.batch_size, max_length=model_config.text.max_length,
             num_workers=data.num_workers, resample=data.resample, seed=config.train.seed,
             shuffle_buffer=data.shuffle_buffer, hflip=data.hflip,
-            crop_min_scale=data.crop_min_scale, epoch=epoch, skips=skips)
+            crop_min_scale=data.crop_min_scale, epoch=epoch, skips=skips,
+            mlm_probability=model_config.mlm_probability)
 
     def step_loss(trained: torch.nn.Module, batch: dict, step: int):
         alpha = distillation_alpha(step, config.model.alpha, config.train.alpha_warmup_steps)
+        # The MLM masks come with the batch, drawn by the loader (no host sync in the step)
         output = trained(batch["image"], batch["input_ids"], batch["attention_mask"], alpha=alpha,
-                         hard_negatives=step >= config.train.itm_uniform_negative_steps)
+                         hard_negatives=step >= config.train.itm_uniform_negative_steps,
+                         mlm_inputs=(batch["mlm_ids"], batch["mlm_labels"],
+                                     batch["mlm_positions"]))
         output.parts.update(alpha=torch.tensor(alpha), temperature=model.temperature.detach())
         return output
 

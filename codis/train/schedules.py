@@ -39,7 +39,16 @@ class TrainConfig:
     grad_accumulation x world size. ``alpha_warmup_steps``: ALBEF ramps alpha over one epoch.
     ``itm_uniform_negative_steps``: ITM negatives drawn uniformly (not ALBEF's hard negatives) for
     the first steps; 0 (ALBEF) for pretrained encoders. A fusion encoder trained from scratch never
-    learns ITM from hard negatives alone (docs/findings/tiny-preset.md, finding 6)."""
+    learns ITM from hard negatives alone (docs/findings/tiny-preset.md, finding 6).
+
+    ``compile``: "off" (eager), "regional" (``.compile()`` on every ViT block and BERT text / fusion
+    layer, students, teachers and task models alike: graphs without breaks; see
+    :func:`codis.train.engine.compile_regions`) or "full" (``torch.compile`` of the whole model,
+    which breaks into several graphs at the step's data-dependent code, and gains little).
+    A saved run config's ``false`` / ``true`` read as "off" / "full". Off by default: on the 2-core
+    CPU, ``tiny`` at the demo's batch of 32 measured 106 ms per step eager against 121 ms regional,
+    plus 65 s of compilation; on a GPU, where the eager step is bound by the host's launches,
+    regional compilation is the expected gain (``benchmarks/gpu_check.py`` measures it)."""
 
     steps: int = 1000
     batch_size: int = 64
@@ -48,7 +57,7 @@ class TrainConfig:
     itm_uniform_negative_steps: int = 0
     clip_grad_norm: float = 0.0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    compile: bool = False
+    compile: Literal["off", "regional", "full"] = "off"
     seed: int = 42
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
@@ -63,6 +72,10 @@ class TrainConfig:
         check_number(self.clip_grad_norm, "train.clip_grad_norm (0 = off)", 0)
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"train.precision: must be auto, fp32 or bf16, got {self.precision!r}")
+        if isinstance(self.compile, bool):  # the option's form before "regional" existed
+            object.__setattr__(self, "compile", "full" if self.compile else "off")
+        if self.compile not in ("off", "regional", "full"):
+            raise ConfigError(f"train.compile: must be off, regional or full, got {self.compile!r}")
 
 
 def learning_rate(step: int, total_steps: int, config: OptimConfig) -> float:
