@@ -45,10 +45,11 @@ class TrainConfig:
     layer, students, teachers and task models alike: graphs without breaks; see
     :func:`codis.train.engine.compile_regions`) or "full" (``torch.compile`` of the whole model,
     which breaks into several graphs at the step's data-dependent code, and gains little).
-    A saved run config's ``false`` / ``true`` read as "off" / "full". Off by default: on the 2-core
-    CPU, ``tiny`` at the demo's batch of 32 measured 106 ms per step eager against 121 ms regional,
-    plus 65 s of compilation; on a GPU, where the eager step is bound by the host's launches,
-    regional compilation is the expected gain (``benchmarks/gpu_check.py`` measures it)."""
+    A saved run config's ``false`` / ``true`` read as "off" / "full". Off by default: every
+    training process compiles anew (on the 2-core CPU, ``tiny``'s first step took 24 s cold and
+    6 s with inductor's cache warm), and whether the faster steps repay that has been measured
+    neither for a whole demo nor on a GPU (``benchmarks/pretrain_throughput.py --compile
+    regional`` and ``benchmarks/gpu_check.py`` section J measure the step)."""
 
     steps: int = 1000
     batch_size: int = 64
