@@ -4,7 +4,9 @@ subprocess while following the metrics it writes.
 Pretraining with several processes runs :func:`torchrun_command` (:mod:`flows.pretrain_entry`,
 whose rank 0 appends to ``metrics.jsonl``); evaluation with several runs
 :func:`evaluate_command` (``codis evaluate``, whose rank 0 writes ``metrics.json``). Both run on
-this machine through :func:`run_logged`. :func:`pretrain_run_config` is the run config of one
+this machine through :func:`run_logged`, as do the one-process trainings of stages that run
+side by side (:func:`pretrain_command`, :func:`finetune_command`, with
+:func:`thread_environment`). :func:`pretrain_run_config` is the run config of one
 variant of a recipe as the pretrain stage builds it, which ``flows.pretrain_entry --recipe`` (a
 torchrun job outside the flow: infra/README.md) trains.
 """
@@ -14,8 +16,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -28,6 +32,11 @@ from flows.recipe import PretrainSpec, VariantSpec
 
 OnRecord = Callable[[int, dict[str, float]], None]
 """Called with ``(step, metrics)`` for each line of a followed ``metrics.jsonl``."""
+
+
+class Stopped(RuntimeError):
+    """A stage's subprocess was ended because a stage running beside it failed or the flow was
+    interrupted (:func:`run_logged`'s ``stop``)."""
 
 
 def launcher(spec: PretrainSpec) -> Literal["inprocess", "torchrun"]:
@@ -77,6 +86,34 @@ def pretrain_run_config(spec: PretrainSpec, name: str, variant: VariantSpec,
     return config
 
 
+def pretrain_command(run_config: str | Path, metrics: str | Path,
+                     python: str | None = None) -> list[str]:
+    """Pretraining in one subprocess without torchrun (:mod:`flows.pretrain_entry` on the
+    pretrain stage's ``run.yaml``, appending to ``metrics``): how a single-process pretraining runs
+    beside other training stages."""
+    return [python or sys.executable, "-m", "flows.pretrain_entry", "--config", str(run_config),
+            "--metrics", str(metrics), "--no-progress"]
+
+
+def finetune_command(job: str | Path, metrics: str | Path, python: str | None = None) -> list[str]:
+    """A finetuning or text-assignment stage's job (``job.json``) in a subprocess
+    (:mod:`flows.finetune_entry`), appending its metrics to ``metrics``."""
+    return [python or sys.executable, "-m", "flows.finetune_entry", "--job", str(job),
+            "--metrics", str(metrics)]
+
+
+def cpu_threads() -> int:
+    """The CPUs this process may run on (its affinity, where the platform tells it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def thread_environment(threads: int) -> dict[str, str]:
+    """Environment variables that give a subprocess's torch (OpenMP, MKL) ``threads`` threads."""
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
 def evaluation_processes(spec: PretrainSpec) -> int:
     """How many processes an evaluation runs: one per GPU that pretraining uses on a node.
     Evaluation runs on the flow's own node (``--standalone``), so with several pretraining nodes
@@ -104,8 +141,9 @@ def evaluate_command(task: str, checkpoint: str | Path, shards: str | Path, outp
 
 
 def follow_jsonl(process: subprocess.Popen, jsonl: Path, on_record: OnRecord,
-                 poll: float = 1.0) -> None:
-    """Wait for ``process``, passing each new line of ``jsonl`` to ``on_record`` as it appears."""
+                 poll: float = 1.0, stop: threading.Event | None = None) -> None:
+    """Wait for ``process``, passing each new line of ``jsonl`` to ``on_record`` as it appears;
+    raise :class:`Stopped` once ``stop`` is set."""
     offset = jsonl.stat().st_size if jsonl.is_file() else 0  # earlier attempts were logged then
     pending = ""
     while True:
@@ -122,7 +160,22 @@ def follow_jsonl(process: subprocess.Popen, jsonl: Path, on_record: OnRecord,
                     on_record(int(item.pop("step")), item)
         if finished:
             return
+        _check_stop(stop)
         time.sleep(poll)
+
+
+def _check_stop(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise Stopped("stopped: a stage running beside this one failed, or the run was interrupted")
+
+
+def _wait(process: subprocess.Popen, stop: threading.Event | None, poll: float = 1.0) -> None:
+    while True:
+        try:
+            process.wait(timeout=poll)
+            return
+        except subprocess.TimeoutExpired:
+            _check_stop(stop)
 
 
 def tail(path: Path, lines: int = 30) -> str:
@@ -134,24 +187,27 @@ def tail(path: Path, lines: int = 30) -> str:
 
 def run_logged(command: Sequence[str], folder: Path, name: str, *, jsonl: Path | None = None,
                on_record: OnRecord | None = None, label: str | None = None,
-               logger: logging.Logger | logging.LoggerAdapter | None = None) -> None:
+               logger: logging.Logger | logging.LoggerAdapter | None = None,
+               env: Mapping[str, str] | None = None, stop: threading.Event | None = None) -> None:
     """Run ``command`` for the stage folder ``folder``: the command line goes to
     ``command.txt`` (and, as ``<label>: <command>``, to ``logger``), its output to
     ``<name>.log``; with ``jsonl`` and ``on_record``, each line the process appends to ``jsonl``
-    is passed on while it runs. Interrupting the wait ends the process; a failed one raises
-    RuntimeError with the last lines of its log."""
+    is passed on while it runs. ``env``: variables set for the process on top of this one's.
+    Interrupting the wait, or setting ``stop`` (checked every second), ends the process; a failed
+    one raises RuntimeError with the last lines of its log."""
     (folder / "command.txt").write_text(" ".join(command) + "\n", encoding="utf-8")
     if logger is not None:
         logger.info("%s: %s", label or name, " ".join(command))
     log_path = folder / f"{name}.log"
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(list(command), stdout=log_file, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL)
+                                   stdin=subprocess.DEVNULL,
+                                   env={**os.environ, **env} if env else None)
         try:
             if jsonl is not None and on_record is not None:
-                follow_jsonl(process, jsonl, on_record)
+                follow_jsonl(process, jsonl, on_record, stop=stop)
             else:
-                process.wait()
+                _wait(process, stop)
         except BaseException:
             process.terminate()
             process.wait()

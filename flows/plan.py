@@ -11,6 +11,7 @@ which the report's wall-time table reads.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,13 +43,20 @@ class Plan:
         self.summary = summary if summary is not None else {"stages": [], "started": time.time()}
         self.summary.setdefault("stages", [])
         self._memo: dict[tuple[Any, ...], Any] = {}
+        # Variants may run in threads (parallel_variants): a stage two of them ask for is computed
+        # once, the second waiting for it; different stages do not wait for each other.
+        self._locks: dict[tuple[Any, ...], threading.Lock] = {}
+        self._locks_lock = threading.Lock()
         self.evaluations: dict[str, list[tuple[TaskSpec, bool, StageResult]]] = {}
         self.analyses: dict[str, StageResult] = {}
 
     # ---- bookkeeping -----------------------------------------------------------------------------
     def _once(self, key: tuple[Any, ...], compute: Callable[[], Any]) -> Any:
-        if key not in self._memo:
-            self._memo[key] = compute()
+        with self._locks_lock:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            if key not in self._memo:
+                self._memo[key] = compute()
         return self._memo[key]
 
     def _run(self, stage_task: Any, *args: Any, **kwargs: Any) -> StageResult:

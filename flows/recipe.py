@@ -335,6 +335,7 @@ class Recipe(_Spec):
     store: StoreSpec = StoreSpec()
     retries: int = Field(default=0, ge=0)
     steps_scale: float = Field(default=1.0, gt=0)
+    parallel_variants: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> "Recipe":

@@ -12,7 +12,10 @@ retrieval -> [analyze: codebook usage, retrieval examples, Grad-CAM, if ``report
 metric by its margin) -> for each task: [NLVR² text assignment] -> finetune -> evaluate ->
 register (a ``transfer_from`` task: evaluate the model finetuned on the task it names) -> report
 comparing the variants. The stages come from a :class:`flows.plan.Plan` of the
-recipe, which the single-stage deployments (:mod:`flows.deployments`) share.
+recipe, which the single-stage deployments (:mod:`flows.deployments`) share. With the recipe's
+``parallel_variants`` above 1, that many variants go through their stages at once, each in a
+thread of this flow run, their training stages as subprocesses sharing the CPU threads
+(:func:`for_each_variant`).
 
 MLflow: a parent run per reproduction and a child run per stage that ran; a stage reused from the
 store has no run here, and the parent's description (``mlflow.note.content``) lists every stage
@@ -29,6 +32,7 @@ of the report.
 from __future__ import annotations
 
 import argparse
+import contextvars
 import logging
 import math
 import os
@@ -37,6 +41,8 @@ import signal
 import sys
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -47,6 +53,7 @@ from tqdm import tqdm
 
 from codis.cli import DEBUG_ENV, error_message
 from codis.files import atomic_write_json, atomic_write_text
+from flows import launch
 from flows import recipe as recipes
 from flows.compare import DEFAULT_METRICS, comparison_table, select_metrics
 from flows.plan import Plan, recipe_context
@@ -181,10 +188,10 @@ def _reproduce(plan: Plan, summary: dict[str, Any], parent: Any) -> None:
         plan.eval_shards(task.label)
     plan.vision_weights()
 
-    summary["variants"] = {}
-    for name in spec.variants:
-        record: dict[str, Any] = {"evaluations": [], "registered": {}}
-        summary["variants"][name] = record
+    summary["variants"] = {name: {"evaluations": [], "registered": {}} for name in spec.variants}
+
+    def variant(name: str) -> None:
+        record = summary["variants"][name]
         pre = plan.pretrained(name)
         record["pretrain"] = {"stage": pre.stage, "key": pre.key, "path": pre.path}
         for index, task in enumerate(spec.tasks):
@@ -207,6 +214,8 @@ def _reproduce(plan: Plan, summary: dict[str, Any], parent: Any) -> None:
         record["metrics"] = metrics
         parent.log_metrics({f"{name}/{k}": v for k, v in metrics.items()})
 
+    for_each_variant(plan, variant)
+
     # ---- report ----------------------------------------------------------------------------------
     report = plan.report()
     folder = Path(summary["run_dir"])
@@ -223,6 +232,42 @@ def _reproduce(plan: Plan, summary: dict[str, Any], parent: Any) -> None:
     title = spec.report.title or f"{spec.name}: variants side by side"
     atomic_write_text(folder / "comparison.md", f"# {title}\n\n{table}\n")
     summary["comparison"] = str(folder / "comparison.md")
+
+
+def for_each_variant(plan: Plan, work: Callable[[str], None]) -> None:
+    """``work(name)`` for every variant of the plan's recipe: one after another, or
+    ``parallel_variants`` at a time, each in a thread that carries this flow run's context (its
+    stages are tasks of this flow run) while every training stage runs as a subprocess with an
+    equal share of the CPU threads (``StageContext.training_threads``). The first failure, or an
+    interrupt, stops the training subprocesses still running (``StageContext.stop``) and is
+    raised once every thread has ended; what finished stays in the store."""
+    names = list(plan.spec.variants)
+    at_once = min(plan.spec.parallel_variants, len(names))
+    if at_once == 1:
+        for name in names:
+            work(name)
+        return
+    ctx = plan.ctx
+    ctx.training_threads = max(1, launch.cpu_threads() // at_once)
+    run_logger().info("%d variants at a time, each training stage in a subprocess with %d CPU "
+                      "thread(s)", at_once, ctx.training_threads)
+    pool = ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="variant")
+    futures = [pool.submit(contextvars.copy_context().run, work, name) for name in names]
+    try:
+        wait(futures, return_when=FIRST_EXCEPTION)
+        failed = [f for f in futures if f.done() and not f.cancelled() and f.exception()]
+        if failed:
+            ctx.stop.set()
+    except BaseException:
+        ctx.stop.set()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        ctx.training_threads = None
+    errors = [f.exception() for f in futures if f.done() and not f.cancelled() and f.exception()]
+    first = next((e for e in errors if not isinstance(e, launch.Stopped)), errors[0] if errors else None)
+    if first is not None:
+        raise first
 
 
 # ---- command line --------------------------------------------------------------------------------

@@ -30,8 +30,12 @@ MLflow, ``metrics.jsonl`` and the Prefect log); with more it runs
 :func:`flows.launch.torchrun_command` as a subprocess, whose rank 0 appends to ``metrics.jsonl``
 (:mod:`flows.pretrain_entry`), which the flow follows and logs the same way. Evaluation with more
 than one process runs :func:`flows.launch.evaluate_command` likewise and reads back the
-``metrics.json`` its rank 0 writes. A subprocess's output goes to ``<stage>.log`` in the stage
-folder. The deployable flow of each stage is in :mod:`flows.deployments`.
+``metrics.json`` its rank 0 writes. When the flow trains several stages at once
+(``StageContext.training_threads``, set by a recipe's ``parallel_variants``), every pretraining,
+text-assignment and finetuning stage runs as a subprocess with its share of the CPU threads
+(:mod:`flows.pretrain_entry`; :mod:`flows.finetune_entry` on the stage's ``job.json``), followed
+the same way. A subprocess's output goes to ``<stage>.log`` in the stage folder. The deployable
+flow of each stage is in :mod:`flows.deployments`.
 """
 
 from __future__ import annotations
@@ -41,9 +45,10 @@ import json
 import logging
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +105,12 @@ def _prefect_ids() -> dict[str, str | None]:
 @dataclass
 class StageContext:
     """Where the stages of one flow run write (the store) and record (MLflow), and under which
-    MLflow parent run."""
+    MLflow parent run.
+
+    ``training_threads``: None trains in this process; a number runs each pretraining,
+    text-assignment and finetuning stage as a subprocess with that many CPU threads, so that
+    several can train at once (:func:`flows.reproduce.reproduce` with ``parallel_variants``).
+    Setting ``stop`` ends those subprocesses (:class:`flows.launch.Stopped`)."""
 
     store: Store
     tracker: Tracker
@@ -108,6 +118,8 @@ class StageContext:
     run_dir: Path | None = None
     progress: bool = True
     keep_training_state: bool = False
+    training_threads: int | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
 
 
 # ---- running one stage ---------------------------------------------------------------------------
@@ -372,14 +384,17 @@ def pretrain_stage(ctx: StageContext, name: str, variant: VariantSpec, spec: Pre
         # The total loss sums different terms in different modes: not one comparable metric.
         sink = MetricsSink(run, "pretrain", f"pretrain[{name}]", final_config.train.steps,
                            renamed={"loss": f"loss_{config.model.mode}"})
-        if launch.launcher(spec) == "inprocess":
+        if launch.launcher(spec) == "inprocess" and ctx.training_threads is None:
             sink.jsonl = jsonl
             codis_train.pretrain(final_config, callback=sink, progress=ctx.progress)
         else:
-            command = launch.torchrun_command(spec, run_yaml, metrics=jsonl,
-                                              rdzv_id=f"codis-{folder.name}")
+            command = (launch.pretrain_command(run_yaml, jsonl)
+                       if launch.launcher(spec) == "inprocess" else
+                       launch.torchrun_command(spec, run_yaml, metrics=jsonl,
+                                               rdzv_id=f"codis-{folder.name}"))
             launch.run_logged(command, folder, "pretrain", jsonl=jsonl, on_record=sink.record,
-                              label=f"pretrain[{name}]", logger=run_logger())
+                              label=f"pretrain[{name}]", logger=run_logger(),
+                              env=_thread_environment(ctx), stop=ctx.stop)
         model = folder / "model.pt"
         if not model.is_file():
             raise RuntimeError(f"pretraining finished without writing {model}")
@@ -451,6 +466,23 @@ def drop_training_state(ctx: StageContext, result: StageResult) -> StageResult:
     return result
 
 
+def _thread_environment(ctx: StageContext) -> dict[str, str] | None:
+    return None if ctx.training_threads is None else launch.thread_environment(ctx.training_threads)
+
+
+def _train_in_subprocess(ctx: StageContext, folder: Path, function: str, sink: MetricsSink,
+                         job: dict[str, Any]) -> None:
+    """Run a finetuning or text-assignment ``job`` in its own process (``job.json`` in the stage
+    folder, :mod:`flows.finetune_entry`) with ``ctx.training_threads`` CPU threads, following
+    the metrics it appends to ``metrics.jsonl``."""
+    job_file = folder / "job.json"
+    atomic_write_json(job_file, {"function": function, **job, "output_dir": str(folder)})
+    jsonl = folder / "metrics.jsonl"
+    launch.run_logged(launch.finetune_command(job_file, jsonl), folder, function, jsonl=jsonl,
+                      on_record=sink.record, label=sink.label, logger=run_logger(),
+                      env=_thread_environment(ctx), stop=ctx.stop)
+
+
 def _final_from_jsonl(path: Path, sink: MetricsSink) -> dict[str, float]:
     records = read_metrics_jsonl(path)
     return {sink.name(k): float(v) for k, v in records[-1][1].items()} if records else {}
@@ -471,9 +503,14 @@ def text_assignment_stage(ctx: StageContext, spec: TaskSpec, pretrained: str,
     def work(folder: Path, run: Any) -> StageOutput:
         sink = MetricsSink(run, f"{spec.label}.ta", f"text_assignment[{label}]", train.steps,
                            folder / "metrics.jsonl")
-        TASKS["nlvr"].module().text_assignment(
-            pretrained, tars, folder, config, train=train, optim=optim, callback=sink,
-            progress=ctx.progress)
+        if ctx.training_threads is None:
+            TASKS["nlvr"].module().text_assignment(
+                pretrained, tars, folder, config, train=train, optim=optim, callback=sink,
+                progress=ctx.progress)
+        else:
+            _train_in_subprocess(ctx, folder, "text_assignment", sink, {
+                "task": "nlvr", "pretrained": pretrained, "shards": [str(t) for t in tars],
+                "config": params["config"], "train": params["train"], "optim": params["optim"]})
         return StageOutput(outputs={"model": "model.pt", "metrics": "metrics.jsonl"},
                            metrics=sink.final())
 
@@ -496,9 +533,14 @@ def finetune_stage(ctx: StageContext, spec: TaskSpec, pretrained: str, train_sha
     def work(folder: Path, run: Any) -> StageOutput:
         sink = MetricsSink(run, f"{spec.label}.train", f"finetune[{label}]", train.steps,
                            folder / "metrics.jsonl")
-        TASKS[spec.task].module().finetune(
-            pretrained, shards, folder, config, train=train, optim=optim, callback=sink,
-            progress=ctx.progress)
+        if ctx.training_threads is None:
+            TASKS[spec.task].module().finetune(
+                pretrained, shards, folder, config, train=train, optim=optim, callback=sink,
+                progress=ctx.progress)
+        else:
+            _train_in_subprocess(ctx, folder, "finetune", sink, {
+                "task": spec.task, "pretrained": pretrained, "shards": shards,
+                "config": params["config"], "train": params["train"], "optim": params["optim"]})
         return StageOutput(outputs={"model": "model.pt", "metrics": "metrics.jsonl"},
                            metrics=sink.final())
 
@@ -539,7 +581,7 @@ def evaluate_stage(ctx: StageContext, spec: TaskSpec, checkpoint: str, eval_shar
                 config=dataclasses.asdict(config), options=task_args, processes=processes,
                 progress=ctx.progress)
             launch.run_logged(command, folder, "evaluate", label=f"evaluate[{label}]",
-                              logger=run_logger())
+                              logger=run_logger(), stop=ctx.stop)
             if not metrics_file.is_file():
                 raise RuntimeError(f"evaluation finished without writing {metrics_file}")
             found = json.loads(metrics_file.read_text(encoding="utf-8"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
 import threading
@@ -1133,3 +1134,155 @@ def test_an_albef_checkpoint_is_converted_to_the_variants_config(fakes, tmp_path
     assert output == Path(stage["path"]) / "model.pt"
     assert json.loads((Path(stage["path"]) / "conversion.json").read_text())["unplaced"]
     assert next(args for name, args in fakes.calls if name == "ve.finetune")["pretrained"] == str(output)
+
+
+# ---- parallel_variants: variants side by side, training stages as subprocesses -------------------
+def _run_entry_in_this_thread(calls: list, barrier: threading.Barrier | None = None):
+    """A stand-in for :func:`flows.launch.run_logged` that runs the entry module a training stage
+    starts (``python -m flows.<entry> ...``) in the calling thread, so the fakes stand in for
+    codis, then passes the metrics it appended on as the real follower does."""
+    import importlib
+
+    def run_logged(command, folder, name, *, jsonl=None, on_record=None, label=None, logger=None,
+                   env=None, stop=None):
+        calls.append({"name": name, "command": list(command), "env": env, "stop": stop})
+        if barrier is not None and name == "pretrain":
+            barrier.wait()  # both variants' pretraining at once, or a BrokenBarrierError
+        module = command[command.index("-m") + 1]
+        assert importlib.import_module(module).main(command[command.index("-m") + 2:]) == 0
+        for line in Path(jsonl).read_text().splitlines():
+            item = json.loads(line)
+            on_record(int(item.pop("step")), item)
+    return run_logged
+
+
+def _training_calls(fake: Fakes, store: Path) -> list[str]:
+    """The fakes' training calls with everything they were given (paths as strings, the store's
+    folder as ``<store>``), sorted: comparable between two reproductions."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return str(value) if isinstance(value, Path) else value
+    names = {"pretrain", "nlvr.text_assignment"} | {f"{t}.finetune" for t in ("retrieval", "nlvr", "ve")}
+    return sorted(repr((name, {k: plain(v) for k, v in args.items() if k != "output_dir"}))
+                  .replace(str(store.resolve()), "<store>")
+                  for name, args in fake.calls if name in names)
+
+
+def test_parallel_variants_train_side_by_side_what_they_train_in_turn(first, fakes, tmp_path,
+                                                                      monkeypatch) -> None:
+    calls: list[dict] = []
+    monkeypatch.setattr(launch, "run_logged", _run_entry_in_this_thread(calls, threading.Barrier(2, timeout=300)))
+    monkeypatch.setattr(launch, "cpu_threads", lambda: 4)
+    summary = run(tmp_path, overrides=["parallel_variants=2"])
+    # Same stages, same keys, same metrics as the reproduction that ran the variants in turn.
+    keys = lambda s: sorted((item["label"], item["key"]) for item in s["stages"])
+    assert keys(summary) == keys(first["summary"])
+    for name in ("codis", "albef"):
+        assert summary["variants"][name]["metrics"] == first["summary"]["variants"][name]["metrics"]
+    assert (_training_calls(fakes, tmp_path / "runs" / "store")
+            == _training_calls(first["fakes"], first["root"] / "runs" / "store"))
+    # Every training stage ran as a subprocess with half the 4 CPU threads; evaluations did not.
+    entries = {(call["name"], call["command"][call["command"].index("-m") + 1]) for call in calls}
+    assert entries == {("pretrain", "flows.pretrain_entry"), ("finetune", "flows.finetune_entry"),
+                       ("text_assignment", "flows.finetune_entry")}
+    assert len(calls) == 2 * (1 + 1 + 3)  # per variant: pretrain, TA, 3 finetunes
+    assert all(call["env"] == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"} for call in calls)
+    job = json.loads((Path(next(s["path"] for s in summary["stages"]
+                                if s["label"] == "finetune[ve.t/codis]")) / "job.json").read_text())
+    assert job["function"] == "finetune" and job["task"] == "ve"
+
+
+def test_a_failing_variant_stops_the_other_and_its_error_is_raised(fakes, tmp_path,
+                                                                   monkeypatch) -> None:
+    calls: list[dict] = []
+    in_thread = _run_entry_in_this_thread(calls)
+
+    def run_logged(command, folder, name, **kwargs):
+        if name != "pretrain" or kwargs["label"] == "pretrain[albef]":
+            return in_thread(command, folder, name, **kwargs)
+        # codis's pretraining runs until it is stopped, as a long subprocess would
+        if not kwargs["stop"].wait(timeout=300):
+            raise AssertionError("the failing variant did not stop this one")
+        raise launch.Stopped("stopped")
+
+    monkeypatch.setattr(launch, "run_logged", run_logged)
+    original = fakes.pretrain
+
+    def pretrain(config, **kwargs):
+        if config.model.mode == "albef":
+            raise RuntimeError("albef's pretraining failed")
+        return original(config, **kwargs)
+
+    monkeypatch.setattr(codis.train, "pretrain", pretrain)
+    data = recipe_data()
+    data["variants"]["albef"]["model"]["mode"] = "albef"
+    with pytest.raises(RuntimeError, match="albef's pretraining failed"):
+        run(tmp_path, data, overrides=["parallel_variants=2"])
+    assert not [c for c in fakes.calls if c[0].endswith(".finetune")]
+
+
+def test_run_logged_ends_its_process_when_stopped_and_passes_its_environment(tmp_path) -> None:
+    script = (f"import os, pathlib, time; folder = pathlib.Path({str(tmp_path)!r}); "
+              "(folder / 'pid').write_text(str(os.getpid())); "
+              "(folder / 'threads').write_text(os.environ['OMP_NUM_THREADS']); time.sleep(600)")
+    stop = threading.Event()
+    stopper = threading.Thread(target=lambda: (_wait_for(tmp_path / "threads"), stop.set()))
+    stopper.start()
+    with pytest.raises(launch.Stopped):
+        launch.run_logged([sys.executable, "-c", script], tmp_path, "sleeper",
+                          env={"OMP_NUM_THREADS": "3"}, stop=stop)
+    stopper.join()
+    assert (tmp_path / "threads").read_text() == "3"
+    with pytest.raises(ProcessLookupError):  # ended and reaped
+        os.kill(int((tmp_path / "pid").read_text()), 0)
+
+
+def _wait_for(path: Path) -> None:
+    for _ in range(3000):
+        if path.is_file() and path.read_text():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{path} never appeared")
+
+
+def test_a_finetune_job_in_its_own_process_trains_what_the_stage_trains_in_process(
+        shards, tiny_checkpoint, tmp_path) -> None:
+    import dataclasses
+    import subprocess
+
+    from codis.tasks import ve
+    from codis.train import OptimConfig, TrainConfig
+
+    config = ve.config("demo")
+    train = TrainConfig(steps=3, batch_size=6, log_every=1, checkpoint_every=10, seed=3)
+    optim = OptimConfig(lr=1e-4, warmup_steps=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        logged: list = []
+        here = ve.finetune(tiny_checkpoint, str(shards("ve", "train")), tmp_path / "here", config,
+                           train=train, optim=optim, progress=False,
+                           callback=lambda step, metrics: logged.append((step, metrics)))
+    finally:
+        torch.set_num_threads(threads)
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({
+        "function": "finetune", "task": "ve", "pretrained": str(tiny_checkpoint),
+        "shards": str(shards("ve", "train")), "output_dir": str(tmp_path / "there"),
+        "config": dataclasses.asdict(config), "train": dataclasses.asdict(train),
+        "optim": dataclasses.asdict(optim)}))
+    jsonl = tmp_path / "metrics.jsonl"
+    subprocess.run(launch.finetune_command(job, jsonl), check=True, cwd=REPO,
+                   env={**os.environ, **launch.thread_environment(1)}, timeout=900)
+    from codis.checkpoint import read_checkpoint
+
+    mine = read_checkpoint(here).state_dict
+    theirs = read_checkpoint(tmp_path / "there" / "model.pt").state_dict
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert [(step, m["loss"]) for step, m in read_metrics_jsonl(jsonl)] == [
+        (step, m["loss"]) for step, m in logged]
+    with pytest.raises(ValueError, match="job.function"):
+        from flows.finetune_entry import run_job
+        run_job({"function": "pretrain", "task": "ve"}, jsonl)

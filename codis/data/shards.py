@@ -61,7 +61,7 @@ PROGRESS = "manifest.partial.json"
 SHARD_PATTERN = "shard-%06d.tar"
 KEY_PATTERN = "%09d"
 # A fixed member mtime makes a shard's bytes (and sha256) a function of its inputs alone.
-_TAR_MTIME = 0.0
+_TAR_MTIME = 0  # an int: a float mtime makes tarfile add a PAX header to every member
 
 KINDS = ("pretrain", "retrieval_train", "retrieval_eval", "vqa", "nlvr", "ve")
 _REQUIRED: dict[str, dict[str, type | tuple[type, ...]]] = {

@@ -1,0 +1,129 @@
+"""One training with every CPU thread against several trainings side by side with a share each:
+the measurement behind a recipe's ``parallel_variants`` (the demo's 2).
+
+Each training is the real pretraining loop (``codis.train.pretrain``: the shard loader decoding
+JPEGs in the training process, as the demo's ``num_workers: 0`` does, the ``tiny`` model, AdamW)
+on a small generated demo world at 64 px, in its own process with ``OMP_NUM_THREADS`` set. The
+steps after ``--warmup`` are timed from the metrics callback's clock, so process start-up and
+the first steps do not count. The configurations alternate for ``--rounds`` rounds, so a machine
+that other jobs load slows all of them alike; the medians are printed.
+
+    python benchmarks/parallel_training.py                      # 2 trainings x 1 thread vs 1 x 2
+    python benchmarks/parallel_training.py --parallel 4 --steps 60
+
+``speed-up`` is the steps per second of all side-by-side trainings together over the one
+training's steps per second: above 1, running variants side by side finishes sooner.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+
+def make_shards(folder: Path, images: int) -> Path:
+    """Pretraining shards of a generated demo world with ``images`` images (2 captions each)."""
+    from codis.data.demo_world import DemoWorldConfig, generate_demo_world
+    from codis.data.shards import write_shards
+
+    world = folder / "world"
+    generate_demo_world(world, DemoWorldConfig(
+        pretrain_images=images, retrieval_images={"train": 2, "val": 1, "test": 2},
+        vqa_images={"train": 2, "val": 1, "test": 1}, nlvr_pairs={"train": 2, "dev": 1, "test": 1},
+        ve_images={"train": 2, "dev": 1, "test": 1},
+        classification_images={"train": 2, "val": 1}, dead_urls=0, non_image_urls=0),
+        progress=False)
+    records = json.loads((world / "pretrain" / "captions.json").read_text())
+    shards = folder / "shards"
+    write_shards(records, world, shards, kind="pretrain", samples_per_shard=500, progress=False)
+    return shards
+
+
+def child(shards: str, output: str, steps: int, warmup: int, batch_size: int, mode: str) -> None:
+    """One training; prints ``{"steps_per_s": ...}`` over the steps after ``warmup``."""
+    from codis.config import preset
+    from codis.train import DataConfig, OptimConfig, PretrainConfig, TrainConfig, pretrain
+
+    model = preset("tiny", mode=mode)  # the demo's model: the conv stem
+    config = PretrainConfig(
+        output_dir=output, model=model.replace(vision=dataclasses.replace(model.vision, stem="conv")),
+        data=DataConfig(shards=(shards,), num_workers=0, hflip=False, crop_min_scale=0.8),
+        train=TrainConfig(steps=steps, batch_size=batch_size, log_every=1,
+                          checkpoint_every=10 * steps),
+        optim=OptimConfig(lr=1e-3, warmup_steps=5))
+    clock: dict[int, float] = {}
+    pretrain(config, resume=False, progress=False,
+             callback=lambda step, metrics: clock.__setitem__(step, time.perf_counter()))
+    print(json.dumps({"steps_per_s": (steps - warmup) / (clock[steps] - clock[warmup])}))
+
+
+def trainings(count: int, threads: int, args: argparse.Namespace, shards: Path,
+              scratch: Path) -> list[float]:
+    """Steps per second of each of ``count`` trainings run at once with ``threads`` threads."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    processes = [subprocess.Popen(
+        [sys.executable, __file__, "--child", str(shards), str(scratch / f"run-{time.time_ns()}"),
+         "--steps", str(args.steps), "--warmup", str(args.warmup),
+         "--batch-size", str(args.batch_size), "--mode", args.mode],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(count)]
+    rates = []
+    for process in processes:
+        out, err = process.communicate()
+        if process.returncode != 0:
+            raise RuntimeError(f"a training failed:\n{err[-2000:]}")
+        rates.append(json.loads(out.strip().splitlines()[-1])["steps_per_s"])
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parallel", type=int, default=2, help="trainings side by side")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads of the one training (default: this machine's CPUs)")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--mode", default="codis")
+    parser.add_argument("--images", type=int, default=400)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--child", nargs=2, metavar=("SHARDS", "OUTPUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child, args.steps, args.warmup, args.batch_size, args.mode)
+        return
+    if not 0 < args.warmup < args.steps:
+        parser.error("--warmup must be between 0 and --steps")
+    from flows.launch import cpu_threads
+
+    cpus = cpu_threads()
+    threads = args.threads or cpus
+    shared = max(1, threads // args.parallel)
+    with tempfile.TemporaryDirectory() as scratch:
+        shards = make_shards(Path(scratch), args.images)
+        one, side = [], []
+        for _ in range(args.rounds):
+            one += trainings(1, threads, args, shards, Path(scratch))
+            side.append(sum(trainings(args.parallel, shared, args, shards, Path(scratch))))
+    solo, together = statistics.median(one), statistics.median(side)
+    print(f"{cpus} CPUs; tiny preset, conv stem, batch {args.batch_size}, {args.mode} mode, "
+          f"{args.steps - args.warmup} timed steps, {args.rounds} rounds (medians)")
+    print(f"1 training x {threads} threads:       {solo:6.2f} steps/s")
+    print(f"{args.parallel} trainings x {shared} thread(s) each: {together:6.2f} steps/s together "
+          f"({together / args.parallel:.2f} each)")
+    print(f"speed-up of side by side: {together / solo:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
