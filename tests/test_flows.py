@@ -1193,6 +1193,18 @@ def test_parallel_variants_train_side_by_side_what_they_train_in_turn(first, fak
     assert job["function"] == "finetune" and job["task"] == "ve"
 
 
+def test_parallel_variants_is_checked_with_the_recipe() -> None:
+    data = recipe_data()
+    data["parallel_variants"] = 0
+    with pytest.raises(RecipeError, match="parallel_variants"):
+        recipes.parse_recipe(data)
+    data["parallel_variants"], data["pretrain"]["gpus_per_node"] = 2, 2
+    with pytest.raises(RecipeError, match="parallel_variants: 2 variants at once would share the 2"):
+        recipes.parse_recipe(data)
+    data["pretrain"]["gpus_per_node"] = 1
+    assert recipes.parse_recipe(data).parallel_variants == 2
+
+
 def test_a_failing_variant_stops_the_other_and_its_error_is_raised(fakes, tmp_path,
                                                                    monkeypatch) -> None:
     calls: list[dict] = []
