@@ -389,11 +389,6 @@ class Recipe(_Spec):
                              f"variant (variants: {', '.join(self.variants)})")
         if self.demo_world is not None:
             _check_demo_sizes(self)
-        processes = self.pretrain.nodes * self.pretrain.gpus_per_node
-        if self.parallel_variants > 1 and processes > 1:
-            raise ValueError(f"parallel_variants: {self.parallel_variants} variants at once would "
-                             f"share the {processes} processes (GPUs) each pretraining uses; set 1 "
-                             "to run them in turn")
         return self
 
     # derived names ------------------------------------------------------------------------------

@@ -240,9 +240,16 @@ def for_each_variant(plan: Plan, work: Callable[[str], None]) -> None:
     stages are tasks of this flow run) while every training stage runs as a subprocess with an
     equal share of the CPU threads (``StageContext.training_threads``). The first failure, or an
     interrupt, stops the training subprocesses still running (``StageContext.stop``) and is
-    raised once every thread has ended; what finished stays in the store."""
+    raised once every thread has ended; what finished stays in the store. A recipe whose
+    pretraining uses several processes runs its variants in turn (with a warning)."""
     names = list(plan.spec.variants)
     at_once = min(plan.spec.parallel_variants, len(names))
+    processes = plan.spec.pretrain.nodes * plan.spec.pretrain.gpus_per_node
+    if at_once > 1 and processes > 1:  # e.g. the demo recipe pretrained with torchrun on 2 GPUs
+        run_logger().warning("parallel_variants: %d ignored, the variants run in turn: each "
+                             "pretraining uses %d processes (GPUs), which they would share",
+                             at_once, processes)
+        at_once = 1
     if at_once == 1:
         for name in names:
             work(name)
