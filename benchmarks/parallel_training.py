@@ -81,7 +81,9 @@ def trainings(count: int, threads: int, args: argparse.Namespace, shards: Path,
               scratch: Path, compile_mode: str = "off") -> list[dict[str, float]]:
     """What :func:`child` prints for each of ``count`` trainings run at once with ``threads``
     threads."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    from flows.launch import thread_environment
+
+    env = {**os.environ, **thread_environment(threads)}
     processes = [subprocess.Popen(
         [sys.executable, __file__, "--child", str(shards), str(scratch / f"run-{time.time_ns()}"),
          "--steps", str(args.steps), "--warmup", str(args.warmup),

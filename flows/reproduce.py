@@ -260,10 +260,12 @@ def for_each_variant(plan: Plan, work: Callable[[str], None]) -> None:
                       "thread(s)", at_once, ctx.training_threads)
     pool = ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="variant")
     futures = [pool.submit(contextvars.copy_context().run, work, name) for name in names]
+
+    def errors() -> list[BaseException]:
+        return [f.exception() for f in futures if f.done() and not f.cancelled() and f.exception()]
     try:
         wait(futures, return_when=FIRST_EXCEPTION)
-        failed = [f for f in futures if f.done() and not f.cancelled() and f.exception()]
-        if failed:
+        if errors():
             ctx.stop.set()
     except BaseException:
         ctx.stop.set()
@@ -271,8 +273,8 @@ def for_each_variant(plan: Plan, work: Callable[[str], None]) -> None:
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         ctx.training_threads = None
-    errors = [f.exception() for f in futures if f.done() and not f.cancelled() and f.exception()]
-    first = next((e for e in errors if not isinstance(e, launch.Stopped)), errors[0] if errors else None)
+    raised = errors()
+    first = next((e for e in raised if not isinstance(e, launch.Stopped)), raised[0] if raised else None)
     if first is not None:
         raise first
 
