@@ -152,6 +152,18 @@ def test_overrides_and_their_mistakes(tmp_path: Path) -> None:
         load_recipe(path, ["pretrain.train.steps"])
 
 
+def test_compile_off_as_yaml_reads_it(tmp_path: Path) -> None:
+    # YAML 1.1 reads a bare off / on as a boolean, in a recipe file and in --set alike.
+    recipe = load_recipe("demo", ["pretrain.train.compile=off", "tasks.nlvr.train.compile=off",
+                                  "variants.albef.train={compile: on}"])
+    assert recipe.pretrain.train.compile == "off"
+    assert recipes.pretrain_train_config(recipe.pretrain, recipe.variants["albef"]).compile == "full"
+    nlvr = next(t for t in recipe.tasks if t.task == "nlvr")
+    assert recipes.task_schedule(nlvr, 12000)[0].compile == "off"
+    with pytest.raises(RecipeError, match="pretrain.train.compile: must be off, regional or full"):
+        load_recipe("demo", ["pretrain.train.compile=fast"])
+
+
 def test_overrides_name_list_items_by_task_or_name(tmp_path: Path) -> None:
     recipe = load_recipe("demo", ["tasks.vqa.config.k_test=64", "tasks.ve.train.steps=9",
                                   "pretrain_data.demo-web.download.thread_count=2"])

@@ -45,11 +45,11 @@ class TrainConfig:
     layer, students, teachers and task models alike: graphs without breaks; see
     :func:`codis.train.engine.compile_regions`) or "full" (``torch.compile`` of the whole model,
     which breaks into several graphs at the step's data-dependent code, and gains little).
-    A saved run config's ``false`` / ``true`` read as "off" / "full". Off by default: every
-    training process compiles anew (on the 2-core CPU, ``tiny``'s first step took 24 s cold and
-    6 s with inductor's cache warm), and whether the faster steps repay that has been measured
-    neither for a whole demo nor on a GPU (``benchmarks/pretrain_throughput.py --compile
-    regional`` and ``benchmarks/gpu_check.py`` section J measure the step)."""
+    ``false`` / ``true`` (a saved run config's form, and what YAML makes of a bare ``off`` /
+    ``on``) read as "off" / "full". Off by default: every training process compiles anew (on the
+    2-core CPU, ``tiny``'s first step took 24 s cold and 6 s with inductor's cache warm), and on
+    that CPU the faster steps did not repay it (``benchmarks/parallel_training.py --compile``:
+    0.96x in the demo's setting); on a GPU ``benchmarks/gpu_check.py`` section J measures it."""
 
     steps: int = 1000
     batch_size: int = 64
@@ -58,7 +58,8 @@ class TrainConfig:
     itm_uniform_negative_steps: int = 0
     clip_grad_norm: float = 0.0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    compile: Literal["off", "regional", "full"] = "off"
+    # bool too: YAML reads a bare `off` as false (`--set pretrain.train.compile=off`)
+    compile: str | bool = "off"  # "off", "regional" or "full"
     seed: int = 42
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
