@@ -1,5 +1,6 @@
-"""The process a finetuning or text-assignment stage runs in when the flow trains several stages
-at once (a recipe's ``parallel_variants`` above 1; :func:`flows.launch.finetune_command`).
+"""What a finetuning or text-assignment stage trains, from its ``job.json``: in the stage's own
+process (:func:`run_job`), or in this process's when the flow trains several stages at once (a
+recipe's ``parallel_variants`` above 1; :func:`flows.launch.finetune_command`).
 
 The stage writes what to train as ``job.json`` in its folder and follows the metrics file that
 this process appends to, one JSON line per logged step, exactly as it does for
@@ -20,6 +21,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 import codis  # noqa: F401  - the torchvision shim first
 from codis.config import from_dict
@@ -38,8 +40,11 @@ def parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_job(job: dict, metrics: str | Path) -> Path:
-    """Train what ``job`` (a parsed ``job.json``) describes; returns the written checkpoint."""
+def run_job(job: dict, callback: Callable[[int, dict[str, float]], None] | None = None,
+            progress: bool = False) -> Path:
+    """Train what ``job`` (a parsed ``job.json``) describes, calling ``callback(step, metrics)``
+    at each logged step; returns the written checkpoint. The stage calls it in its own process
+    when it trains one stage at a time, :func:`main` in this one otherwise."""
     if job.get("function") not in FUNCTIONS:
         raise ValueError(f"job.function: must be one of {', '.join(FUNCTIONS)}, "
                          f"got {job.get('function')!r}")
@@ -51,12 +56,13 @@ def run_job(job: dict, metrics: str | Path) -> Path:
     optim = from_dict(OptimConfig, job["optim"], prefix="optim.")
     return getattr(module, job["function"])(
         job["pretrained"], job["shards"], job["output_dir"], config, train=train, optim=optim,
-        callback=JsonlAppender(metrics), progress=False)
+        callback=callback, progress=progress)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    print(run_job(json.loads(Path(args.job).read_text(encoding="utf-8")), args.metrics))
+    print(run_job(json.loads(Path(args.job).read_text(encoding="utf-8")),
+                  callback=JsonlAppender(args.metrics)))
     return 0
 
 

@@ -33,8 +33,9 @@ than one process runs :func:`flows.launch.evaluate_command` likewise and reads b
 ``metrics.json`` its rank 0 writes. When the flow trains several stages at once
 (``StageContext.training_threads``, set by a recipe's ``parallel_variants``), every pretraining,
 text-assignment and finetuning stage runs as a subprocess with its share of the CPU threads
-(:mod:`flows.pretrain_entry`; :mod:`flows.finetune_entry` on the stage's ``job.json``), followed
-the same way. A subprocess's output goes to ``<stage>.log`` in the stage folder. The deployable
+(:mod:`flows.pretrain_entry`; :mod:`flows.finetune_entry`), followed the same way. A finetuning
+or text-assignment stage writes what it trains as ``job.json`` in its folder either way, and
+trains it with the same :func:`flows.finetune_entry.run_job`. A subprocess's output goes to ``<stage>.log`` in the stage folder. The deployable
 flow of each stage is in :mod:`flows.deployments`.
 """
 
@@ -73,7 +74,7 @@ from codis.report import RunScale, StageTime
 from codis.report.collect import describe_machine, read_metrics_jsonl, report_from_stage_outputs
 from codis.train import global_batch, scale_schedule
 from codis.train import vision_init as codis_vision_init
-from flows import launch
+from flows import finetune_entry, launch
 from flows import recipe as recipes
 from flows.fingerprint import code_fingerprint
 from flows.recipe import (AnalysisSpec, AnnotationSource, PretrainSpec, Recipe, TaskSpec,
@@ -470,16 +471,20 @@ def _thread_environment(ctx: StageContext) -> dict[str, str] | None:
     return None if ctx.training_threads is None else launch.thread_environment(ctx.training_threads)
 
 
-def _train_in_subprocess(ctx: StageContext, folder: Path, function: str, sink: MetricsSink,
-                         job: dict[str, Any]) -> None:
-    """Run a finetuning or text-assignment ``job`` in its own process (``job.json`` in the stage
-    folder, :mod:`flows.finetune_entry`) with ``ctx.training_threads`` CPU threads, following
-    the metrics it appends to ``metrics.jsonl``."""
+def _train_job(ctx: StageContext, folder: Path, sink: MetricsSink, job: dict[str, Any]) -> None:
+    """Train a finetuning or text-assignment ``job`` (:mod:`flows.finetune_entry`; written to the
+    stage folder as ``job.json``): in this process, or with ``ctx.training_threads`` set in its
+    own process with that many CPU threads, following the metrics it appends to
+    ``metrics.jsonl``."""
+    job = {**job, "output_dir": str(folder)}
     job_file = folder / "job.json"
-    atomic_write_json(job_file, {"function": function, **job, "output_dir": str(folder)})
+    atomic_write_json(job_file, job)
+    if ctx.training_threads is None:
+        finetune_entry.run_job(job, callback=sink, progress=ctx.progress)
+        return
     jsonl = folder / "metrics.jsonl"
-    launch.run_logged(launch.finetune_command(job_file, jsonl), folder, function, jsonl=jsonl,
-                      on_record=sink.record, label=sink.label, logger=run_logger(),
+    launch.run_logged(launch.finetune_command(job_file, jsonl), folder, job["function"],
+                      jsonl=jsonl, on_record=sink.record, label=sink.label, logger=run_logger(),
                       env=_thread_environment(ctx), stop=ctx.stop)
 
 
@@ -503,14 +508,8 @@ def text_assignment_stage(ctx: StageContext, spec: TaskSpec, pretrained: str,
     def work(folder: Path, run: Any) -> StageOutput:
         sink = MetricsSink(run, f"{spec.label}.ta", f"text_assignment[{label}]", train.steps,
                            folder / "metrics.jsonl")
-        if ctx.training_threads is None:
-            TASKS["nlvr"].module().text_assignment(
-                pretrained, tars, folder, config, train=train, optim=optim, callback=sink,
-                progress=ctx.progress)
-        else:
-            _train_in_subprocess(ctx, folder, "text_assignment", sink, {
-                "task": "nlvr", "pretrained": pretrained, "shards": [str(t) for t in tars],
-                "config": params["config"], "train": params["train"], "optim": params["optim"]})
+        _train_job(ctx, folder, sink, {"function": "text_assignment", **params,
+                                       "pretrained": pretrained, "shards": [str(t) for t in tars]})
         return StageOutput(outputs={"model": "model.pt", "metrics": "metrics.jsonl"},
                            metrics=sink.final())
 
@@ -533,14 +532,8 @@ def finetune_stage(ctx: StageContext, spec: TaskSpec, pretrained: str, train_sha
     def work(folder: Path, run: Any) -> StageOutput:
         sink = MetricsSink(run, f"{spec.label}.train", f"finetune[{label}]", train.steps,
                            folder / "metrics.jsonl")
-        if ctx.training_threads is None:
-            TASKS[spec.task].module().finetune(
-                pretrained, shards, folder, config, train=train, optim=optim, callback=sink,
-                progress=ctx.progress)
-        else:
-            _train_in_subprocess(ctx, folder, "finetune", sink, {
-                "task": spec.task, "pretrained": pretrained, "shards": shards,
-                "config": params["config"], "train": params["train"], "optim": params["optim"]})
+        _train_job(ctx, folder, sink, {"function": "finetune", **params,
+                                       "pretrained": pretrained, "shards": shards})
         return StageOutput(outputs={"model": "model.pt", "metrics": "metrics.jsonl"},
                            metrics=sink.final())
 

@@ -1294,4 +1294,4 @@ def test_a_finetune_job_in_its_own_process_trains_what_the_stage_trains_in_proce
         (step, m["loss"]) for step, m in logged]
     with pytest.raises(ValueError, match="job.function"):
         from flows.finetune_entry import run_job
-        run_job({"function": "pretrain", "task": "ve"}, jsonl)
+        run_job({"function": "pretrain", "task": "ve"})
