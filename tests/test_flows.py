@@ -1202,6 +1202,23 @@ def test_parallel_variants_is_checked_with_the_recipe() -> None:
     assert recipes.parse_recipe(data).parallel_variants == 2
 
 
+def test_parallel_variants_run_in_turn_when_pretraining_takes_several_processes(caplog) -> None:
+    from types import SimpleNamespace
+
+    from flows.reproduce import for_each_variant
+
+    recipe = recipes.parse_recipe({**recipe_data(), "parallel_variants": 2})
+    recipe = recipe.model_copy(update={"pretrain": recipe.pretrain.model_copy(update={"gpus_per_node": 2})})
+    ctx = SimpleNamespace(training_threads=None, stop=threading.Event())
+    ran: list[tuple[str, str, int | None]] = []
+    with caplog.at_level(logging.WARNING):
+        for_each_variant(SimpleNamespace(spec=recipe, ctx=ctx), lambda name: ran.append(
+            (name, threading.current_thread().name, ctx.training_threads)))
+    # in this thread, one after the other, each training stage in the flow's own way
+    assert ran == [(name, threading.current_thread().name, None) for name in recipe.variants]
+    assert "parallel_variants: 2 ignored" in caplog.text and "2 processes" in caplog.text
+
+
 def test_a_failing_variant_stops_the_other_and_its_error_is_raised(fakes, tmp_path,
                                                                    monkeypatch) -> None:
     calls: list[dict] = []
