@@ -10,6 +10,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist (scripts/test.sh runs two workers): each worker keeps its own Prefect state
+# (two test processes on one SQLite database lock each other out) and its share of the CPUs for
+# torch (more threads than cores only wait on each other).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["PREFECT_HOME"] = os.path.join(
+        os.environ.get("PREFECT_HOME", os.path.join(os.getcwd(), ".cache", "prefect")),
+        os.environ["PYTEST_XDIST_WORKER"])
+    os.makedirs(os.environ["PREFECT_HOME"], exist_ok=True)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
 
 import codis  # noqa: E402,F401  - the torchvision compat shim runs before any test imports timm
 
@@ -51,6 +61,13 @@ ANNOTATIONS = {"pretrain": "pretrain/captions.json", "retrieval_train": "retriev
                "nlvr": "nlvr/{split}.json", "ve": "ve/{split}.json"}
 
 ShardFactory = Callable[[str, str], Path]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The files holding slow tests first, each in its own order: scripts/test.sh's workers take
+    a file at a time, and a long file picked up last would end the run alone."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
 
 
 @pytest.fixture(scope="session")
