@@ -109,6 +109,17 @@ def cpu_threads() -> int:
     return os.cpu_count() or 1
 
 
+def visible_gpus() -> list[str]:
+    """The GPUs this process may hand to its subprocesses, as ``CUDA_VISIBLE_DEVICES`` entries:
+    those it was given itself, else every device torch sees; none without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    given = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return given[:torch.cuda.device_count()] or [str(i) for i in range(torch.cuda.device_count())]
+
+
 def thread_environment(threads: int) -> dict[str, str]:
     """Environment variables that give a subprocess's torch (OpenMP, MKL) ``threads`` threads."""
     return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}

@@ -36,6 +36,7 @@ import contextvars
 import logging
 import math
 import os
+import queue
 import shutil
 import signal
 import sys
@@ -53,7 +54,7 @@ from tqdm import tqdm
 
 from codis.cli import DEBUG_ENV, error_message
 from codis.files import atomic_write_json, atomic_write_text
-from flows import launch
+from flows import launch, stages
 from flows import recipe as recipes
 from flows.compare import DEFAULT_METRICS, comparison_table, select_metrics
 from flows.plan import Plan, recipe_context
@@ -238,10 +239,13 @@ def for_each_variant(plan: Plan, work: Callable[[str], None]) -> None:
     """``work(name)`` for every variant of the plan's recipe: one after another, or
     ``parallel_variants`` at a time, each in a thread that carries this flow run's context (its
     stages are tasks of this flow run) while every training stage runs as a subprocess with an
-    equal share of the CPU threads (``StageContext.training_threads``). The first failure, or an
-    interrupt, stops the training subprocesses still running (``StageContext.stop``) and is
-    raised once every thread has ended; what finished stays in the store. A recipe whose
-    pretraining uses several processes runs its variants in turn (with a warning)."""
+    equal share of the CPU threads (``StageContext.training_threads``) and, on a machine with
+    GPUs, of the GPUs (``stages.TRAINING_GPUS``, one share per variant running). The first
+    failure, or an interrupt, stops the training subprocesses still running
+    (``StageContext.stop``) and is raised once every thread has ended; what finished stays in the
+    store. A recipe whose pretraining uses several processes, or a machine with GPUs but fewer
+    than the variants at once, runs its variants in turn (with a warning): they would share
+    GPUs."""
     names = list(plan.spec.variants)
     at_once = min(plan.spec.parallel_variants, len(names))
     processes = plan.spec.pretrain.nodes * plan.spec.pretrain.gpus_per_node
@@ -249,6 +253,12 @@ def for_each_variant(plan: Plan, work: Callable[[str], None]) -> None:
         run_logger().warning("parallel_variants: %d ignored, the variants run in turn: each "
                              "pretraining uses %d processes (GPUs), which they would share",
                              at_once, processes)
+        at_once = 1
+    gpus = launch.visible_gpus() if at_once > 1 else []
+    if 0 < len(gpus) < at_once:
+        run_logger().warning("parallel_variants: %d ignored, the variants run in turn: %d GPU(s) "
+                             "for %d variants at once, which would share them",
+                             at_once, len(gpus), at_once)
         at_once = 1
     if at_once == 1:
         for name in names:
@@ -258,8 +268,21 @@ def for_each_variant(plan: Plan, work: Callable[[str], None]) -> None:
     ctx.training_threads = max(1, launch.cpu_threads() // at_once)
     run_logger().info("%d variants at a time, each training stage in a subprocess with %d CPU "
                       "thread(s)", at_once, ctx.training_threads)
+    share = len(gpus) // at_once
+    free_gpus: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+    for slot in range(at_once):
+        free_gpus.put(",".join(gpus[slot * share:(slot + 1) * share]) if gpus else None)
+
+    def on_free_gpus(name: str) -> None:  # in the variant's own copy of the context
+        assigned = free_gpus.get()
+        stages.TRAINING_GPUS.set(assigned)
+        try:
+            work(name)
+        finally:
+            free_gpus.put(assigned)
+
     pool = ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="variant")
-    futures = [pool.submit(contextvars.copy_context().run, work, name) for name in names]
+    futures = [pool.submit(contextvars.copy_context().run, on_free_gpus, name) for name in names]
 
     def errors() -> list[BaseException]:
         return [f.exception() for f in futures if f.done() and not f.cancelled() and f.exception()]

@@ -41,6 +41,7 @@ flow of each stage is in :mod:`flows.deployments`.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
 import logging
@@ -121,6 +122,13 @@ class StageContext:
     keep_training_state: bool = False
     training_threads: int | None = None
     stop: threading.Event = field(default_factory=threading.Event)
+
+
+TRAINING_GPUS: contextvars.ContextVar[str | None] = contextvars.ContextVar("training_gpus",
+                                                                          default=None)
+"""The GPUs (``CUDA_VISIBLE_DEVICES``) of the training subprocesses started from this context:
+set per variant by :func:`flows.reproduce.for_each_variant` when variants train side by side on
+a machine with GPUs, so that each variant has its own."""
 
 
 # ---- running one stage ---------------------------------------------------------------------------
@@ -468,7 +476,11 @@ def drop_training_state(ctx: StageContext, result: StageResult) -> StageResult:
 
 
 def _thread_environment(ctx: StageContext) -> dict[str, str] | None:
-    return None if ctx.training_threads is None else launch.thread_environment(ctx.training_threads)
+    if ctx.training_threads is None:
+        return None
+    gpus = TRAINING_GPUS.get()
+    return {**launch.thread_environment(ctx.training_threads),
+            **({"CUDA_VISIBLE_DEVICES": gpus} if gpus is not None else {})}
 
 
 def _train_job(ctx: StageContext, folder: Path, sink: MetricsSink, job: dict[str, Any]) -> None:

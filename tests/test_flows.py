@@ -1145,7 +1145,8 @@ def _run_entry_in_this_thread(calls: list, barrier: threading.Barrier | None = N
 
     def run_logged(command, folder, name, *, jsonl=None, on_record=None, label=None, logger=None,
                    env=None, stop=None):
-        calls.append({"name": name, "command": list(command), "env": env, "stop": stop})
+        calls.append({"name": name, "label": label, "command": list(command), "env": env,
+                      "stop": stop})
         if barrier is not None and name == "pretrain":
             barrier.wait()  # both variants' pretraining at once, or a BrokenBarrierError
         module = command[command.index("-m") + 1]
@@ -1174,6 +1175,7 @@ def test_parallel_variants_train_side_by_side_what_they_train_in_turn(first, fak
     calls: list[dict] = []
     monkeypatch.setattr(launch, "run_logged", _run_entry_in_this_thread(calls, threading.Barrier(2, timeout=300)))
     monkeypatch.setattr(launch, "cpu_threads", lambda: 4)
+    monkeypatch.setattr(launch, "visible_gpus", lambda: ["3", "5"])
     summary = run(tmp_path, overrides=["parallel_variants=2"])
     # Same stages, same keys, same metrics as the reproduction that ran the variants in turn.
     keys = lambda s: sorted((item["label"], item["key"]) for item in s["stages"])
@@ -1182,12 +1184,17 @@ def test_parallel_variants_train_side_by_side_what_they_train_in_turn(first, fak
         assert summary["variants"][name]["metrics"] == first["summary"]["variants"][name]["metrics"]
     assert (_training_calls(fakes, tmp_path / "runs" / "store")
             == _training_calls(first["fakes"], first["root"] / "runs" / "store"))
-    # Every training stage ran as a subprocess with half the 4 CPU threads; evaluations did not.
+    # Every training stage ran as a subprocess with half the 4 CPU threads and one of the two
+    # GPUs, each variant's stages on its own; evaluations did not.
     entries = {(call["name"], call["command"][call["command"].index("-m") + 1]) for call in calls}
     assert entries == {("pretrain", "flows.pretrain_entry"), ("finetune", "flows.finetune_entry"),
                        ("text_assignment", "flows.finetune_entry")}
     assert len(calls) == 2 * (1 + 1 + 3)  # per variant: pretrain, TA, 3 finetunes
-    assert all(call["env"] == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"} for call in calls)
+    assert all({k: v for k, v in call["env"].items() if k != "CUDA_VISIBLE_DEVICES"}
+               == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"} for call in calls)
+    gpus = {name: {c["env"]["CUDA_VISIBLE_DEVICES"] for c in calls if c["label"].endswith(f"{name}]")}
+            for name in ("codis", "albef")}
+    assert sorted(gpus["codis"] | gpus["albef"]) == ["3", "5"] and all(len(g) == 1 for g in gpus.values())
     job = json.loads((Path(next(s["path"] for s in summary["stages"]
                                 if s["label"] == "finetune[ve.t/codis]")) / "job.json").read_text())
     assert job["function"] == "finetune" and job["task"] == "ve"
@@ -1202,13 +1209,18 @@ def test_parallel_variants_is_checked_with_the_recipe() -> None:
     assert recipes.parse_recipe(data).parallel_variants == 2
 
 
-def test_parallel_variants_run_in_turn_when_pretraining_takes_several_processes(caplog) -> None:
+@pytest.mark.parametrize("gpus_per_node, gpus, why", [(2, [], "2 processes"),
+                                                       (1, ["0"], "1 GPU(s) for 2 variants")])
+def test_parallel_variants_run_in_turn_where_they_would_share_gpus(gpus_per_node, gpus, why, caplog,
+                                                                   monkeypatch) -> None:
     from types import SimpleNamespace
 
     from flows.reproduce import for_each_variant
 
+    monkeypatch.setattr(launch, "visible_gpus", lambda: gpus)
     recipe = recipes.parse_recipe({**recipe_data(), "parallel_variants": 2})
-    recipe = recipe.model_copy(update={"pretrain": recipe.pretrain.model_copy(update={"gpus_per_node": 2})})
+    recipe = recipe.model_copy(update={"pretrain": recipe.pretrain.model_copy(
+        update={"gpus_per_node": gpus_per_node})})
     ctx = SimpleNamespace(training_threads=None, stop=threading.Event())
     ran: list[tuple[str, str, int | None]] = []
     with caplog.at_level(logging.WARNING):
@@ -1216,7 +1228,7 @@ def test_parallel_variants_run_in_turn_when_pretraining_takes_several_processes(
             (name, threading.current_thread().name, ctx.training_threads)))
     # in this thread, one after the other, each training stage in the flow's own way
     assert ran == [(name, threading.current_thread().name, None) for name in recipe.variants]
-    assert "parallel_variants: 2 ignored" in caplog.text and "2 processes" in caplog.text
+    assert "parallel_variants: 2 ignored" in caplog.text and why in caplog.text
 
 
 def test_a_failing_variant_stops_the_other_and_its_error_is_raised(fakes, tmp_path,
@@ -1246,6 +1258,17 @@ def test_a_failing_variant_stops_the_other_and_its_error_is_raised(fakes, tmp_pa
     with pytest.raises(RuntimeError, match="albef's pretraining failed"):
         run(tmp_path, data, overrides=["parallel_variants=2"])
     assert not [c for c in fakes.calls if c[0].endswith(".finetune")]
+
+
+def test_visible_gpus_are_the_ones_this_process_was_given(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert launch.visible_gpus() == ["0", "1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4, 6")
+    assert launch.visible_gpus() == ["4", "6"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert launch.visible_gpus() == []
 
 
 def test_run_logged_ends_its_process_when_stopped_and_passes_its_environment(tmp_path) -> None:
