@@ -33,10 +33,12 @@ than one process runs :func:`flows.launch.evaluate_command` likewise and reads b
 ``metrics.json`` its rank 0 writes. When the flow trains several stages at once
 (``StageContext.training_threads``, set by a recipe's ``parallel_variants``), every pretraining,
 text-assignment and finetuning stage runs as a subprocess with its share of the CPU threads
-(:mod:`flows.pretrain_entry`; :mod:`flows.finetune_entry`), followed the same way. A finetuning
-or text-assignment stage writes what it trains as ``job.json`` in its folder either way, and
-trains it with the same :func:`flows.finetune_entry.run_job`. A subprocess's output goes to ``<stage>.log`` in the stage folder. The deployable
-flow of each stage is in :mod:`flows.deployments`.
+(:mod:`flows.pretrain_entry`; :mod:`flows.finetune_entry`), followed the same way, on its
+variant's share of the GPUs where there are GPUs (:data:`TRAINING_GPUS`). A finetuning or
+text-assignment stage writes what it trains as ``job.json`` in its folder either way, and trains
+it with the same :func:`flows.finetune_entry.run_job`. A subprocess's output goes to
+``<stage>.log`` in the stage folder. The deployable flow of each stage is in
+:mod:`flows.deployments`.
 """
 
 from __future__ import annotations
