@@ -249,16 +249,13 @@ def for_each_variant(plan: Plan, work: Callable[[str], None]) -> None:
     names = list(plan.spec.variants)
     at_once = min(plan.spec.parallel_variants, len(names))
     processes = plan.spec.pretrain.nodes * plan.spec.pretrain.gpus_per_node
-    if at_once > 1 and processes > 1:  # e.g. the demo recipe pretrained with torchrun on 2 GPUs
-        run_logger().warning("parallel_variants: %d ignored, the variants run in turn: each "
-                             "pretraining uses %d processes (GPUs), which they would share",
-                             at_once, processes)
-        at_once = 1
-    gpus = launch.visible_gpus() if at_once > 1 else []
-    if 0 < len(gpus) < at_once:
-        run_logger().warning("parallel_variants: %d ignored, the variants run in turn: %d GPU(s) "
-                             "for %d variants at once, which would share them",
-                             at_once, len(gpus), at_once)
+    gpus = launch.visible_gpus() if at_once > 1 and processes == 1 else []
+    shared = (f"each pretraining uses {processes} processes (GPUs)" if processes > 1 else
+              f"{len(gpus)} GPU(s) for {at_once} variants at once" if 0 < len(gpus) < at_once
+              else None)  # e.g. the demo recipe pretrained with torchrun on 2 GPUs
+    if at_once > 1 and shared:
+        run_logger().warning("parallel_variants: %d ignored, the variants run in turn: %s, which "
+                             "they would share", at_once, shared)
         at_once = 1
     if at_once == 1:
         for name in names:

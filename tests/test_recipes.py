@@ -152,7 +152,7 @@ def test_overrides_and_their_mistakes(tmp_path: Path) -> None:
         load_recipe(path, ["pretrain.train.steps"])
 
 
-def test_compile_off_as_yaml_reads_it(tmp_path: Path) -> None:
+def test_compile_off_as_yaml_reads_it() -> None:
     # YAML 1.1 reads a bare off / on as a boolean, in a recipe file and in --set alike.
     recipe = load_recipe("demo", ["pretrain.train.compile=off", "tasks.nlvr.train.compile=off",
                                   "variants.albef.train={compile: on}"])
