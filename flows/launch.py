@@ -120,6 +120,19 @@ def visible_gpus() -> list[str]:
     return given[:torch.cuda.device_count()] or [str(i) for i in range(torch.cuda.device_count())]
 
 
+def gpu_device(gpus: str | None) -> str | None:
+    """The torch device, as this process numbers its GPUs, of the first GPU in ``gpus`` (a
+    ``CUDA_VISIBLE_DEVICES`` value made of :func:`visible_gpus` entries); None for none."""
+    if not gpus:
+        return None
+    first = gpus.split(",")[0].strip()
+    given = visible_gpus()
+    if first not in given:
+        raise ValueError(f"GPU {first!r} is not one of this process's GPUs: "
+                         f"{', '.join(given) or 'none'}")
+    return f"cuda:{given.index(first)}"
+
+
 def thread_environment(threads: int) -> dict[str, str]:
     """Environment variables that give a subprocess's torch (OpenMP, MKL) ``threads`` threads."""
     return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}

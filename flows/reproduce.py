@@ -240,7 +240,8 @@ def for_each_variant(plan: Plan, work: Callable[[str], None]) -> None:
     ``parallel_variants`` at a time, each in a thread that carries this flow run's context (its
     stages are tasks of this flow run) while every training stage runs as a subprocess with an
     equal share of the CPU threads (``StageContext.training_threads``) and, on a machine with
-    GPUs, of the GPUs (``stages.TRAINING_GPUS``, one share per variant running). The first
+    GPUs, of the GPUs (``stages.TRAINING_GPUS``, one share per variant running; its
+    evaluations run on the first GPU of its share). The first
     failure, or an interrupt, stops the training subprocesses still running
     (``StageContext.stop``) and is raised once every thread has ended; what finished stays in the
     store. A recipe whose pretraining uses several processes, or a machine with GPUs but fewer

@@ -130,7 +130,8 @@ TRAINING_GPUS: contextvars.ContextVar[str | None] = contextvars.ContextVar("trai
                                                                           default=None)
 """The GPUs (``CUDA_VISIBLE_DEVICES``) of the training subprocesses started from this context:
 set per variant by :func:`flows.reproduce.for_each_variant` when variants train side by side on
-a machine with GPUs, so that each variant has its own."""
+a machine with GPUs, so that each variant has its own. The stages that run in the flow's process
+(evaluation, analysis) use the first of them."""
 
 
 # ---- running one stage ---------------------------------------------------------------------------
@@ -579,8 +580,9 @@ def evaluate_stage(ctx: StageContext, spec: TaskSpec, checkpoint: str, eval_shar
         task_args = ({**args, "result_file": str(folder / VQA_RESULT)} if spec.task == "vqa"
                      else args)
         if processes == 1:
-            found = TASKS[spec.task].module().evaluate(checkpoint, eval_shards, config,
-                                                       progress=ctx.progress, **task_args)
+            found = TASKS[spec.task].module().evaluate(
+                checkpoint, eval_shards, config, progress=ctx.progress,
+                device=launch.gpu_device(TRAINING_GPUS.get()), **task_args)
             atomic_write_json(metrics_file, found)
         else:
             command = launch.evaluate_command(
@@ -625,7 +627,8 @@ def analyze_stage(ctx: StageContext, spec: TaskSpec, checkpoint: str, eval_shard
         found = codis_analysis.analyze_checkpoint(
             checkpoint, eval_shards, folder, config=config, examples=settings.examples,
             top_k=settings.top_k, gradcam_words=settings.gradcam_words,
-            gradcam_vocabulary=settings.gradcam_vocabulary, progress=ctx.progress)
+            gradcam_vocabulary=settings.gradcam_vocabulary,
+            device=launch.gpu_device(TRAINING_GPUS.get()), progress=ctx.progress)
         run.log_artifact(folder / codis_analysis.ANALYSIS_FILE, "analysis")
         metrics = {f"analysis.codebook.{source}.{name}": float(usage[name])
                    for source, usage in (found["codebook"] or {}).items()

@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import threading
@@ -1195,6 +1196,13 @@ def test_parallel_variants_train_side_by_side_what_they_train_in_turn(first, fak
     gpus = {name: {c["env"]["CUDA_VISIBLE_DEVICES"] for c in calls if c["label"].endswith(f"{name}]")}
             for name in ("codis", "albef")}
     assert sorted(gpus["codis"] | gpus["albef"]) == ["3", "5"] and all(len(g) == 1 for g in gpus.values())
+    # Each variant's evaluations, in the flow's process, ran on its GPU ("3" is cuda:0 here).
+    variant_of = {str(Path(s["path"]) / "model.pt"): re.split(r"[\[/]", s["label"].rstrip("]"))[-1]
+                  for s in summary["stages"] if s["stage"] in ("pretrain", "finetune")}
+    devices = {(variant_of[args["checkpoint"]], args["kwargs"]["device"])
+               for name, args in fakes.calls if name.endswith(".evaluate")}
+    assert devices == {(name, f"cuda:{['3', '5'].index(next(iter(gpus[name])))}")
+                       for name in ("codis", "albef")}
     job = json.loads((Path(next(s["path"] for s in summary["stages"]
                                 if s["label"] == "finetune[ve.t/codis]")) / "job.json").read_text())
     assert job["function"] == "finetune" and job["task"] == "ve"
@@ -1258,6 +1266,15 @@ def test_a_failing_variant_stops_the_other_and_its_error_is_raised(fakes, tmp_pa
     with pytest.raises(RuntimeError, match="albef's pretraining failed"):
         run(tmp_path, data, overrides=["parallel_variants=2"])
     assert not [c for c in fakes.calls if c[0].endswith(".finetune")]
+
+
+def test_a_gpu_share_names_its_first_gpu_as_this_process_numbers_it(monkeypatch) -> None:
+    monkeypatch.setattr(launch, "visible_gpus", lambda: ["4", "6", "7"])
+    assert launch.gpu_device(None) is None
+    assert launch.gpu_device("6") == "cuda:1"
+    assert launch.gpu_device("7,4") == "cuda:2"
+    with pytest.raises(ValueError, match="GPU '2' is not one of this process's GPUs: 4, 6, 7"):
+        launch.gpu_device("2")
 
 
 def test_visible_gpus_are_the_ones_this_process_was_given(monkeypatch) -> None:
