@@ -332,6 +332,41 @@ def test_build_optimizer_is_fused_keeps_the_groups_and_matches_the_reference_ada
         assert not torch.equal(parameter, initial[name]) or not parameter.requires_grad, name
 
 
+def test_vision_lr_scale_moves_the_image_encoder_by_that_fraction_of_the_rest(tmp_path):
+    class Tower(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.visual_encoder, self.head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.visual_encoder(x))
+
+    def step_loss(trained, batch, step):
+        return PretrainOutput((trained(batch["x"]) - batch["y"]).pow(2).mean(), {})
+
+    moved = {}
+    for scale in (1.0, 0.25):
+        torch.manual_seed(0)
+        model = Tower()
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        fit(model, step_loss, lambda epoch: _stub_batches(8, 8), run_config={"stub": 1},
+            train=TrainConfig(steps=1, batch_size=8, log_every=100, checkpoint_every=100),
+            optim=OptimConfig(lr=0.01, warmup_steps=0, weight_decay=0.0, vision_lr_scale=scale),
+            output_dir=tmp_path / str(scale), runtime=Runtime(torch.device("cpu")), progress=False)
+        moved[scale] = {name: (p.detach() - before[name]).abs() for name, p in model.named_parameters()}
+    # AdamW's first step moves every weight by its learning rate (sign of the gradient)
+    for name, change in moved[0.25].items():
+        expected = moved[1.0][name] * (0.25 if name.startswith("visual_encoder.") else 1.0)
+        torch.testing.assert_close(change, expected, rtol=1e-4, atol=1e-7, msg=name)
+    assert moved[1.0]["visual_encoder.weight"].min() > 0.009
+    optimizer = build_optimizer(Tower(), OptimConfig(weight_decay=0.05, vision_lr_scale=0.5))
+    groups = sorted((g.get("lr_scale", 1.0), g["weight_decay"], len(g["params"]))
+                    for g in optimizer.param_groups)
+    assert groups == [(0.5, 0.0, 1), (0.5, 0.05, 1), (1.0, 0.0, 1), (1.0, 0.05, 1)]
+    with pytest.raises(ConfigError, match="optim.vision_lr_scale"):
+        OptimConfig(vision_lr_scale=0.0)
+
+
 def test_uint8_images_reach_the_device_as_the_float_transform_made_them():
     import torchvision.transforms as T
     from codis.transforms import MEAN, STD

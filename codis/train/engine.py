@@ -203,7 +203,9 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.O
     fused = bool(trainable) and all(p.device.type in ("cpu", "cuda") for p in trainable)
     decayed = {id(p) for module in model.modules() if hasattr(module, "decayed_scalars")
                for p in module.decayed_scalars() if p.requires_grad}
-    if not decayed:
+    vision = ({id(p) for name, p in model.named_parameters() if _in_image_encoder(name)}
+              if optim.vision_lr_scale != 1.0 else set())
+    if not decayed and not vision:
         return create_optimizer_v2(model, "adamw", lr=optim.lr, weight_decay=optim.weight_decay,
                                    fused=fused)
 
@@ -213,10 +215,20 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.O
             group["params"] = [p for p in group["params"] if id(p) not in decayed]
         grouped.append({"params": [p for p in module.parameters() if id(p) in decayed],
                         "weight_decay": optim.weight_decay})
-        return [group for group in grouped if group["params"]]
+        split = []  # each group once outside and once inside the image encoder
+        for group in grouped:
+            for in_vision in (False, True):
+                params = [p for p in group["params"] if (id(p) in vision) == in_vision]
+                scale = {"lr_scale": optim.vision_lr_scale} if in_vision else {}
+                split.append({**group, "params": params, **scale})
+        return [group for group in split if group["params"]]
 
     return create_optimizer_v2(model, "adamw", lr=optim.lr, weight_decay=optim.weight_decay,
                                param_group_fn=groups, fused=fused)
+
+
+def _in_image_encoder(name: str) -> bool:
+    return "visual_encoder" in name.split(".")
 
 
 # The layers a model repeats: timm's ViT block and the BERT layer (text encoder, fusion encoder,
@@ -293,7 +305,7 @@ def fit(model: torch.nn.Module, step_loss: StepLoss, open_epoch: Callable[[int],
     while step < end:
         lr = learning_rate(step, train.steps, optim)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         optimizer.zero_grad(set_to_none=True)
         logged = runtime.is_main and ((step + 1) % train.log_every == 0 or step + 1 == end)
         totals: dict[str, torch.Tensor] = {}  # on the device, read once when logged

@@ -18,16 +18,23 @@ from codis.config import ConfigError, check_int, check_number, from_dict
 @dataclass(frozen=True)
 class OptimConfig:
     """ALBEF's pretraining optimiser: AdamW lr 1e-4, weight decay 0.02, warm-up from 1e-5 over the
-    first 2,000 steps (its 20 warm-up "epochs" of 100 steps), cosine decay to 1e-5."""
+    first 2,000 steps (its 20 warm-up "epochs" of 100 steps), cosine decay to 1e-5.
+
+    ``vision_lr_scale`` multiplies the learning rate of the image encoder (every
+    ``visual_encoder`` module's parameters) at every step; 1 (ALBEF: one rate for all) by
+    default. Below 1 a trained ViT keeps more of what it knows while a text side trained from
+    scratch needs a higher rate: at the demo's lr 1e-3, pretraining erased most of the shape
+    knowledge of the demo's ViT initialisation (docs/findings/tiny-preset.md, finding 11)."""
 
     lr: float = 1e-4
     weight_decay: float = 0.02
     warmup_lr: float = 1e-5
     warmup_steps: int = 2000
     min_lr: float = 1e-5
+    vision_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("lr", "warmup_lr", "min_lr"):
+        for name in ("lr", "warmup_lr", "min_lr", "vision_lr_scale"):
             check_number(getattr(self, name), f"optim.{name}", 0, low_open=True)
         check_number(self.weight_decay, "optim.weight_decay", 0)
         check_int(self.warmup_steps, "optim.warmup_steps", 0)
