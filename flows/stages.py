@@ -486,6 +486,11 @@ def _thread_environment(ctx: StageContext) -> dict[str, str] | None:
             **({"CUDA_VISIBLE_DEVICES": gpus} if gpus is not None else {})}
 
 
+def _variant_device() -> str | None:
+    """The device of a stage that runs in the flow's process: its variant's first GPU, if any."""
+    return launch.gpu_device(TRAINING_GPUS.get())
+
+
 def _train_job(ctx: StageContext, folder: Path, sink: MetricsSink, job: dict[str, Any]) -> None:
     """Train a finetuning or text-assignment ``job`` (:mod:`flows.finetune_entry`; written to the
     stage folder as ``job.json``): in this process, or with ``ctx.training_threads`` set in its
@@ -582,7 +587,7 @@ def evaluate_stage(ctx: StageContext, spec: TaskSpec, checkpoint: str, eval_shar
         if processes == 1:
             found = TASKS[spec.task].module().evaluate(
                 checkpoint, eval_shards, config, progress=ctx.progress,
-                device=launch.gpu_device(TRAINING_GPUS.get()), **task_args)
+                device=_variant_device(), **task_args)
             atomic_write_json(metrics_file, found)
         else:
             command = launch.evaluate_command(
@@ -628,7 +633,7 @@ def analyze_stage(ctx: StageContext, spec: TaskSpec, checkpoint: str, eval_shard
             checkpoint, eval_shards, folder, config=config, examples=settings.examples,
             top_k=settings.top_k, gradcam_words=settings.gradcam_words,
             gradcam_vocabulary=settings.gradcam_vocabulary,
-            device=launch.gpu_device(TRAINING_GPUS.get()), progress=ctx.progress)
+            device=_variant_device(), progress=ctx.progress)
         run.log_artifact(folder / codis_analysis.ANALYSIS_FILE, "analysis")
         metrics = {f"analysis.codebook.{source}.{name}": float(usage[name])
                    for source, usage in (found["codebook"] or {}).items()
