@@ -22,16 +22,19 @@ SMALL_WORLD = {
     "demo_world.vqa_images": "{train: 8, val: 6, test: 2}",
     "demo_world.nlvr_pairs": "{train: 20, dev: 6, test: 6}",
     "demo_world.ve_images": "{train: 8, dev: 6, test: 6}",
+    "demo_world.classification_images": "{train: 64, val: 16}",
     "pretrain.train.batch_size": "8",
 }
 
 
 @pytest.fixture
 def busy_cores():
-    """One busy-loop process per core this test may use, for as long as the test runs."""
+    """One busy-loop process per core this test may use that no other test worker of this run
+    keeps busy already (scripts/test.sh runs two), for as long as the test runs."""
+    other_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) - 1
     loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL,
                               start_new_session=True)
-             for _ in range(len(os.sched_getaffinity(0)))]
+             for _ in range(max(1, len(os.sched_getaffinity(0)) - other_workers))]
     yield len(loops)
     for loop in loops:
         try:
