@@ -74,6 +74,27 @@ def test_an_interrupted_run_resumes_to_the_same_weights(world: Path, tmp_path: P
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=0)
 
 
+def test_images_held_in_memory_train_to_the_same_weights_as_images_read_per_step(
+        world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import codis.train.vision_init as vision_init
+
+    train = dataclasses.replace(TRAIN, steps=4, checkpoint_every=4)
+    args = (VISION, world / "classification/train.json", world)
+    reads = []
+    original = vision_init._ImageSet._read
+    monkeypatch.setattr(vision_init._ImageSet, "_read",
+                        lambda self, index: reads.append(index) or original(self, index))
+    assert vision_init.fits_in_memory(400, 32)  # 400 images of 32 px: 4.9 MB
+    held = load_file(pretrain_vision(*args, tmp_path / "held", train=train, optim=OPTIM, progress=False))
+    assert sorted(reads) == list(range(400))  # each image decoded once, before training
+    reads.clear()
+    monkeypatch.setattr(vision_init, "IN_MEMORY_BYTES", 400 * 3 * 32 * 32 * 4 - 1)
+    read = load_file(pretrain_vision(*args, tmp_path / "read", train=train, optim=OPTIM, progress=False))
+    assert len(reads) == train.steps * train.batch_size  # decoded for every batch
+    for name, value in held.items():
+        torch.testing.assert_close(read[name], value, rtol=0, atol=0)
+
+
 def test_bad_input_is_named_before_training(world: Path, tmp_path: Path) -> None:
     rows = json.loads((world / "classification/train.json").read_text())
     cases = [
