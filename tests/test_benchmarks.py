@@ -1,6 +1,7 @@
 """The step benchmarks run and report what they promise: ``benchmarks/gpu_check.py --smoke``
 writes every section with numbers where they belong and survives a failing section, and
-``benchmarks/pretrain_throughput.py`` prints ATen ops, syncs, samples/s and both MFUs. They run
+``benchmarks/pretrain_throughput.py`` prints ATen ops, syncs, samples/s and both MFUs, and
+``benchmarks/vision_init_step.py`` times the ViT initialisation both ways. They run
 as scripts (``benchmarks/`` is not a package), so the tests start them as subprocesses and assert
 no timings: the machine is shared."""
 
@@ -100,6 +101,17 @@ def test_pretrain_throughput_prints_ops_syncs_throughput_and_both_mfus() -> None
     assert number(r"achieved: ([\d.]+) TFLOP/s") >= 0
     assert "MFU vs spec peak: CPU: spec MFU n/a" in out
     assert number(r"MFU vs measured matmul peak: ([\d.]+)% of") >= 0
+
+
+def test_vision_init_step_times_both_ways_and_prints_the_ratio() -> None:
+    done = run_script("vision_init_step.py", "--images", "96", "--steps", "3", "--rounds", "1")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = re.findall(r"^\| (decoded for every batch|held in memory) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$",
+                      done.stdout, re.MULTILINE)
+    assert [row[0] for row in rows] == ["decoded for every batch", "held in memory"], done.stdout
+    (_, streamed, _, one), (_, held, _, ratio) = rows
+    assert float(one) == 1.0 and float(streamed) > 0 and float(held) > 0
+    assert float(ratio) == pytest.approx(float(streamed) / float(held), abs=0.02, rel=0.02)
 
 
 @pytest.mark.parametrize("name, row", [

@@ -84,12 +84,13 @@ def test_images_held_in_memory_train_to_the_same_weights_as_images_read_per_step
     original = vision_init._ImageSet._read
     monkeypatch.setattr(vision_init._ImageSet, "_read",
                         lambda self, index: reads.append(index) or original(self, index))
-    assert vision_init.fits_in_memory(400, 32)  # 400 images of 32 px: 4.9 MB
+    # by default when the set fits: 400 images of 32 px take 4.9 MB as float32
+    assert vision_init.fits_in_memory(400, 32) and not vision_init.fits_in_memory(22_000, 64 * 8)
     held = load_file(pretrain_vision(*args, tmp_path / "held", train=train, optim=OPTIM, progress=False))
     assert sorted(reads) == list(range(400))  # each image decoded once, before training
     reads.clear()
-    monkeypatch.setattr(vision_init, "IN_MEMORY_BYTES", 400 * 3 * 32 * 32 * 4 - 1)
-    read = load_file(pretrain_vision(*args, tmp_path / "read", train=train, optim=OPTIM, progress=False))
+    read = load_file(pretrain_vision(*args, tmp_path / "read", train=train, optim=OPTIM, progress=False,
+                                     in_memory=False))
     assert len(reads) == train.steps * train.batch_size  # decoded for every batch
     for name, value in held.items():
         torch.testing.assert_close(read[name], value, rtol=0, atol=0)

@@ -156,11 +156,14 @@ def pretrain_vision(vision: VisionConfig, train_annotations: str | Path, image_r
                     output_dir: str | Path, *, train: TrainConfig, optim: OptimConfig,
                     eval_annotations: str | Path | None = None,
                     callback: MetricsCallback | None = None, progress: bool = True,
-                    resume: bool = True, stop_after: int | None = None) -> Path:
+                    resume: bool = True, stop_after: int | None = None,
+                    in_memory: bool | None = None) -> Path:
     """Train ``vision`` (from scratch) on a labelled image set; returns ``output_dir/`` +
     :data:`WEIGHTS`, the ViT's weights, loadable as ``VisionConfig.pretrained`` of a model with
     the same architecture. With ``eval_annotations`` the held-out balanced accuracy is written to
-    ``output_dir/metrics.json``. Resumes from ``output_dir/checkpoints`` like every training run."""
+    ``output_dir/metrics.json``. Resumes from ``output_dir/checkpoints`` like every training run.
+    ``in_memory``: decode every image once and train from memory (the same batches); by default
+    when the transformed images fit :data:`IN_MEMORY_BYTES`."""
     if vision.pretrained is not None:
         raise ConfigError("vision.pretrained: the initialisation trains from scratch; leave it unset")
     data = read_labelled_images(train_annotations, image_root)
@@ -172,8 +175,9 @@ def pretrain_vision(vision: VisionConfig, train_annotations: str | Path, image_r
         raise ConfigError("pretrain_vision runs in one process (a short stage); use no torchrun")
     seed_everything(train.seed)
     model = LabelClassifier(vision, len(data.labels)).to(runtime.device)
-    images = _ImageSet(data, vision.image_size,
-                       in_memory=fits_in_memory(len(data.paths), vision.image_size))
+    if in_memory is None:
+        in_memory = fits_in_memory(len(data.paths), vision.image_size)
+    images = _ImageSet(data, vision.image_size, in_memory=in_memory)
 
     def open_epoch(epoch: int) -> DataLoader:
         order = torch.Generator().manual_seed(train.seed * 1_000_003 + epoch)
