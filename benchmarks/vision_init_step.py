@@ -27,7 +27,8 @@ from codis.data.demo_world import DemoWorldConfig, generate_demo_world
 from codis.train import OptimConfig, TrainConfig
 from codis.train.vision_init import pretrain_vision
 
-ONE = {"train": 1, "val": 1, "test": 1}
+ONE = {"train": 1, "val": 1, "test": 1}  # the other splits at their smallest
+ONE_DEV = {"train": 1, "dev": 1, "test": 1}
 
 
 def main() -> None:
@@ -44,7 +45,7 @@ def main() -> None:
         world = Path(tmp) / "world"
         generate_demo_world(world, DemoWorldConfig(
             pretrain_images=2, retrieval_images=ONE, vqa_images=ONE,
-            nlvr_pairs={"train": 1, "dev": 1, "test": 1}, ve_images={"train": 1, "dev": 1, "test": 1},
+            nlvr_pairs=ONE_DEV, ve_images=ONE_DEV,
             classification_images={"train": args.images, "val": 1}), progress=False)
         seconds: dict[bool, list[float]] = {False: [], True: []}
         for round_ in range(args.rounds):

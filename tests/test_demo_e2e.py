@@ -2,8 +2,8 @@
 webdataset, Prefect (the local server the CLI starts and stops, flows/server.py) and MLflow
 (SQLite), every stage of `pipelines/demo.yaml` run for real while busy-loop processes load every
 core that the other test workers leave (the README's commands must pass on a loaded machine: the
-former ephemeral Prefect server timed out starting there). Afterwards no Prefect server is left and no finished training stage
-keeps its training state."""
+former ephemeral Prefect server timed out starting there). Afterwards no Prefect server is left
+and no finished training stage keeps its training state."""
 
 import json
 import os
