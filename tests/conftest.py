@@ -118,24 +118,27 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def transform_calls(monkeypatch: pytest.MonkeyPatch):
-    """Counts the images the pretraining transform is applied to, in every loader process (a
-    shared counter: DataLoader workers add to it too); reset it by setting ``.value``."""
+    """Counts the images the training transforms (pretraining and task finetuning) are applied to,
+    in every loader process (a shared counter: DataLoader workers add to it too); reset it by
+    setting ``.value``."""
     import multiprocessing
     from codis.data import loaders
 
     calls = multiprocessing.Value("q", 0)
-    build = loaders.pretrain_transform
 
-    def counting(*args, **kwargs):
-        transform = build(*args, **kwargs)
+    def counting(build):
+        def built(*args, **kwargs):
+            transform = build(*args, **kwargs)
 
-        def counted(image):
-            with calls.get_lock():
-                calls.value += 1
-            return transform(image)
-        return counted
+            def counted(image):
+                with calls.get_lock():
+                    calls.value += 1
+                return transform(image)
+            return counted
+        return built
 
-    monkeypatch.setattr(loaders, "pretrain_transform", counting)
+    for name in ("pretrain_transform", "train_transform"):
+        monkeypatch.setattr(loaders, name, counting(getattr(loaders, name)))
     return calls
 
 

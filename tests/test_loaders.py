@@ -14,9 +14,9 @@ from PIL import Image
 import codis  # noqa: F401
 from codis.config import ConfigError
 from codis.data import loaders
-from codis.data.loaders import (ShardDataError, SkipCounter, nlvr_loader, pretrain_loader,
-                                retrieval_eval_loader, retrieval_train_loader, task_loader,
-                                ve_loader, vqa_loader)
+from codis.data.loaders import (ExampleCache, ShardDataError, SkipCounter, nlvr_loader,
+                                pretrain_loader, retrieval_eval_loader, retrieval_train_loader,
+                                task_loader, ve_loader, vqa_loader)
 from codis.data.shards import VERIFY_ENV, ShardIntegrityError, write_shards
 from codis.text import clean_caption, load_tokenizer
 from codis.transforms import normalize_on_device
@@ -346,6 +346,53 @@ def test_retrieval_train_loader_is_seeded(image_root: Path, tmp_path: Path, toke
     for batch in first:
         assert batch["image_id"].tolist() == [int(k) // 2 for k in batch["key"]]
         assert batch["input_ids"].shape[0] == 4
+
+
+def test_an_example_cache_decodes_each_unaugmented_sample_once_per_run(
+        image_root: Path, tmp_path: Path, tokenizer, transform_calls) -> None:
+    pairs = [{"images": [f"{i % N_IMAGES}.jpg", f"{(i + 1) % N_IMAGES}.jpg"],
+              "sentence": f"Pair {i}.", "label": "True" if i % 3 else "False"} for i in range(11)]
+    pairs[4]["images"][1] = "garbage.jpg"  # broken: skipped, and counted, in every epoch
+    write_shards(pairs, image_root, tmp_path / "nlvr", kind="nlvr", samples_per_shard=4,
+                 progress=False)
+    image_bytes = 3 * 16 * 16
+
+    def epochs(cache: ExampleCache | None, augment: bool = False, num_workers: int = 0,
+               image_size: int = 16) -> tuple[list[list[dict]], list[int], int]:
+        skips, batches, decoded = SkipCounter(), [], []
+        for epoch in range(3):
+            transform_calls.value = 0
+            batches.append(all_batches(nlvr_loader(
+                str(tmp_path / "nlvr"), image_size=image_size, batch_size=3, train=True,
+                tokenizer=tokenizer, seed=5, epoch=epoch, shuffle_buffer=8, augment=augment,
+                num_workers=num_workers, skips=skips, cache=cache)))
+            decoded.append(transform_calls.value)
+        return batches, decoded, skips.count
+
+    plain, plain_decoded, plain_skips = epochs(None)
+    assert plain_decoded == [20, 20, 20] and plain_skips == 3  # 10 readable pairs of two images
+    cache = ExampleCache()
+    cached, cached_decoded, cached_skips = epochs(cache)
+    assert cached_decoded == [20, 0, 0] and cached_skips == plain_skips
+    assert len(cache) == 10 and cache.bytes == 10 * 2 * image_bytes
+    for ours, theirs in zip(cached, plain):  # the same batches, in each epoch's own order
+        _assert_same_batches(ours, theirs)
+    assert keys_of(cached[0]) != keys_of(cached[1])
+
+    # over budget: what fits is kept, the rest decoded each epoch, the batches unchanged
+    small = ExampleCache(max_bytes=4 * 2 * image_bytes)
+    partly, partly_decoded, _ = epochs(small)
+    assert len(small) == 4 and partly_decoded == [20, 12, 12]
+    for ours, theirs in zip(partly, plain):
+        _assert_same_batches(ours, theirs)
+
+    # random augmentation, or worker processes that end with the epoch: the cache is not used
+    for unused in ({"augment": True}, {"num_workers": 1}):
+        idle = ExampleCache()
+        assert epochs(idle, **unused)[1] == [20, 20, 20] and len(idle) == 0, unused
+    with pytest.raises(ValueError, match=r"^cache: filled by a loader reading \('nlvr', 16, 30\), "
+                                         r"not by one reading \('nlvr', 32, 30\)"):
+        epochs(cache, image_size=32)
 
 
 def test_eval_loader_raises_on_broken_image(image_root: Path, tmp_path: Path) -> None:

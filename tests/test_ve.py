@@ -2,6 +2,7 @@
 world, and that the classifier can fit a fixed batch."""
 
 import math
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -9,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import codis.tasks.ve
 from codis.config import ConfigError, preset
-from codis.data.loaders import VE_LABEL_IDS, ve_loader
+from codis.data.loaders import VE_LABEL_IDS, ExampleCache, ve_loader
 from codis.checkpoint import read_checkpoint
 from codis.losses import classification_loss
 from codis.metrics import accuracy
@@ -169,6 +171,33 @@ def test_finetune_then_evaluate_end_to_end(world, tmp_path):
     assert total == 12 and first["accuracy"] == pytest.approx(100.0 * hits / total)
     with pytest.raises(ConfigError, match=r"^ve\.image_size: the checkpoint was finetuned at 64"):
         evaluate(path, world["dev"], ve_config("demo", image_size=40), progress=False)
+
+
+def test_unaugmented_finetuning_decodes_each_image_once_and_trains_as_before(
+        world, tmp_path, monkeypatch, transform_calls):
+    # augment False: the run's example cache serves the second epoch; a cache that holds nothing
+    # (max_bytes 0) decodes every epoch, and both train to the same weights.
+    config = ve_config("demo", augment=False)
+    train = TrainConfig(steps=8, batch_size=6, checkpoint_every=8, log_every=4, seed=1)
+    optim = OptimConfig(lr=1e-4, warmup_lr=1e-5, warmup_steps=1, min_lr=1e-5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two threads may sum a CPU backward in either order: not bitwise
+    weights, decoded = {}, {}
+    try:
+        for form in ("cached", "decoded each epoch"):
+            if form != "cached":
+                monkeypatch.setattr(codis.tasks.ve, "ExampleCache", partial(ExampleCache, 0))
+            transform_calls.value = 0
+            path = finetune(world["pretrained"], world["train"], tmp_path / form, config,
+                            train=train, optim=optim, progress=False)
+            decoded[form] = transform_calls.value
+            weights[form] = read_checkpoint(path).state_dict
+    finally:
+        torch.set_num_threads(threads)
+    # 24 examples (8 images, 3 hypotheses each), batches of 6: 8 steps are 2 epochs
+    assert decoded == {"cached": 24, "decoded each epoch": 48}
+    for name, value in weights["cached"].items():
+        assert torch.equal(value, weights["decoded each epoch"][name]), name
 
 
 def test_the_classifier_fits_a_fixed_batch(world):

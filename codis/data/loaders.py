@@ -144,6 +144,64 @@ class SkipCounter:
             self._muted = False
 
 
+IN_MEMORY_BYTES = 1 << 30
+"""What a training stage may hold in memory to spare decoding again: :class:`ExampleCache`'s
+budget, and the ViT initialisation's (:mod:`codis.train.vision_init`)."""
+
+
+class ExampleCache:
+    """A task's decoded training examples, kept from one epoch's loader to the next.
+
+    A training loader whose transform draws nothing at random (``augment`` False: the evaluation
+    resize, as uint8) maps a sample to the same example in every epoch, so it need decode and
+    resize each image once per run rather than once per epoch: pass one cache to the loader of
+    every epoch (:func:`task_loader`). The batches are the same tensors either way; only the
+    decoding is spared (the tar bytes are still read, counted and shuffled as before, so resuming
+    is unchanged). Examples are kept, keyed by shard and sample key, while their tensors fit
+    ``max_bytes``; the rest are decoded each epoch. A loader that reads in worker processes
+    (``num_workers`` above 0) does not use the cache: its workers end with each epoch.
+    """
+
+    def __init__(self, max_bytes: int = IN_MEMORY_BYTES) -> None:
+        check_int(max_bytes, "max_bytes", 0)
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._examples: dict[tuple[str, str], dict] = {}
+        self._reader: tuple | None = None
+
+    def __len__(self) -> int:
+        return len(self._examples)
+
+    def bind(self, reader: tuple) -> None:
+        """Tie the cache to one way of reading (kind, transform settings): a loader reading
+        otherwise would map the same sample to a different example."""
+        if self._reader is None:
+            self._reader = reader
+        elif reader != self._reader:
+            raise ValueError(f"cache: filled by a loader reading {self._reader}, "
+                             f"not by one reading {reader}")
+
+    def examples(self, samples: Iterator[dict], stages: tuple[Callable, ...]) -> Iterator[dict]:
+        """``samples`` mapped through ``stages`` (decode, map), each from the cache when it is
+        there; a sample the stages drop (broken, counted by their handler) is not kept."""
+        for sample in samples:
+            identity = (str(sample.get("__url__", "")), sample["__key__"])
+            example = self._examples.get(identity)
+            if example is not None:
+                yield example
+                continue
+            mapped: Iterator[dict] = iter([sample])
+            for stage in stages:
+                mapped = stage(mapped)
+            for example in mapped:
+                size = sum(value.nbytes for value in example.values()
+                           if isinstance(value, torch.Tensor))
+                if self.bytes + size <= self.max_bytes:
+                    self._examples[identity] = example
+                    self.bytes += size
+                yield example
+
+
 def describe_error(exn: BaseException) -> str:
     """One line naming what broke: webdataset's DecodingError carries the shard, key and member
     as attributes and the real error as its cause; a ShardDataError names them in its message."""
@@ -595,7 +653,8 @@ def _build(urls: list[str], task: _Task, transform: Callable, *, batch_size: int
            tokenizer: PreTrainedTokenizerBase | None, max_words: int, max_length: int,
            num_workers: int, train: bool, resample: bool, seed: int, epoch: int,
            shuffle_buffer: int, drop_last: bool, skips: SkipCounter, rank: int = 0,
-           world_size: int = 1, mlm_probability: float | None = None) -> ShardLoader:
+           world_size: int = 1, mlm_probability: float | None = None,
+           cache: ExampleCache | None = None) -> ShardLoader:
     for name, value in (("batch_size", batch_size), ("max_words", max_words),
                         ("max_length", max_length), ("world_size", world_size)):
         check_int(value, name, 1)
@@ -613,6 +672,8 @@ def _build(urls: list[str], task: _Task, transform: Callable, *, batch_size: int
                  partial(task.to_sample, transform=transform, max_words=max_words))
     to_examples = (wds.decode("pil", handler=handler),
                    wds.map(partial(_naming_errors, function=to_sample), handler=handler))
+    if cache is not None:
+        to_examples = (partial(cache.examples, stages=to_examples),)
     collate = partial(_collate, tokenizer=tokenizer, max_length=max_length,
                       text_field=task.text_field, mlm_probability=mlm_probability, seed=seed,
                       epoch=epoch)
@@ -685,7 +746,7 @@ def task_loader(shards: str | list[str], kind: str, *, image_size: int, batch_si
                 epoch: int = 0, shuffle_buffer: int = 1000, hflip: bool = True,
                 augment: bool = True, drop_last: bool | None = None,
                 skips: SkipCounter | None = None, rank: int = 0, world_size: int = 1,
-                ) -> ShardLoader:
+                cache: ExampleCache | None = None) -> ShardLoader:
     """A downstream-task loader over shards written by write_shards with ``kind``.
 
     ``train=False`` (evaluation): eval transform (normalised float images), shard and record
@@ -698,16 +759,22 @@ def task_loader(shards: str | list[str], kind: str, *, image_size: int, batch_si
     ``attention_mask``; for retrieval_eval all captions of the batch are flattened and
     ``text_image_index`` gives each text row's ``image_index``. Evaluation under several
     processes: ``rank`` of ``world_size`` reads its share of the samples (see :func:`_rank_share`).
+    ``cache``: an :class:`ExampleCache` shared by the loaders of a run's epochs, used by a training
+    loader without ``augment`` that reads in this process (``num_workers`` 0), else unused.
     """
     check_choice(kind, "kind", tuple(k for k in _TASKS if k != "pretrain"))
     task = _TASKS[kind]
     transform = (train_transform(image_size, hflip=hflip, augment=augment) if train else
                  eval_transform(image_size))
+    if cache is not None and train and not augment and num_workers == 0:
+        cache.bind((kind, image_size, max_words))
+    else:
+        cache = None
     return _build(shard_urls(shards, task.kinds), task, transform, batch_size=batch_size,
                   tokenizer=tokenizer, max_words=max_words, max_length=max_length,
                   num_workers=num_workers, train=train, resample=False, seed=seed, epoch=epoch,
                   shuffle_buffer=shuffle_buffer, drop_last=train if drop_last is None else drop_last,
-                  skips=skips or SkipCounter(), rank=rank, world_size=world_size)
+                  skips=skips or SkipCounter(), rank=rank, world_size=world_size, cache=cache)
 
 
 def retrieval_train_loader(shards: str | list[str], **kwargs: Any) -> ShardLoader:

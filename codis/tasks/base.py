@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from codis.config import (ConfigError, ModelConfig, check_bool, check_choice, check_int, check_number,
                           check_positive, from_dict)
-from codis.data.loaders import ShardLoader, SkipCounter, task_loader
+from codis.data.loaders import ExampleCache, ShardLoader, SkipCounter, task_loader
 from codis.train import TrainConfig
 
 Config = TypeVar("Config", bound="TaskConfig")
@@ -129,12 +129,14 @@ def preset_config(presets: Mapping[str, Config], task: str, name: str, changes: 
 
 def training_loader(urls: list[str], kind: str, config: TaskConfig, train: TrainConfig, *,
                     tokenizer: PreTrainedTokenizerBase, image_size: int, max_length: int,
-                    epoch: int, skips: SkipCounter) -> ShardLoader:
+                    epoch: int, skips: SkipCounter, cache: ExampleCache) -> ShardLoader:
     """One epoch of a task's training shards, read as its config says: ALBEF's training transform
     (``hflip``, ``augment``), ``max_words``, ``num_workers``, a ``shuffle_buffer`` shuffle seeded
-    by the schedule's seed and the epoch, full batches of ``train.batch_size``."""
+    by the schedule's seed and the epoch, full batches of ``train.batch_size``. ``skips`` and
+    ``cache`` are the run's, shared by its epochs (the cache serves only a loader without
+    ``augment`` that reads in the training process: see :class:`ExampleCache`)."""
     return task_loader(urls, kind, train=True, tokenizer=tokenizer, image_size=image_size,
                        batch_size=train.batch_size, max_words=config.max_words,
                        max_length=max_length, num_workers=config.num_workers, seed=train.seed,
                        epoch=epoch, shuffle_buffer=config.shuffle_buffer, hflip=config.hflip,
-                       augment=config.augment, skips=skips)
+                       augment=config.augment, skips=skips, cache=cache)

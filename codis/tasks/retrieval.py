@@ -43,7 +43,7 @@ from codis.config import ConfigError, check_int
 from codis.encoders import additive_mask, set_image_size
 from codis.checkpoint import Checkpoint, save_checkpoint
 from codis.metrics import retrieval_metrics
-from codis.data.loaders import SkipCounter, retrieval_eval_loader, shard_urls
+from codis.data.loaders import ExampleCache, SkipCounter, retrieval_eval_loader, shard_urls
 from codis.model import CodisModel, PretrainOutput, load_model
 from codis.queue import FeatureQueue
 from codis.tasks.base import TaskConfig, check_config, preset_config, training_loader
@@ -203,13 +203,13 @@ def finetune(pretrained: str | Path, train_shards: str | Path | list[str], outpu
     seed_everything(train.seed + runtime.rank)
     model = prepare_model(load_retrieval_model(pretrained), config).to(runtime.device)
     objective = RetrievalObjective(model)
-    skips = SkipCounter()
+    skips, cache = SkipCounter(), ExampleCache()
 
     def open_epoch(epoch: int):
         return training_loader(urls, "retrieval_train", config, train, tokenizer=model.tokenizer,
                                image_size=config.image_size,
                                max_length=config.text_max_length(model.config), epoch=epoch,
-                               skips=skips)
+                               skips=skips, cache=cache)
 
     def step_loss(trained: nn.Module, batch: dict, step: int) -> PretrainOutput:
         alpha = distillation_alpha(step, config.alpha, train.alpha_warmup_steps) if config.distill else 0.0

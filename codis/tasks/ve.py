@@ -31,7 +31,7 @@ from codis.losses import classification_loss
 from codis.encoders import TextFusionEncoder, additive_mask, build_image_encoder, set_image_size
 from codis.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
 from codis.metrics import accuracy
-from codis.data.loaders import VE_LABEL_IDS, SkipCounter, shard_urls, task_loader
+from codis.data.loaders import VE_LABEL_IDS, ExampleCache, SkipCounter, shard_urls, task_loader
 from codis.model import load_model
 from codis.tasks.base import TaskConfig, check_config, preset_config, training_loader
 from codis.tasks.evaluation import predict_all
@@ -274,7 +274,7 @@ def finetune_classifier(kind: str, initial_model: Callable[[], tuple[nn.Module, 
     runtime = init_runtime()
     seed_everything(train.seed + runtime.rank)
     student, backbone = initial_model()
-    skips = SkipCounter()
+    skips, cache = SkipCounter(), ExampleCache()
     output_dir = Path(output_dir)
     if runtime.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -284,7 +284,7 @@ def finetune_classifier(kind: str, initial_model: Callable[[], tuple[nn.Module, 
         return training_loader(urls, kind, config, train, tokenizer=backbone.tokenizer,
                                image_size=config.image_size,
                                max_length=config.text_max_length(backbone.model_config),
-                               epoch=epoch, skips=skips)
+                               epoch=epoch, skips=skips, cache=cache)
 
     # config.alpha_warmup says whether alpha ramps (ALBEF's per-task warm_up), train how long
     ramp = train.alpha_warmup_steps if config.alpha_warmup else 0

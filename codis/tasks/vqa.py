@@ -51,7 +51,7 @@ from codis.encoders import (TextFusionEncoder, additive_mask, build_image_encode
 from codis.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
 from codis.files import atomic_write_json
 from codis.metrics import VQA_METRICS, vqa_accuracy
-from codis.data.loaders import SkipCounter, shard_urls, vqa_loader
+from codis.data.loaders import ExampleCache, SkipCounter, shard_urls, vqa_loader
 from codis.model import CodisModel, PretrainOutput, load_model
 from codis.data.manifest import MANIFEST, read_json
 from codis.tasks.base import TaskConfig, check_config, preset_config, training_loader
@@ -356,13 +356,13 @@ def finetune(pretrained: str | Path, train_shards: str | Path | list[str], outpu
     output_dir = Path(output_dir)
     seed_everything(train.seed + runtime.rank)
     model = VQAModel.from_pretrained(load_model(pretrained), config).to(runtime.device)
-    skips = SkipCounter()
+    skips, cache = SkipCounter(), ExampleCache()
 
     def open_epoch(epoch: int):
         return training_loader(urls, "vqa", config, train, tokenizer=model.tokenizer,
                                image_size=model.image_size,
                                max_length=config.text_max_length(model.model_config), epoch=epoch,
-                               skips=skips)
+                               skips=skips, cache=cache)
 
     def step_loss(trained: nn.Module, batch: dict, step: int) -> PretrainOutput:
         alpha = distillation_alpha(step, config.alpha, train.alpha_warmup_steps) if config.distill else 0.0

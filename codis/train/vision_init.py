@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from codis.config import ConfigError, VisionConfig
+from codis.data.loaders import IN_MEMORY_BYTES
 from codis.encoders import build_image_encoder
 from codis.files import atomic_write_bytes, atomic_write_json
 from codis.model import PretrainOutput
@@ -80,12 +81,6 @@ def read_labelled_images(annotations: str | Path, image_root: str | Path,
     return LabelledImages(paths, targets, list(vocabulary))
 
 
-# A labelled set whose transformed images take at most this much is decoded once and held in
-# memory: training reads each image once per epoch (24 times in the demo's 3000 steps), and the
-# decoding took about a quarter of a step there.
-IN_MEMORY_BYTES = 1 << 30
-
-
 class _ImageSet(Dataset):
     """The images, transformed for the ViT, and their targets; ``in_memory`` decodes every image
     once up front (the same tensors as decoding each on demand)."""
@@ -108,7 +103,9 @@ class _ImageSet(Dataset):
 
 
 def fits_in_memory(images: int, image_size: int) -> bool:
-    """Whether ``images`` float32 images of ``image_size`` pixels square fit :data:`IN_MEMORY_BYTES`."""
+    """Whether ``images`` float32 images of ``image_size`` pixels square fit :data:`IN_MEMORY_BYTES`:
+    then they are decoded once and held, since training reads each image once per epoch (24 times
+    in the demo's 3000 steps) and the decoding took about a quarter of a step there."""
     return images * 3 * image_size * image_size * 4 <= IN_MEMORY_BYTES
 
 
