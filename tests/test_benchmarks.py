@@ -1,7 +1,8 @@
 """The step benchmarks run and report what they promise: ``benchmarks/gpu_check.py --smoke``
 writes every section with numbers where they belong and survives a failing section, and
-``benchmarks/pretrain_throughput.py`` prints ATen ops, syncs, samples/s and both MFUs, and
-``benchmarks/vision_init_step.py`` times the ViT initialisation both ways. They run
+``benchmarks/pretrain_throughput.py`` prints ATen ops, syncs, samples/s and both MFUs,
+``benchmarks/vision_init_step.py`` times the ViT initialisation both ways and
+``benchmarks/example_cache.py`` an unaugmented task loader's epochs both ways. They run
 as scripts (``benchmarks/`` is not a package), so the tests start them as subprocesses and assert
 no timings: the machine is shared."""
 
@@ -112,6 +113,19 @@ def test_vision_init_step_times_both_ways_and_prints_the_ratio() -> None:
     (_, streamed, _, one), (_, held, _, ratio) = rows
     assert float(one) == 1.0 and float(streamed) > 0 and float(held) > 0
     assert float(ratio) == pytest.approx(float(streamed) / float(held), abs=0.02, rel=0.02)
+
+
+def test_example_cache_times_both_ways_and_prints_the_ratio() -> None:
+    done = run_script("example_cache.py", "--pairs", "48", "--epochs", "2", "--rounds", "1")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "48 NLVR² pairs at 64 px, 2 epochs of 3 batches of 16" in done.stdout, done.stdout
+    rows = re.findall(r"^\| (decoded every epoch|cached after the first epoch) \| ([\d.]+) \| "
+                      r"([\d.]+) \| ([\d.]+) \|$", done.stdout, re.MULTILINE)
+    assert [row[0] for row in rows] == ["decoded every epoch", "cached after the first epoch"], \
+        done.stdout
+    (_, decoded, _, one), (_, cached, _, ratio) = rows
+    assert float(one) == 1.0 and float(decoded) > 0 and float(cached) > 0
+    assert float(ratio) == pytest.approx(float(decoded) / float(cached), abs=0.02, rel=0.02)
 
 
 @pytest.mark.parametrize("name, row", [

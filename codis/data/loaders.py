@@ -19,7 +19,9 @@ silently dropped test sample would change the metric: a :class:`ShardDataError` 
 the sample key and the member.
 
 Training batches hold uint8 images (the training transforms end in ``PILToTensor``), which
-:func:`codis.train.fit` normalises on the device; evaluation batches hold normalised floats.
+:func:`codis.train.fit` normalises on the device; evaluation batches hold normalised floats. A task
+trained without augmentation maps each sample to the same example in every epoch: an
+:class:`ExampleCache` shared by a run's epoch loaders decodes each once per run.
 
 Resuming a training stream: every batch of a training loader's iterator leaves
 :attr:`ShardLoaderIterator.position`: for each DataLoader worker, how many raw samples it has taken

@@ -35,7 +35,8 @@ class TaskConfig:
     ``lr`` to ``min_lr``. ``distill``: momentum distillation with weight ``alpha`` against an EMA
     teacher of momentum ``momentum``; ``alpha_warmup`` (ALBEF's ``warm_up``) ramps alpha from 0 over
     the first epoch. ``hflip``: random horizontal flips (off for data whose text says left and
-    right); ``augment``: ALBEF's random crops and RandAugment (false: the evaluation transform).
+    right); ``augment``: ALBEF's random crops and RandAugment (false: the evaluation transform,
+    and with ``num_workers`` 0 each training image is decoded once per run, not once per epoch).
     ``max_words``: ALBEF's ``pre_caption`` cut of the text. ``max_length``: the token limit of the
     task's texts ([CLS] included), at training and evaluation; None uses the pretrained model's
     ``text.max_length`` (see :meth:`text_max_length`). ``num_workers``: data-loading processes;
