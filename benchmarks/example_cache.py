@@ -78,7 +78,7 @@ def main() -> None:
     print("| examples | seconds | ms per batch | ratio to decoded every epoch |")
     print("|---|---|---|---|")
     for name, value in (("decoded every epoch", decoded), ("cached after the first epoch", held)):
-        print(f"| {name} | {value:.2f} | {1000 * value / batches:.1f} | {decoded / value:.2f} |")
+        print(f"| {name} | {value:.3f} | {1000 * value / batches:.1f} | {decoded / value:.2f} |")
 
 
 if __name__ == "__main__":
