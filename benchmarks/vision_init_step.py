@@ -64,7 +64,7 @@ def main() -> None:
     print("| images | seconds | steps/s | ratio to decoded per batch |")
     print("|---|---|---|---|")
     for name, value in (("decoded for every batch", streamed), ("held in memory", held)):
-        print(f"| {name} | {value:.2f} | {args.steps / value:.2f} | {streamed / value:.2f} |")
+        print(f"| {name} | {value:.3f} | {args.steps / value:.2f} | {streamed / value:.2f} |")
 
 
 if __name__ == "__main__":

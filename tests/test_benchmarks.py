@@ -104,32 +104,32 @@ def test_pretrain_throughput_prints_ops_syncs_throughput_and_both_mfus() -> None
     assert number(r"MFU vs measured matmul peak: ([\d.]+)% of") >= 0
 
 
+def assert_two_way_table(stdout: str, baseline: str, other: str) -> None:
+    """A side-by-side benchmark's table: the ``baseline`` row, then the ``other`` row, each
+    ``| name | seconds (3 decimals) | a rate | ratio to the baseline |``, with positive times, the
+    baseline's ratio 1.00 and the other's the ratio of the unrounded times (within what the
+    printed decimals leave open)."""
+    rows = re.findall(rf"^\| ({re.escape(baseline)}|{re.escape(other)}) \| ([\d.]+) \| ([\d.]+) \| "
+                      r"([\d.]+) \|$", stdout, re.MULTILINE)
+    assert [row[0] for row in rows] == [baseline, other], stdout
+    (_, slow, _, one), (_, fast, _, ratio) = rows
+    slow, fast, one, ratio = map(float, (slow, fast, one, ratio))
+    assert one == 1.0 and slow > 0 and fast > 0
+    half = 0.0005
+    assert (slow - half) / (fast + half) - 0.005 <= ratio <= (slow + half) / (fast - half) + 0.005
+
+
 def test_vision_init_step_times_both_ways_and_prints_the_ratio() -> None:
     done = run_script("vision_init_step.py", "--images", "96", "--steps", "3", "--rounds", "1")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rows = re.findall(r"^\| (decoded for every batch|held in memory) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$",
-                      done.stdout, re.MULTILINE)
-    assert [row[0] for row in rows] == ["decoded for every batch", "held in memory"], done.stdout
-    (_, streamed, _, one), (_, held, _, ratio) = rows
-    assert float(one) == 1.0 and float(streamed) > 0 and float(held) > 0
-    assert float(ratio) == pytest.approx(float(streamed) / float(held), abs=0.02, rel=0.02)
+    assert_two_way_table(done.stdout, "decoded for every batch", "held in memory")
 
 
 def test_example_cache_times_both_ways_and_prints_the_ratio() -> None:
     done = run_script("example_cache.py", "--pairs", "48", "--epochs", "2", "--rounds", "1")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "48 NLVR² pairs at 64 px, 2 epochs of 3 batches of 16" in done.stdout, done.stdout
-    rows = re.findall(r"^\| (decoded every epoch|cached after the first epoch) \| ([\d.]+) \| "
-                      r"([\d.]+) \| ([\d.]+) \|$", done.stdout, re.MULTILINE)
-    assert [row[0] for row in rows] == ["decoded every epoch", "cached after the first epoch"], \
-        done.stdout
-    (_, decoded, _, one), (_, cached, _, ratio) = rows
-    decoded, cached, one, ratio = map(float, (decoded, cached, one, ratio))
-    assert one == 1.0 and decoded > 0 and cached > 0
-    # the ratio of the unrounded times: within what the printed 3 decimals leave open
-    half = 0.0005
-    assert (decoded - half) / (cached + half) - 0.005 <= ratio <= \
-        (decoded + half) / (cached - half) + 0.005
+    assert_two_way_table(done.stdout, "decoded every epoch", "cached after the first epoch")
 
 
 @pytest.mark.parametrize("name, row", [
