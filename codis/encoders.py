@@ -23,6 +23,14 @@ from codis.config import VISION_WEIGHT_SUFFIXES, ConfigError, TextConfig, Vision
 from codis.text import resolve_pretrained
 
 
+class ChannelsLastConvStem(ConvStem):
+    """timm's convolutional stem computed in channels-last memory, where oneDNN's convolutions and
+    batch norm are faster (``benchmarks/conv_stem.py``); same parameters and state-dict keys."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return super().forward(images.contiguous(memory_format=torch.channels_last))
+
+
 def build_image_encoder(config: VisionConfig) -> nn.Module:
     """A timm ViT without classifier; ``forward_features`` gives (B, 1 + patches, width) tokens.
 
@@ -35,7 +43,7 @@ def build_image_encoder(config: VisionConfig) -> nn.Module:
     pretrained = config.pretrained
     if config.stem == "conv":  # VisionConfig allows it only with local (conv-stem) weights
         layers = config.patch_size.bit_length() - 1
-        stem = ConvStem(depth=layers, channels=config.width, stride=(2,) * layers)
+        stem = ChannelsLastConvStem(depth=layers, channels=config.width, stride=(2,) * layers)
         size_args.update(patch_size=1, embed_layer=partial(HybridEmbed, backbone=stem))
     if pretrained is None:
         return timm.create_model(config.timm_model, pretrained=False, **size_args)

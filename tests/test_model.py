@@ -186,6 +186,32 @@ def test_conv_stem_replaces_the_patchify_projection_and_round_trips(tmp_path):
                                    model.visual_encoder.forward_features(images))
 
 
+def test_conv_stem_computes_channels_last_with_timms_tokens_and_gradients():
+    from timm.models.vision_transformer_hybrid import ConvStem
+    vision = dataclasses.replace(preset("tiny").vision, stem="conv")
+    torch.manual_seed(0)
+    encoder = build_image_encoder(vision)
+    stem = encoder.patch_embed.backbone
+    layouts = []
+    stem[0].register_forward_hook(
+        lambda module, inputs, output: layouts.append(output.is_contiguous(memory_format=torch.channels_last)))
+    images = torch.randn(4, 3, vision.image_size, vision.image_size)
+
+    def tokens_and_grads() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        encoder.zero_grad()
+        tokens = encoder.forward_features(images)
+        tokens.square().mean().backward()
+        return tokens.detach(), [p.grad.clone() for p in encoder.parameters()]
+
+    tokens, grads = tokens_and_grads()
+    stem.__class__ = ConvStem  # timm's own forward on the same weights, contiguous NCHW throughout
+    reference, reference_grads = tokens_and_grads()
+    assert layouts == [True, False]
+    torch.testing.assert_close(tokens, reference, rtol=1e-5, atol=1e-5)
+    for grad, expected in zip(grads, reference_grads):
+        torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_text_encoder_loads_a_local_bert_folder_into_text_and_fusion_layers(tmp_path):
     tokenizer = load_tokenizer("builtin")
     bert = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=4,
