@@ -25,6 +25,7 @@ import codis  # noqa: F401  - torchvision compat shim first, then timm
 from codis.config import preset
 from codis.encoders import ChannelsLastConvStem, build_image_encoder
 from timm.models.vision_transformer_hybrid import ConvStem
+from two_way import print_two_way_table  # this folder: run as python benchmarks/conv_stem.py
 
 
 def time_steps(encoder: torch.nn.Module, images: torch.Tensor, steps: int) -> float:
@@ -62,10 +63,8 @@ def main() -> None:
           f"{args.steps} forward + backward passes, {os.cpu_count()} CPUs, {args.threads} torch "
           f"thread(s), median of {args.rounds} alternating rounds")
     print()
-    print("| stem | seconds | ms per pass | ratio to NCHW |")
-    print("|---|---|---|---|")
-    for name, value in (("timm ConvStem (NCHW)", nchw), ("channels-last", channels_last)):
-        print(f"| {name} | {value:.3f} | {1000 * value / args.steps:.1f} | {nchw / value:.2f} |")
+    print_two_way_table("stem", "ms per pass", lambda seconds: 1000 * seconds / args.steps,
+                        ("timm ConvStem (NCHW)", nchw), ("channels-last", channels_last))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ from codis.data.demo_world import DemoWorldConfig, generate_demo_world
 from codis.data.loaders import ExampleCache, SkipCounter, nlvr_loader
 from codis.data.shards import write_shards
 from codis.text import load_tokenizer
-from vision_init_step import ONE, ONE_DEV  # this folder: run as python benchmarks/example_cache.py
+from two_way import print_two_way_table  # this folder: run as python benchmarks/example_cache.py
+from vision_init_step import ONE, ONE_DEV
 
 BATCH = 16
 
@@ -75,10 +76,8 @@ def main() -> None:
           f"batches of {BATCH}, {os.cpu_count()} CPUs, 1 torch thread, median of {args.rounds} "
           "alternating rounds")
     print()
-    print("| examples | seconds | ms per batch | ratio to decoded every epoch |")
-    print("|---|---|---|---|")
-    for name, value in (("decoded every epoch", decoded), ("cached after the first epoch", held)):
-        print(f"| {name} | {value:.3f} | {1000 * value / batches:.1f} | {decoded / value:.2f} |")
+    print_two_way_table("examples", "ms per batch", lambda seconds: 1000 * seconds / batches,
+                        ("decoded every epoch", decoded), ("cached after the first epoch", held))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from codis.config import preset
 from codis.data.demo_world import DemoWorldConfig, generate_demo_world
 from codis.train import OptimConfig, TrainConfig
 from codis.train.vision_init import pretrain_vision
+from two_way import print_two_way_table  # this folder: run as python benchmarks/vision_init_step.py
 
 ONE = {"train": 1, "val": 1, "test": 1}  # the other splits at their smallest
 ONE_DEV = {"train": 1, "dev": 1, "test": 1}
@@ -61,10 +62,8 @@ def main() -> None:
           f"({args.steps * 64 / args.images:.1f} epochs), {os.cpu_count()} CPUs, "
           f"{torch.get_num_threads()} torch threads, median of {args.rounds} alternating rounds")
     print()
-    print("| images | seconds | steps/s | ratio to decoded per batch |")
-    print("|---|---|---|---|")
-    for name, value in (("decoded for every batch", streamed), ("held in memory", held)):
-        print(f"| {name} | {value:.3f} | {args.steps / value:.2f} | {streamed / value:.2f} |")
+    print_two_way_table("images", "steps/s", lambda seconds: args.steps / seconds,
+                        ("decoded for every batch", streamed), ("held in memory", held), digits=2)
 
 
 if __name__ == "__main__":
