@@ -45,9 +45,18 @@ ALBEF_AUGMENTATIONS = ("Identity", "AutoContrast", "Equalize", "Brightness", "Sh
 class CaptionSafeRandAugment(T.RandAugment):
     """``RandAugment`` drawing only from :data:`ALBEF_AUGMENTATIONS` (no hue-changing ops)."""
 
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        # torchvision rebuilds its magnitude table (ten tensors) for every image; the images of
+        # a loader share a size, so one table per size serves them all.
+        self._spaces: dict[tuple[int, tuple[int, int]], dict] = {}
+
     def _augmentation_space(self, num_bins: int, image_size: tuple[int, int]) -> dict:
-        space = super()._augmentation_space(num_bins, image_size)
-        return {name: space[name] for name in ALBEF_AUGMENTATIONS}
+        key = (num_bins, tuple(image_size))
+        if key not in self._spaces:
+            space = super()._augmentation_space(num_bins, image_size)
+            self._spaces[key] = {name: space[name] for name in ALBEF_AUGMENTATIONS}
+        return self._spaces[key]
 
 
 def _augmenting(size: int, min_scale: float, hflip: bool) -> T.Compose:

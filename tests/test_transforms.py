@@ -31,6 +31,32 @@ def test_training_transforms_draw_only_albef_ops(build):
     assert HUE_CHANGING <= set(T.RandAugment()._augmentation_space(31, (64, 64)))
 
 
+def test_the_op_table_is_built_once_per_image_size_and_draws_what_torchvision_draws(monkeypatch):
+    built = []
+    torchvision_space = T.RandAugment._augmentation_space
+
+    def counted(self, num_bins, image_size):
+        built.append(tuple(image_size))
+        return torchvision_space(self, num_bins, image_size)
+
+    class Rebuilt(T.RandAugment):  # the restriction without the cache
+        def _augmentation_space(self, num_bins, image_size):
+            space = torchvision_space(self, num_bins, image_size)
+            return {name: space[name] for name in ALBEF_AUGMENTATIONS}
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (size, size, 3), np.uint8)) for size in (64, 48)] * 20
+    torch.manual_seed(0)
+    expected = [np.asarray(Rebuilt(num_ops=2, magnitude=7)(image)) for image in images]
+    monkeypatch.setattr(T.RandAugment, "_augmentation_space", counted)
+    augmenter = CaptionSafeRandAugment(num_ops=2, magnitude=7)
+    torch.manual_seed(0)
+    drawn = [np.asarray(augmenter(image)) for image in images]
+    assert built == [(64, 64), (48, 48)]
+    assert all(np.array_equal(a, b) for a, b in zip(drawn, expected))
+    assert sum(not np.array_equal(a, np.asarray(image)) for a, image in zip(drawn, images)) > 20
+
+
 def test_saturated_colours_survive_augmentation():
     # A red square on green: Solarize or Color would turn the square cyan/grey in some draws.
     pixels = np.zeros((64, 64, 3), np.uint8)
