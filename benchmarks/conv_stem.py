@@ -7,7 +7,7 @@ convolutions with batch norm, 64 px) and times ``--steps`` forward and backward 
 random batch through it: once with timm's ``ConvStem`` (contiguous NCHW tensors), once with
 :class:`codis.encoders.ChannelsLastConvStem` (the same module computing in channels-last memory,
 what codis builds), alternating for ``--rounds`` rounds on the same weights. Both give the same
-tokens and gradients (tests/test_encoders.py). The demo's trainings run one thread each
+tokens and gradients (tests/test_model.py). The demo's trainings run one thread each
 (``--threads 1``); batch 32 is a pretraining or NLVR² batch's image count.
 """
 
