@@ -247,8 +247,10 @@ def test_retrieval_eval_loader(image_root: Path, tmp_path: Path, tokenizer) -> N
     _assert_same_batches(first, second)
     assert keys_of(first) == [f"{i:09d}" for i in range(7)]  # record order, last batch kept
     batch = first[1]
-    assert set(batch) == {"image", "image_index", "caption", "key", "text_image_index",
+    assert set(batch) == {"image", "image_index", "caption", "key", "shard", "text_image_index",
                           "input_ids", "attention_mask"}
+    # samples 2 and 3 end the first shard of three and start the second
+    assert batch["shard"] == [str(tmp_path / "s" / f"shard-00000{i}.tar") for i in (0, 1)]
     assert batch["image"].shape == (2, 3, 24, 24)
     assert batch["image_index"].tolist() == [2, 3]
     assert batch["caption"][0] == [clean_caption(c) for c in records[2]["caption"]]
@@ -287,8 +289,8 @@ def test_nlvr_and_ve_loaders(image_root: Path, tmp_path: Path, tokenizer) -> Non
                                tokenizer=tokenizer)
     first = all_batches(make())
     _assert_same_batches(first, all_batches(make()))
-    assert set(first[0]) == {"image0", "image1", "sentence", "label", "key", "input_ids",
-                             "attention_mask"}
+    assert set(first[0]) == {"image0", "image1", "sentence", "label", "key", "shard",
+                             "input_ids", "attention_mask"}
     assert torch.cat([b["label"] for b in first]).tolist() == [0, 1, 0, 1, 0]
     assert first[0]["image0"].shape == first[0]["image1"].shape == (4, 3, 16, 16)
     # the right image of pair i is the left image of pair i + 1
@@ -301,7 +303,7 @@ def test_nlvr_and_ve_loaders(image_root: Path, tmp_path: Path, tokenizer) -> Non
     make = lambda: ve_loader(str(tmp_path / "ve"), image_size=16, batch_size=3)  # noqa: E731
     first = all_batches(make())
     _assert_same_batches(first, all_batches(make()))
-    assert set(first[0]) == {"image", "sentence", "label", "key"}  # no tokenizer, no ids
+    assert set(first[0]) == {"image", "sentence", "label", "key", "shard"}  # no tokenizer, no ids
     # ALBEF's ids (ve_dataset.py): contradiction 0, neutral 1, entailment 2
     assert torch.cat([b["label"] for b in first]).tolist() == [0, 2, 1, 2]
     assert first[0]["sentence"][0] == "hypothesis 0"

@@ -1,6 +1,7 @@
 """SNLI-VE: metric and loss on hand cases, configs, end-to-end finetune + evaluate on a tiny demo
 world, and that the classifier can fit a fixed batch."""
 
+import dataclasses
 import math
 from functools import partial
 from pathlib import Path
@@ -14,10 +15,11 @@ import codis.tasks.ve
 from codis.config import ConfigError, preset
 from codis.data.loaders import VE_LABEL_IDS, ExampleCache, ve_loader
 from codis.checkpoint import read_checkpoint
+from codis.encoders import build_image_encoder
 from codis.losses import classification_loss
 from codis.metrics import accuracy
-from codis.tasks.ve import (Distilled, FusionClassifier, VEConfig, evaluate, finetune, load_ve_model,
-                            mlp_head, pretrained_backbone)
+from codis.tasks.ve import (Distilled, FusionClassifier, ImageTokenCache, VEConfig, evaluate,
+                            finetune, load_ve_model, mlp_head, pretrained_backbone)
 from codis.tasks.ve import config as ve_config
 from codis.train import OptimConfig, TrainConfig, task_schedule
 
@@ -105,6 +107,7 @@ def test_presets_hold_albef_settings():
     ({"image_size": 0}, "ve.image_size"), ({"batch_size": 2.5}, "ve.batch_size"),
     ({"lr": 0}, "ve.lr"), ({"alpha": 1.5}, "ve.alpha"), ({"momentum": 1.0}, "ve.momentum"),
     ({"distill": "yes"}, "ve.distill"), ({"epochs": 0}, "ve.epochs"), ({"hflip": 1}, "ve.hflip"),
+    ({"freeze_vision": "true"}, "ve.freeze_vision"),
 ])
 def test_bad_config_values_name_the_field(changes, field):
     with pytest.raises(ConfigError, match=rf"^{field}:"):
@@ -198,6 +201,127 @@ def test_unaugmented_finetuning_decodes_each_image_once_and_trains_as_before(
     assert decoded == {"cached": 24, "decoded each epoch": 48}
     for name, value in weights["cached"].items():
         assert torch.equal(value, weights["decoded each epoch"][name]), name
+
+
+def test_a_frozen_vit_finetunes_to_its_pretrained_weights_while_the_rest_learns(world, tmp_path):
+    train = TrainConfig(steps=4, batch_size=6, checkpoint_every=4, log_every=2, seed=1)
+    optim = OptimConfig(lr=1e-3, warmup_lr=1e-4, warmup_steps=1, min_lr=1e-4, weight_decay=0.05)
+    pretrained = pretrained_backbone(world["pretrained"], ve_config("demo"))
+    before = {f"{part}.{name}": value for part in ("visual_encoder", "text")
+              for name, value in getattr(pretrained, part).state_dict().items()}
+
+    def moved(freeze: bool) -> set[str]:
+        config = ve_config("demo", augment=False, freeze_vision=freeze)  # distilled, as ALBEF
+        path = finetune(world["pretrained"], world["train"], tmp_path / str(freeze), config,
+                        train=train, optim=optim, progress=False)
+        payload = read_checkpoint(path)
+        assert VEConfig.from_dict(payload.task_config).freeze_vision is freeze
+        after = load_ve_model(path).state_dict()
+        return {part for name, value in before.items() if not torch.equal(after[name], value)
+                for part in (name.split(".")[0],)}
+
+    assert moved(True) == {"text"}  # weight decay would move a frozen tensor left in AdamW
+    assert moved(False) == {"visual_encoder", "text"}
+
+
+def test_a_frozen_vit_keeps_its_batch_norm_statistics_and_builds_no_graph():
+    vision = dataclasses.replace(preset("tiny").vision, stem="conv")
+    size = vision.image_size
+    images = torch.randn(4, 3, size, size)
+
+    def after_training_forward(freeze: bool) -> tuple[FusionClassifier, torch.Tensor, dict]:
+        torch.manual_seed(0)
+        classifier = FusionClassifier(build_image_encoder(vision), nn.Identity(), nn.ModuleList(),
+                                      nn.Identity())
+        if freeze:
+            classifier.freeze_vision()
+        classifier.train()
+        stats = {k: v.clone() for k, v in classifier.visual_encoder.state_dict().items()
+                 if k.endswith("running_mean")}
+        tokens = classifier.image_tokens(images)
+        return classifier, tokens, stats
+
+    frozen, tokens, stats = after_training_forward(True)
+    assert stats  # the conv stem has batch norm
+    encoder = frozen.visual_encoder.state_dict()
+    assert all(torch.equal(encoder[k], v) for k, v in stats.items())
+    assert not any(m.training for m in frozen.visual_encoder.modules()) and frozen.training
+    assert tokens.grad_fn is None
+    assert not frozen.train().visual_encoder.training  # train() again keeps it fixed
+    trained, tokens, stats = after_training_forward(False)
+    encoder = trained.visual_encoder.state_dict()
+    assert not any(torch.equal(encoder[k], v) for k, v in stats.items())
+    assert tokens.grad_fn is not None
+
+
+@pytest.fixture
+def vit_images(monkeypatch) -> list[int]:
+    """The number of images each ViT pass of a classifier (``image_tokens``) was given."""
+    passes: list[int] = []
+    image_tokens = FusionClassifier.image_tokens
+
+    def counted(self, images):
+        passes.append(len(images))
+        return image_tokens(self, images)
+
+    monkeypatch.setattr(FusionClassifier, "image_tokens", counted)
+    return passes
+
+
+def test_the_token_cache_runs_the_vit_once_per_training_image(world, vit_images):
+    backbone = pretrained_backbone(world["pretrained"], ve_config("demo"))
+    classifier = FusionClassifier(backbone.visual_encoder, backbone.text, backbone.fusion,
+                                  mlp_head(backbone.width, 3))
+    with pytest.raises(ValueError, match="not frozen"):
+        ImageTokenCache(classifier)
+    classifier.freeze_vision().train()
+    torch.manual_seed(0)
+    images = [torch.randn(3, 3, 64, 64), torch.randn(3, 3, 64, 64)]  # two slots, as NLVR²
+    batch = {"key": ["000", "001", "002"], "shard": ["a.tar", "a.tar", "b.tar"]}
+    with torch.no_grad():
+        expected = classifier.image_tokens(torch.cat(images))
+    vit_images.clear()
+    cache = ImageTokenCache(classifier)
+    first = cache(images, batch)
+    again = cache(images, batch)
+    assert vit_images == [6] and len(cache) == 6  # the second call ran no ViT pass
+    assert torch.equal(first, expected) and torch.allclose(again, expected, atol=1e-6)
+    # a batch with one new sample, ("b.tar", "001"): only its two images go through the ViT
+    mixed = {"key": ["001", "001", "002"], "shard": ["a.tar", "b.tar", "b.tar"]}
+    tokens = cache([images[0][[1, 2, 2]], images[1][[1, 2, 2]]], mixed)
+    assert vit_images == [6, 2] and len(cache) == 8
+    assert torch.allclose(tokens, expected[[1, 2, 2, 4, 5, 5]], atol=1e-6)
+    full = ImageTokenCache(classifier, max_bytes=first[0].numel() * first[0].element_size())
+    full(images, batch)
+    full(images, batch)
+    assert len(full) == 1 and vit_images == [6, 2, 6, 5]  # room for one: the rest every time
+
+
+def test_finetuning_a_frozen_vit_from_its_token_cache_trains_as_without_it(world, tmp_path,
+                                                                            monkeypatch,
+                                                                            vit_images):
+    config = ve_config("demo", augment=False, freeze_vision=True)
+    train = TrainConfig(steps=8, batch_size=6, checkpoint_every=8, log_every=4, seed=1)
+    optim = OptimConfig(lr=1e-4, warmup_lr=1e-5, warmup_steps=1, min_lr=1e-5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two threads may sum a CPU backward in either order: not bitwise
+    weights, images = {}, {}
+    try:
+        for form in ("cached", "every step"):
+            if form != "cached":
+                monkeypatch.setattr(codis.tasks.ve, "ImageTokenCache",
+                                    partial(ImageTokenCache, max_bytes=0))
+            vit_images.clear()
+            path = finetune(world["pretrained"], world["train"], tmp_path / form, config,
+                            train=train, optim=optim, progress=False)
+            images[form] = sum(vit_images)
+            weights[form] = read_checkpoint(path).state_dict
+    finally:
+        torch.set_num_threads(threads)
+    # 24 examples, batches of 6: 8 steps are 2 epochs, and the second reads only the cache
+    assert images == {"cached": 24, "every step": 48}
+    for name, value in weights["cached"].items():
+        assert torch.allclose(value, weights["every step"][name], atol=1e-6), name
 
 
 def test_the_classifier_fits_a_fixed_batch(world):

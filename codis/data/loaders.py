@@ -223,12 +223,15 @@ def _raise_named(exn: BaseException) -> bool:
 
 
 def _naming_errors(sample: dict, function: Callable[[dict], dict]) -> dict:
-    """``function(sample)``; an error names the sample's shard and key (webdataset's map does not)."""
+    """``function(sample)`` with the sample's ``shard`` (its url: with ``key``, which restarts in
+    each source, the sample's identity); an error names the sample's shard and key (webdataset's
+    map does not)."""
     try:
-        return function(sample)
+        example = function(sample)
     except Exception as exn:
         raise ShardDataError(f"{sample.get('__url__')}: sample {sample.get('__key__')!r}: "
                              f"{type(exn).__name__}: {exn}"[:500]) from exn
+    return {**example, "shard": str(sample.get("__url__", ""))}
 
 
 def _read_shards(sources: Iterator[dict], expected: dict[str, int],

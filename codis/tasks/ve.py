@@ -25,13 +25,14 @@ import torch.distributed as dist
 from torch import nn
 from transformers import BertConfig, PreTrainedTokenizerBase
 
-from codis.config import ConfigError, ModelConfig
+from codis.config import ConfigError, ModelConfig, check_bool
 from codis.ema import momentum_update
 from codis.losses import classification_loss
 from codis.encoders import TextFusionEncoder, additive_mask, build_image_encoder, set_image_size
 from codis.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
 from codis.metrics import accuracy
-from codis.data.loaders import VE_LABEL_IDS, ExampleCache, SkipCounter, shard_urls, task_loader
+from codis.data.loaders import (IN_MEMORY_BYTES, VE_LABEL_IDS, ExampleCache, SkipCounter,
+                                shard_urls, task_loader)
 from codis.model import load_model
 from codis.tasks.base import TaskConfig, check_config, preset_config, training_loader
 from codis.tasks.evaluation import predict_all
@@ -48,13 +49,20 @@ NUM_CLASSES = len(VE_LABEL_IDS)
 class ClassifierConfig(TaskConfig):
     """A classification task's recipe: :class:`~codis.tasks.base.TaskConfig`'s fields, with the
     image size always set. (The demo sets ``augment`` false: crops cut the small objects that
-    statements name out of 64 px scenes.)"""
+    statements name out of 64 px scenes.)
+
+    ``freeze_vision``: train with the pretrained ViT fixed (no gradients, batch norm and dropout
+    in eval mode), only the text, fusion and head learning; ALBEF finetunes everything (False).
+    The ViT's backward is then skipped, and the demo's NLVR² takes it (finding 14)."""
+
+    freeze_vision: bool = False
 
     task: ClassVar[str] = "classifier"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_int("image_size", 1)
+        check_bool(self.freeze_vision, self.field_name("freeze_vision"))
 
 
 @dataclass(frozen=True)
@@ -113,9 +121,23 @@ class FusionClassifier(nn.Module):
         self.text = text
         self.fusion = fusion
         self.head = head
+        self.vision_frozen = False
+
+    def freeze_vision(self) -> FusionClassifier:
+        """Fix the ViT: no gradients, and kept in eval mode by :meth:`train`."""
+        self.vision_frozen = True
+        self.visual_encoder.requires_grad_(False)
+        return self.train(self.training)
+
+    def train(self, mode: bool = True) -> FusionClassifier:
+        super().train(mode)
+        if self.vision_frozen:
+            self.visual_encoder.eval()
+        return self
 
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        return self.visual_encoder.forward_features(images)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.vision_frozen):
+            return self.visual_encoder.forward_features(images)
 
     def classify(self, image_tokens: Sequence[torch.Tensor], input_ids: torch.Tensor,
                  attention_mask: torch.Tensor) -> torch.Tensor:
@@ -123,9 +145,59 @@ class FusionClassifier(nn.Module):
         return self.head(fuse(self.fusion, text, attention_mask, image_tokens)[:, 0])
 
     def forward(self, images: Sequence[torch.Tensor], input_ids: torch.Tensor,
-                attention_mask: torch.Tensor) -> torch.Tensor:
-        tokens = self.image_tokens(torch.cat(list(images)))
-        return self.classify(tokens.split(images[0].shape[0]), input_ids, attention_mask)
+                attention_mask: torch.Tensor, image_tokens: torch.Tensor | None = None,
+                ) -> torch.Tensor:
+        """Class logits; ``image_tokens``, when given, are the ViT's tokens of
+        ``torch.cat(images)`` (a fixed ViT's, from :class:`ImageTokenCache`)."""
+        if image_tokens is None:
+            image_tokens = self.image_tokens(torch.cat(list(images)))
+        return self.classify(image_tokens.split(images[0].shape[0]), input_ids, attention_mask)
+
+
+class ImageTokenCache:
+    """A fixed ViT's tokens of each training image, kept from one epoch to the next.
+
+    Without ``augment`` a training image is the same tensor in every epoch, and a frozen ViT
+    (``freeze_vision``) maps it to the same tokens, so the ViT need see each image once per run
+    rather than once per epoch. ``cache(images, batch)`` gives the tokens of ``torch.cat(images)``
+    (:meth:`FusionClassifier.forward`'s ``image_tokens``), running the ViT on the images it does
+    not hold yet. Tokens are kept, keyed by shard, sample key and image slot, while they fit
+    ``max_bytes``; the rest are computed at every step. A held image's tokens were computed in
+    another batch, so they equal a fresh pass up to float rounding.
+    """
+
+    def __init__(self, classifier: FusionClassifier, max_bytes: int = IN_MEMORY_BYTES) -> None:
+        if not classifier.vision_frozen:
+            raise ValueError("ImageTokenCache: the classifier's ViT is not frozen, so its tokens "
+                             "change as it trains")
+        self.classifier = classifier
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._tokens: dict[tuple[str, str, int], torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    def __call__(self, images: Sequence[torch.Tensor], batch: dict) -> torch.Tensor:
+        identities = [(shard, key, slot) for slot in range(len(images))
+                      for shard, key in zip(batch["shard"], batch["key"])]
+        held = [self._tokens.get(identity) for identity in identities]
+        missing = [i for i, tokens in enumerate(held) if tokens is None]
+        if not missing:
+            return torch.stack(held)
+        pixels = torch.cat(list(images))
+        everything = len(missing) == len(held)
+        fresh = self.classifier.image_tokens(pixels if everything else pixels[missing])
+        for i, tokens in zip(missing, fresh):
+            held[i] = tokens
+            self._keep(identities[i], tokens)
+        return fresh if everything else torch.stack(held)
+
+    def _keep(self, identity: tuple[str, str, int], tokens: torch.Tensor) -> None:
+        size = tokens.numel() * tokens.element_size()
+        if self.bytes + size <= self.max_bytes:
+            self._tokens[identity] = tokens.clone()
+            self.bytes += size
 
 
 @dataclass
@@ -156,13 +228,15 @@ class Distilled(nn.Module):
         """teacher <- m * teacher + (1 - m) * student."""
         momentum_update([self.teacher], [self.student], self.momentum)
 
-    def forward(self, *inputs: Any, labels: torch.Tensor, alpha: float = 0.0) -> ClassifierOutput:
-        logits = self.student(*inputs)
+    def forward(self, *inputs: Any, labels: torch.Tensor, alpha: float = 0.0,
+                **features: torch.Tensor) -> ClassifierOutput:
+        """``features``: further model inputs both share (a frozen ViT's ``image_tokens``)."""
+        logits = self.student(*inputs, **features)
         teacher_logits = None
         if self.teacher is not None:
             with torch.no_grad():
                 self.momentum_update()
-                teacher_logits = self.teacher(*inputs)
+                teacher_logits = self.teacher(*inputs, **features)
         loss, parts = classification_loss(logits, labels, teacher_logits,
                                           alpha if teacher_logits is not None else 0.0)
         parts["accuracy"] = 100.0 * (logits.argmax(-1) == labels).float().mean()
@@ -262,18 +336,24 @@ def local_shards(shards: str | Path | list[str], kinds: tuple[str, ...]) -> list
 Inputs = Callable[[dict], tuple]
 
 
-def finetune_classifier(kind: str, initial_model: Callable[[], tuple[nn.Module, Backbone]],
+def finetune_classifier(kind: str,
+                        initial_model: Callable[[], tuple[FusionClassifier, Backbone]],
                         inputs: Inputs, pretrained: str | Path, train_shards: str | list[str],
                         output_dir: str | Path, config: ClassifierConfig, *, train: TrainConfig,
                         optim: OptimConfig, callback: MetricsCallback | None, progress: bool,
                         resume: bool, stop_after: int | None) -> Path:
     """Finetune a classifier on ``kind`` shards: ``initial_model()`` builds the student and its
-    backbone; :func:`codis.train.fit` trains it (with its EMA teacher when ``config.distill``), and
-    the student is saved as ``output_dir/model.pt`` once all ``train.steps`` are done."""
+    backbone (its ViT fixed when ``config.freeze_vision``); :func:`codis.train.fit` trains it (with
+    its EMA teacher when ``config.distill``), and the student is saved as ``output_dir/model.pt``
+    once all ``train.steps`` are done."""
     urls = local_shards(train_shards, (kind,))
     runtime = init_runtime()
     seed_everything(train.seed + runtime.rank)
     student, backbone = initial_model()
+    tokens = None
+    if config.freeze_vision:
+        student.freeze_vision()
+        tokens = None if config.augment else ImageTokenCache(student)
     skips, cache = SkipCounter(), ExampleCache()
     output_dir = Path(output_dir)
     if runtime.is_main:
@@ -291,7 +371,9 @@ def finetune_classifier(kind: str, initial_model: Callable[[], tuple[nn.Module, 
 
     def step_loss(trained: nn.Module, batch: dict, step: int) -> ClassifierOutput:
         alpha = distillation_alpha(step, config.alpha, ramp) if config.distill else 0.0
-        output = trained(*inputs(batch), labels=batch["label"], alpha=alpha)
+        model_inputs = inputs(batch)
+        features = {} if tokens is None else {"image_tokens": tokens(model_inputs[0], batch)}
+        output = trained(*model_inputs, labels=batch["label"], alpha=alpha, **features)
         output.parts["alpha"] = torch.tensor(alpha)
         return output
 
@@ -393,7 +475,7 @@ def finetune(pretrained: str | Path, train_shards: str | list[str], output_dir: 
     task checkpoint ``output_dir/model.pt``. Resumes from ``output_dir/checkpoints``."""
     check_config(config, VEConfig)
 
-    def initial_model() -> tuple[nn.Module, Backbone]:
+    def initial_model() -> tuple[FusionClassifier, Backbone]:
         backbone = pretrained_backbone(pretrained, config)
         return FusionClassifier(backbone.visual_encoder, backbone.text, backbone.fusion,
                                 mlp_head(backbone.width, NUM_CLASSES)), backbone
