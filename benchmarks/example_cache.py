@@ -34,6 +34,20 @@ from vision_init_step import ONE, ONE_DEV
 BATCH = 16
 
 
+def nlvr_training_shards(folder: Path, pairs: int) -> Path:
+    """A demo world in ``folder`` with ``pairs`` NLVR² training pairs (the other splits at their
+    smallest), its training split sharded as the demo recipe does (500 pairs a shard). Also
+    frozen_vit.py's data."""
+    world, shards = folder / "world", folder / "shards"
+    generate_demo_world(world, DemoWorldConfig(
+        pretrain_images=2, retrieval_images=ONE, vqa_images=ONE, ve_images=ONE_DEV,
+        nlvr_pairs={"train": pairs, "dev": 1, "test": 1},
+        classification_images={"train": 1, "val": 1}), progress=False)
+    write_shards(json.loads((world / "nlvr/train.json").read_text()), world, shards,
+                 kind="nlvr", samples_per_shard=500, progress=False)
+    return shards
+
+
 def read_epochs(shards: Path, tokenizer, epochs: int, cache: ExampleCache | None) -> tuple[float, int]:
     """Seconds to read ``epochs`` epochs, and the batches read."""
     skips, batches = SkipCounter(), 0
@@ -56,14 +70,7 @@ def main() -> None:
 
     tokenizer = load_tokenizer("builtin")
     with tempfile.TemporaryDirectory() as tmp:
-        world = Path(tmp) / "world"
-        generate_demo_world(world, DemoWorldConfig(
-            pretrain_images=2, retrieval_images=ONE, vqa_images=ONE, ve_images=ONE_DEV,
-            nlvr_pairs={"train": args.pairs, "dev": 1, "test": 1},
-            classification_images={"train": 1, "val": 1}), progress=False)
-        shards = Path(tmp) / "shards"
-        write_shards(json.loads((world / "nlvr/train.json").read_text()), world, shards,
-                     kind="nlvr", samples_per_shard=500, progress=False)
+        shards = nlvr_training_shards(Path(tmp), args.pairs)
         seconds: dict[bool, list[float]] = {False: [], True: []}
         for _ in range(args.rounds):
             for cached in (False, True):

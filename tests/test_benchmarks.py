@@ -3,7 +3,8 @@ writes every section with numbers where they belong and survives a failing secti
 ``benchmarks/pretrain_throughput.py`` prints ATen ops, syncs, samples/s and both MFUs,
 ``benchmarks/vision_init_step.py`` times the ViT initialisation both ways and
 ``benchmarks/example_cache.py`` an unaugmented task loader's epochs both ways and
-``benchmarks/conv_stem.py`` the conv-stem ViT with its stem in both memory layouts. They run
+``benchmarks/conv_stem.py`` the conv-stem ViT with its stem in both memory layouts and
+``benchmarks/frozen_vit.py`` NLVR² finetuning with the ViT trained and fixed. They run
 as scripts (``benchmarks/`` is not a package), so the tests start them as subprocesses and assert
 no timings: the machine is shared."""
 
@@ -138,6 +139,13 @@ def test_conv_stem_times_both_layouts_and_prints_the_ratio() -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "batch 4, 2 forward + backward passes" in done.stdout, done.stdout
     assert_two_way_table(done.stdout, "timm ConvStem (NCHW)", "channels-last")
+
+
+def test_frozen_vit_times_both_ways_and_prints_the_ratio() -> None:
+    done = run_script("frozen_vit.py", "--pairs", "32", "--epochs", "2", "--rounds", "1")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "32 NLVR² pairs at 64 px, 2 epochs: 4 steps of 16 pairs" in done.stdout, done.stdout
+    assert_two_way_table(done.stdout, "ViT trained", "ViT fixed, tokens cached")
 
 
 @pytest.mark.parametrize("name, row", [

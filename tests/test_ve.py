@@ -23,6 +23,9 @@ from codis.tasks.ve import (Distilled, FusionClassifier, ImageTokenCache, VEConf
 from codis.tasks.ve import config as ve_config
 from codis.train import OptimConfig, TrainConfig, task_schedule
 
+# two threads may sum a CPU backward in either order (not bitwise), and only wait on each other
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def world(shards, tiny_checkpoint) -> dict[str, Path]:
@@ -183,20 +186,15 @@ def test_unaugmented_finetuning_decodes_each_image_once_and_trains_as_before(
     config = ve_config("demo", augment=False)
     train = TrainConfig(steps=8, batch_size=6, checkpoint_every=8, log_every=4, seed=1)
     optim = OptimConfig(lr=1e-4, warmup_lr=1e-5, warmup_steps=1, min_lr=1e-5)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two threads may sum a CPU backward in either order: not bitwise
     weights, decoded = {}, {}
-    try:
-        for form in ("cached", "decoded each epoch"):
-            if form != "cached":
-                monkeypatch.setattr(codis.tasks.ve, "ExampleCache", partial(ExampleCache, 0))
-            transform_calls.value = 0
-            path = finetune(world["pretrained"], world["train"], tmp_path / form, config,
-                            train=train, optim=optim, progress=False)
-            decoded[form] = transform_calls.value
-            weights[form] = read_checkpoint(path).state_dict
-    finally:
-        torch.set_num_threads(threads)
+    for form in ("cached", "decoded each epoch"):
+        if form != "cached":
+            monkeypatch.setattr(codis.tasks.ve, "ExampleCache", partial(ExampleCache, 0))
+        transform_calls.value = 0
+        path = finetune(world["pretrained"], world["train"], tmp_path / form, config,
+                        train=train, optim=optim, progress=False)
+        decoded[form] = transform_calls.value
+        weights[form] = read_checkpoint(path).state_dict
     # 24 examples (8 images, 3 hypotheses each), batches of 6: 8 steps are 2 epochs
     assert decoded == {"cached": 24, "decoded each epoch": 48}
     for name, value in weights["cached"].items():
@@ -303,21 +301,16 @@ def test_finetuning_a_frozen_vit_from_its_token_cache_trains_as_without_it(world
     config = ve_config("demo", augment=False, freeze_vision=True)
     train = TrainConfig(steps=8, batch_size=6, checkpoint_every=8, log_every=4, seed=1)
     optim = OptimConfig(lr=1e-4, warmup_lr=1e-5, warmup_steps=1, min_lr=1e-5)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two threads may sum a CPU backward in either order: not bitwise
     weights, images = {}, {}
-    try:
-        for form in ("cached", "every step"):
-            if form != "cached":
-                monkeypatch.setattr(codis.tasks.ve, "ImageTokenCache",
-                                    partial(ImageTokenCache, max_bytes=0))
-            vit_images.clear()
-            path = finetune(world["pretrained"], world["train"], tmp_path / form, config,
-                            train=train, optim=optim, progress=False)
-            images[form] = sum(vit_images)
-            weights[form] = read_checkpoint(path).state_dict
-    finally:
-        torch.set_num_threads(threads)
+    for form in ("cached", "every step"):
+        if form != "cached":
+            monkeypatch.setattr(codis.tasks.ve, "ImageTokenCache",
+                                partial(ImageTokenCache, max_bytes=0))
+        vit_images.clear()
+        path = finetune(world["pretrained"], world["train"], tmp_path / form, config,
+                        train=train, optim=optim, progress=False)
+        images[form] = sum(vit_images)
+        weights[form] = read_checkpoint(path).state_dict
     # 24 examples, batches of 6: 8 steps are 2 epochs, and the second reads only the cache
     assert images == {"cached": 24, "every step": 48}
     for name, value in weights["cached"].items():
