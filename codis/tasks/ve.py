@@ -53,7 +53,8 @@ class ClassifierConfig(TaskConfig):
 
     ``freeze_vision``: train with the pretrained ViT fixed (no gradients, batch norm and dropout
     in eval mode), only the text, fusion and head learning; ALBEF finetunes everything (False).
-    The ViT's backward is then skipped, and the demo's NLVR² takes it (finding 14)."""
+    The ViT's backward is then skipped and, without ``augment``, its forward runs once per
+    training image (:class:`ImageTokenCache`); the demo's NLVR² and SNLI-VE take it (finding 14)."""
 
     freeze_vision: bool = False
 
