@@ -1,5 +1,5 @@
 """The table that the side-by-side benchmarks print (``vision_init_step.py``, ``example_cache.py``,
-``conv_stem.py``): a baseline row, then the other way, each with its seconds, a rate and the ratio
+``conv_stem.py``, ``frozen_vit.py``): a baseline row, then the other way, each with its seconds, a rate and the ratio
 of the baseline's seconds to its own. tests/test_benchmarks.py reads it back."""
 
 from __future__ import annotations

@@ -215,8 +215,8 @@ def test_a_frozen_vit_finetunes_to_its_pretrained_weights_while_the_rest_learns(
         payload = read_checkpoint(path)
         assert VEConfig.from_dict(payload.task_config).freeze_vision is freeze
         after = load_ve_model(path).state_dict()
-        return {part for name, value in before.items() if not torch.equal(after[name], value)
-                for part in (name.split(".")[0],)}
+        return {name.split(".")[0] for name, value in before.items()
+                if not torch.equal(after[name], value)}
 
     assert moved(True) == {"text"}  # weight decay would move a frozen tensor left in AdamW
     assert moved(False) == {"visual_encoder", "text"}

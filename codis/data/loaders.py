@@ -231,7 +231,8 @@ def _naming_errors(sample: dict, function: Callable[[dict], dict]) -> dict:
     except Exception as exn:
         raise ShardDataError(f"{sample.get('__url__')}: sample {sample.get('__key__')!r}: "
                              f"{type(exn).__name__}: {exn}"[:500]) from exn
-    return {**example, "shard": str(sample.get("__url__", ""))}
+    example["shard"] = str(sample.get("__url__", ""))  # each mapping returns a new dict
+    return example
 
 
 def _read_shards(sources: Iterator[dict], expected: dict[str, int],
