@@ -351,31 +351,45 @@ def test_retrieval_train_loader_is_seeded(image_root: Path, tmp_path: Path, toke
 
 
 def test_an_example_cache_decodes_each_unaugmented_sample_once_per_run(
-        image_root: Path, tmp_path: Path, tokenizer, transform_calls) -> None:
+        image_root: Path, tmp_path: Path, tokenizer, transform_calls, monkeypatch) -> None:
     pairs = [{"images": [f"{i % N_IMAGES}.jpg", f"{(i + 1) % N_IMAGES}.jpg"],
               "sentence": f"Pair {i}.", "label": "True" if i % 3 else "False"} for i in range(11)]
     pairs[4]["images"][1] = "garbage.jpg"  # broken: skipped, and counted, in every epoch
     write_shards(pairs, image_root, tmp_path / "nlvr", kind="nlvr", samples_per_shard=4,
                  progress=False)
     image_bytes = 3 * 16 * 16
+    tars_read: list[str] = []
+    read_tar = loaders.tarfile_samples
+
+    def counting_tar_reader(sources, **kwargs):
+        sources = list(sources)
+        tars_read.extend(Path(source["url"]).name for source in sources)
+        return read_tar(iter(sources), **kwargs)
+    monkeypatch.setattr(loaders, "tarfile_samples", counting_tar_reader)
 
     def epochs(cache: ExampleCache | None, augment: bool = False, num_workers: int = 0,
-               image_size: int = 16) -> tuple[list[list[dict]], list[int], int]:
-        skips, batches, decoded = SkipCounter(), [], []
+               image_size: int = 16) -> tuple[list[list[dict]], list[int], int, list[list[str]]]:
+        skips, batches, decoded, read = SkipCounter(), [], [], []
         for epoch in range(3):
             transform_calls.value = 0
+            tars_read.clear()
             batches.append(all_batches(nlvr_loader(
                 str(tmp_path / "nlvr"), image_size=image_size, batch_size=3, train=True,
                 tokenizer=tokenizer, seed=5, epoch=epoch, shuffle_buffer=8, augment=augment,
                 num_workers=num_workers, skips=skips, cache=cache)))
             decoded.append(transform_calls.value)
-        return batches, decoded, skips.count
+            read.append(sorted(tars_read))
+        return batches, decoded, skips.count, read
 
-    plain, plain_decoded, plain_skips = epochs(None)
+    shards = [f"shard-{i:06d}.tar" for i in range(3)]
+    plain, plain_decoded, plain_skips, plain_read = epochs(None)
     assert plain_decoded == [20, 20, 20] and plain_skips == 3  # 10 readable pairs of two images
+    assert plain_read == [shards] * 3
     cache = ExampleCache()
-    cached, cached_decoded, cached_skips = epochs(cache)
+    cached, cached_decoded, cached_skips, cached_read = epochs(cache)
     assert cached_decoded == [20, 0, 0] and cached_skips == plain_skips
+    # after the first epoch only the shard with the broken pair, whose example is not kept, is read
+    assert cached_read == [shards, [shards[1]], [shards[1]]]
     assert len(cache) == 10 and cache.bytes == 10 * 2 * image_bytes
     for ours, theirs in zip(cached, plain):  # the same batches, in each epoch's own order
         _assert_same_batches(ours, theirs)
@@ -383,7 +397,7 @@ def test_an_example_cache_decodes_each_unaugmented_sample_once_per_run(
 
     # over budget: what fits is kept, the rest decoded each epoch, the batches unchanged
     small = ExampleCache(max_bytes=4 * 2 * image_bytes)
-    partly, partly_decoded, _ = epochs(small)
+    partly, partly_decoded, _, _ = epochs(small)
     assert len(small) == 4 and partly_decoded == [20, 12, 12]
     for ours, theirs in zip(partly, plain):
         _assert_same_batches(ours, theirs)

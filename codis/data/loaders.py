@@ -157,11 +157,12 @@ class ExampleCache:
     A training loader whose transform draws nothing at random (``augment`` False: the evaluation
     resize, as uint8) maps a sample to the same example in every epoch, so it need decode and
     resize each image once per run rather than once per epoch: pass one cache to the loader of
-    every epoch (:func:`task_loader`). The batches are the same tensors either way; only the
-    decoding is spared (the tar bytes are still read, counted and shuffled as before, so resuming
-    is unchanged). Examples are kept, keyed by shard and sample key, while their tensors fit
-    ``max_bytes``; the rest are decoded each epoch. A loader that reads in worker processes
-    (``num_workers`` above 0) does not use the cache: its workers end with each epoch.
+    every epoch (:func:`task_loader`). The batches are the same tensors either way. Examples are
+    kept, keyed by shard and sample key, while their tensors fit ``max_bytes``; the rest are
+    decoded each epoch. A shard read whole whose every example is kept is not read again: later
+    epochs take its sample keys, in the tar's order, from the cache, and those keys are counted,
+    shuffled and skipped on resume as the tar's samples were. A loader that reads in worker
+    processes (``num_workers`` above 0) does not use the cache: its workers end with each epoch.
     """
 
     def __init__(self, max_bytes: int = IN_MEMORY_BYTES) -> None:
@@ -169,6 +170,7 @@ class ExampleCache:
         self.max_bytes = max_bytes
         self.bytes = 0
         self._examples: dict[tuple[str, str], dict] = {}
+        self._shard_keys: dict[str, list[str]] = {}
         self._reader: tuple | None = None
 
     def __len__(self) -> int:
@@ -182,6 +184,18 @@ class ExampleCache:
         elif reader != self._reader:
             raise ValueError(f"cache: filled by a loader reading {self._reader}, "
                              f"not by one reading {reader}")
+
+    def note_shard(self, url: str, keys: list[str]) -> None:
+        """``url`` was read to its end without loss and gave the samples ``keys``, in order."""
+        self._shard_keys[url] = keys
+
+    def shard_keys(self, url: str) -> list[str] | None:
+        """The sample keys of shard ``url`` when the cache holds the example of every one of
+        them (reading it again would decode nothing), else None."""
+        keys = self._shard_keys.get(url)
+        if keys is None or any((url, key) not in self._examples for key in keys):
+            return None
+        return keys
 
     def examples(self, samples: Iterator[dict], stages: tuple[Callable, ...]) -> Iterator[dict]:
         """``samples`` mapped through ``stages`` (decode, map), each from the cache when it is
@@ -235,10 +249,11 @@ def _naming_errors(sample: dict, function: Callable[[dict], dict]) -> dict:
     return example
 
 
-def _read_shards(sources: Iterator[dict], expected: dict[str, int],
-                 skips: SkipCounter | None) -> Iterator[dict]:
+def _read_shards(sources: Iterator[dict], expected: dict[str, int], skips: SkipCounter | None,
+                 cache: ExampleCache | None = None) -> Iterator[dict]:
     """Shards (webdataset's ``{"url": ...}`` stream) -> samples, one shard at a time, and what
-    each shard lost.
+    each shard lost. A shard whose examples ``cache`` holds yields their ``__url__`` / ``__key__``
+    stubs without reading the tar (:meth:`ExampleCache.shard_keys`).
 
     A shard read to its end must yield the samples its manifest lists (``expected``); a truncated
     or corrupt tar ends early, with an error or, when the damage falls between members, without
@@ -248,6 +263,10 @@ def _read_shards(sources: Iterator[dict], expected: dict[str, int],
     """
     for source in sources:
         url = source["url"]
+        cached = None if cache is None else cache.shard_keys(url)
+        if cached is not None:
+            yield from ({"__url__": url, "__key__": key} for key in cached)
+            continue
         state: dict[str, Any] = {"member": None, "last": None, "error": None}
 
         def note_member(name: str) -> str:  # webdataset's rename hook: the member being read
@@ -269,13 +288,16 @@ def _read_shards(sources: Iterator[dict], expected: dict[str, int],
             state["error"] = exn
             return True
 
-        seen = 0
+        keys: list[str] = []
         for sample in tarfile_samples(iter([source]), handler=handle, rename_files=note_member):
-            seen += 1
-            state["last"] = sample.get("__key__")
+            keys.append(sample["__key__"])
+            state["last"] = sample["__key__"]
             yield sample
+        seen = len(keys)
         want = expected.get(url)
         lost = (1 if state["error"] is not None else 0) if want is None else want - seen
+        if cache is not None and lost == 0 and state["error"] is None:
+            cache.note_shard(url, keys)
         if lost > 0:
             what = (f"{url}: read {seen} sample(s), its manifest lists {want}" if want is not None
                     else f"{url}: broken tar, samples after {state['last']!r} lost (no manifest "
@@ -700,7 +722,8 @@ def _build(urls: list[str], task: _Task, transform: Callable, *, batch_size: int
         else:
             # Evaluation: shard order; with world_size > 1 this rank keeps its share of the samples.
             stages = [wds.SimpleShardList(urls), partial(_split_by_worker, plan=plan)]
-        stages.append(partial(_read_shards, expected=expected, skips=skips if train else None))
+        stages.append(partial(_read_shards, expected=expected, skips=skips if train else None,
+                              cache=cache))
         if world_size > 1:
             stages.append(partial(_rank_share, shard_index={url: i for i, url in enumerate(urls)},
                                   rank=rank, world_size=world_size))
