@@ -29,7 +29,7 @@ from codis.config import ConfigError, ModelConfig
 from transformers import BertConfig
 
 from codis.checkpoint import Checkpoint, config_differences, read_checkpoint, save_checkpoint
-from codis.ema import momentum_update
+from codis.ema import MomentumTeachers
 from codis.encoders import TextFusionEncoder, build_image_encoder
 from codis.ot import transport_plan
 from codis.queue import FeatureQueue, gather_from_all_ranks
@@ -98,6 +98,7 @@ class CodisModel(nn.Module):
         self.text_proj_m = copy.deepcopy(self.text_proj)
         for teacher in self._teachers():
             teacher.requires_grad_(False)
+        self.momentum_teachers = MomentumTeachers(self._teachers(), self._students())
         self.queue = FeatureQueue(config.queue_size, config.embed_dim, init=config.queue_init)
 
     @property
@@ -132,7 +133,7 @@ class CodisModel(nn.Module):
 
     def momentum_update(self) -> None:
         """teacher <- m * teacher + (1 - m) * student, for every encoder and projection."""
-        momentum_update(self._teachers(), self._students(), self.config.momentum)
+        self.momentum_teachers.update(self.config.momentum)
 
     # ---- inference API --------------------------------------------------------------------------
     def image_tokens(self, image: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from torch import nn
 
 from codis.checkpoint import FORMAT, Checkpoint, CheckpointError, read_checkpoint, save_checkpoint
 from codis.config import ConfigError, preset
-from codis.ema import momentum_update
+from codis.ema import MomentumTeachers, momentum_update, paired_parameters
 from codis.model import CodisModel, load_model, save_model
 
 
@@ -112,8 +112,24 @@ def test_momentum_update_moves_each_teacher_towards_its_student():
     for module, value in ((student, 1.0), (teacher, 0.0)):
         for parameter in module.parameters():
             nn.init.constant_(parameter, value)
-    momentum_update([teacher], [student], momentum=0.75)
+    momentum_update(*paired_parameters([teacher], [student]), momentum=0.75)
     assert all(torch.allclose(p, torch.full_like(p, 0.25)) for p in teacher.parameters())
     assert all(torch.equal(p, torch.ones_like(p)) for p in student.parameters())
     with pytest.raises(ValueError, match="teachers have 2 parameters, students 4"):
-        momentum_update([teacher], [student, nn.Linear(2, 2)], momentum=0.5)
+        paired_parameters([teacher], [student, nn.Linear(2, 2)])
+
+
+def test_momentum_teachers_list_the_parameters_once(monkeypatch):
+    student, teacher = (nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1)) for _ in range(2))
+    for module, value in ((student, 1.0), (teacher, 0.0)):
+        for parameter in module.parameters():
+            nn.init.constant_(parameter, value)
+    teachers = MomentumTeachers([teacher], [student])
+    walks = []
+    real = nn.Module.parameters
+    monkeypatch.setattr(nn.Module, "parameters",
+                        lambda self, *args, **kwargs: walks.append(self) or real(self, *args, **kwargs))
+    for _ in range(3):
+        teachers.update(momentum=0.5)
+    assert walks == [teacher, student]  # once each, at the first update
+    assert all(torch.allclose(p, torch.full_like(p, 0.875)) for p in teacher.parameters())

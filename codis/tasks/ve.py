@@ -26,7 +26,7 @@ from torch import nn
 from transformers import BertConfig, PreTrainedTokenizerBase
 
 from codis.config import ConfigError, ModelConfig, check_bool
-from codis.ema import momentum_update
+from codis.ema import MomentumTeachers
 from codis.losses import classification_loss
 from codis.encoders import TextFusionEncoder, additive_mask, build_image_encoder, set_image_size
 from codis.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
@@ -224,10 +224,11 @@ class Distilled(nn.Module):
         self.teacher = None
         if momentum is not None:
             self.teacher = copy.deepcopy(student).requires_grad_(False)
+            self.momentum_teachers = MomentumTeachers([self.teacher], [self.student])
 
     def momentum_update(self) -> None:
         """teacher <- m * teacher + (1 - m) * student."""
-        momentum_update([self.teacher], [self.student], self.momentum)
+        self.momentum_teachers.update(self.momentum)
 
     def forward(self, *inputs: Any, labels: torch.Tensor, alpha: float = 0.0,
                 **features: torch.Tensor) -> ClassifierOutput:

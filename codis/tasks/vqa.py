@@ -44,7 +44,7 @@ from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer, BertOnlyMLMHead
 
 from codis.config import ConfigError, ModelConfig
-from codis.ema import momentum_update
+from codis.ema import MomentumTeachers
 from codis.losses import answer_loss
 from codis.encoders import (TextFusionEncoder, additive_mask, build_image_encoder, causal_mask,
                            set_image_size)
@@ -223,6 +223,7 @@ class VQAModel(nn.Module):
             self.decoder_m = copy.deepcopy(self.decoder)
             for teacher in self._teachers():
                 teacher.requires_grad_(False)
+            self.momentum_teachers = MomentumTeachers(self._teachers(), self._students())
 
     @property
     def image_size(self) -> int:
@@ -260,7 +261,7 @@ class VQAModel(nn.Module):
 
     def momentum_update(self) -> None:
         """teacher <- m * teacher + (1 - m) * student (ALBEF's ``_momentum_update``)."""
-        momentum_update(self._teachers(), self._students(), self.config.momentum)
+        self.momentum_teachers.update(self.config.momentum)
 
     def encode_question(self, image: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Fused question states (B, L, H): the question's text encoding cross-attending to the image."""
