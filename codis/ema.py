@@ -31,7 +31,7 @@ class MomentumTeachers:
     """Momentum updates of a model's teacher modules from its student modules.
 
     The parameters are listed at the first update and kept: walking a model's modules for them
-    takes longer on the host than the fused update itself, at every training step. So a model
+    would cost host time at every training step, where the update is one fused kernel. So a model
     replaces no teacher or student parameter after its first update (resizing the ViT's position
     embeddings, :func:`codis.encoders.set_image_size`, happens when a task builds its model).
     """
