@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -20,11 +20,11 @@ def paired_parameters(teachers: Iterable[nn.Module], students: Iterable[nn.Modul
 
 
 @torch.no_grad()
-def momentum_update(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor],
+def momentum_update(teacher: list[torch.Tensor], student: list[torch.Tensor],
                     momentum: float) -> None:
     """teacher <- m * teacher + (1 - m) * student, tensor by tensor (one fused kernel per dtype
     and device); pass the lists of :func:`paired_parameters`."""
-    torch._foreach_lerp_(list(teacher), list(student), 1.0 - momentum)
+    torch._foreach_lerp_(teacher, student, 1.0 - momentum)
 
 
 class MomentumTeachers:

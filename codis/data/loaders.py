@@ -267,7 +267,7 @@ def _read_shards(sources: Iterator[dict], expected: dict[str, int], skips: SkipC
         if cached is not None:
             yield from ({"__url__": url, "__key__": key} for key in cached)
             continue
-        state: dict[str, Any] = {"member": None, "last": None, "error": None}
+        state: dict[str, Any] = {"member": None, "error": None}
 
         def note_member(name: str) -> str:  # webdataset's rename hook: the member being read
             state["member"] = name
@@ -291,19 +291,18 @@ def _read_shards(sources: Iterator[dict], expected: dict[str, int], skips: SkipC
         keys: list[str] = []
         for sample in tarfile_samples(iter([source]), handler=handle, rename_files=note_member):
             keys.append(sample["__key__"])
-            state["last"] = sample["__key__"]
             yield sample
-        seen = len(keys)
+        seen, last = len(keys), keys[-1] if keys else None
         want = expected.get(url)
         lost = (1 if state["error"] is not None else 0) if want is None else want - seen
         if cache is not None and lost == 0 and state["error"] is None:
             cache.note_shard(url, keys)
         if lost > 0:
             what = (f"{url}: read {seen} sample(s), its manifest lists {want}" if want is not None
-                    else f"{url}: broken tar, samples after {state['last']!r} lost (no manifest "
+                    else f"{url}: broken tar, samples after {last!r} lost (no manifest "
                          "to count them; counted as one)")
             if skips is None:
-                raise ShardDataError(f"{what} (the last key read: {state['last']!r})")
+                raise ShardDataError(f"{what} (the last key read: {last!r})")
             skips.add(lost, what)
 
 
