@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import statistics
 import time
 
 import torch
@@ -25,7 +24,7 @@ import codis  # noqa: F401  - torchvision compat shim first, then timm
 from codis.config import preset
 from codis.encoders import ChannelsLastConvStem, build_image_encoder
 from timm.models.vision_transformer_hybrid import ConvStem
-from two_way import print_two_way_table  # this folder: run as python benchmarks/conv_stem.py
+from two_way import alternating_medians, print_two_way_table  # this folder: run as python benchmarks/conv_stem.py
 
 
 def time_steps(encoder: torch.nn.Module, images: torch.Tensor, steps: int) -> float:
@@ -52,13 +51,13 @@ def main() -> None:
     encoder = build_image_encoder(vision)
     stem = encoder.patch_embed.backbone
     images = torch.randn(args.batch_size, 3, vision.image_size, vision.image_size)
-    seconds: dict[type, list[float]] = {ConvStem: [], ChannelsLastConvStem: []}
-    for _ in range(args.rounds):
-        for form in seconds:
-            stem.__class__ = form  # same parameters, only forward differs
-            seconds[form].append(time_steps(encoder, images, args.steps))
 
-    nchw, channels_last = (statistics.median(seconds[form]) for form in seconds)
+    def passes(round_: int, channels_last: bool) -> float:
+        # same parameters, only forward differs
+        stem.__class__ = ChannelsLastConvStem if channels_last else ConvStem
+        return time_steps(encoder, images, args.steps)
+
+    nchw, channels_last = alternating_medians(args.rounds, passes)
     print(f"tiny ViT with conv stem at {vision.image_size} px, batch {args.batch_size}, "
           f"{args.steps} forward + backward passes, {os.cpu_count()} CPUs, {args.threads} torch "
           f"thread(s), median of {args.rounds} alternating rounds")

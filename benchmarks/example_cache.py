@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from codis.data.demo_world import DemoWorldConfig, generate_demo_world
 from codis.data.loaders import ExampleCache, SkipCounter, nlvr_loader
 from codis.data.shards import write_shards
 from codis.text import load_tokenizer
-from two_way import print_two_way_table  # this folder: run as python benchmarks/example_cache.py
+from two_way import alternating_medians, print_two_way_table  # this folder: run as python benchmarks/example_cache.py
 from vision_init_step import ONE, ONE_DEV
 
 BATCH = 16
@@ -71,14 +70,15 @@ def main() -> None:
     tokenizer = load_tokenizer("builtin")
     with tempfile.TemporaryDirectory() as tmp:
         shards = nlvr_training_shards(Path(tmp), args.pairs)
-        seconds: dict[bool, list[float]] = {False: [], True: []}
-        for _ in range(args.rounds):
-            for cached in (False, True):
-                elapsed, batches = read_epochs(shards, tokenizer, args.epochs,
-                                               ExampleCache() if cached else None)
-                seconds[cached].append(elapsed)
+        batches = 0
 
-    decoded, held = (statistics.median(seconds[key]) for key in (False, True))
+        def read(round_: int, cached: bool) -> float:
+            nonlocal batches
+            elapsed, batches = read_epochs(shards, tokenizer, args.epochs,
+                                           ExampleCache() if cached else None)
+            return elapsed
+
+        decoded, held = alternating_medians(args.rounds, read)
     print(f"{args.pairs} NLVR² pairs at 64 px, {args.epochs} epochs of {batches // args.epochs} "
           f"batches of {BATCH}, {os.cpu_count()} CPUs, 1 torch thread, median of {args.rounds} "
           "alternating rounds")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from codis.tasks import nlvr
 from codis.train import task_schedule
 # this folder's modules: run as python benchmarks/frozen_vit.py
 from example_cache import nlvr_training_shards
-from two_way import print_two_way_table
+from two_way import alternating_medians, print_two_way_table
 
 
 def main() -> None:
@@ -49,18 +48,17 @@ def main() -> None:
         shards = nlvr_training_shards(Path(tmp), args.pairs)
         torch.manual_seed(0)
         pretrained = save_model(CodisModel(model_config), Path(tmp) / "pretrained.pt")
-        seconds: dict[bool, list[float]] = {False: [], True: []}
-        for round_ in range(args.rounds):
-            for frozen in (False, True):
-                config = nlvr.config("demo", augment=False, distill=False, epochs=args.epochs,
-                                     freeze_vision=frozen)
-                train, optim = task_schedule(config, args.pairs)
-                start = time.perf_counter()
-                nlvr.finetune(pretrained, str(shards), Path(tmp) / f"run-{round_}-{frozen}",
-                              config, train=train, optim=optim, progress=False)
-                seconds[frozen].append(time.perf_counter() - start)
+        configs = {frozen: nlvr.config("demo", augment=False, distill=False, epochs=args.epochs,
+                                       freeze_vision=frozen) for frozen in (False, True)}
+        train, optim = task_schedule(configs[False], args.pairs)  # freezing leaves it as it is
 
-    trained, fixed = (statistics.median(seconds[key]) for key in (False, True))
+        def finetune(round_: int, frozen: bool) -> float:
+            start = time.perf_counter()
+            nlvr.finetune(pretrained, str(shards), Path(tmp) / f"run-{round_}-{frozen}",
+                          configs[frozen], train=train, optim=optim, progress=False)
+            return time.perf_counter() - start
+
+        trained, fixed = alternating_medians(args.rounds, finetune)
     print(f"{args.pairs} NLVR² pairs at 64 px, {args.epochs} epochs: {train.steps} steps of "
           f"{train.batch_size} pairs, tiny conv-stem model, {os.cpu_count()} CPUs, 1 torch thread, "
           f"median of {args.rounds} alternating rounds")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from codis.config import preset
 from codis.data.demo_world import DemoWorldConfig, generate_demo_world
 from codis.train import OptimConfig, TrainConfig
 from codis.train.vision_init import pretrain_vision
-from two_way import print_two_way_table  # this folder: run as python benchmarks/vision_init_step.py
+from two_way import alternating_medians, print_two_way_table  # this folder: run as python benchmarks/vision_init_step.py
 
 ONE = {"train": 1, "val": 1, "test": 1}  # the other splits at their smallest
 ONE_DEV = {"train": 1, "dev": 1, "test": 1}
@@ -48,16 +47,15 @@ def main() -> None:
             pretrain_images=2, retrieval_images=ONE, vqa_images=ONE,
             nlvr_pairs=ONE_DEV, ve_images=ONE_DEV,
             classification_images={"train": args.images, "val": 1}), progress=False)
-        seconds: dict[bool, list[float]] = {False: [], True: []}
-        for round_ in range(args.rounds):
-            for in_memory in (False, True):
-                start = time.perf_counter()
-                pretrain_vision(vision, world / "classification/train.json", world,
-                                Path(tmp) / f"run-{round_}-{in_memory}", train=train, optim=optim,
-                                progress=False, in_memory=in_memory)
-                seconds[in_memory].append(time.perf_counter() - start)
 
-    streamed, held = (statistics.median(seconds[key]) for key in (False, True))
+        def pretrain(round_: int, in_memory: bool) -> float:
+            start = time.perf_counter()
+            pretrain_vision(vision, world / "classification/train.json", world,
+                            Path(tmp) / f"run-{round_}-{in_memory}", train=train, optim=optim,
+                            progress=False, in_memory=in_memory)
+            return time.perf_counter() - start
+
+        streamed, held = alternating_medians(args.rounds, pretrain)
     print(f"{args.images} scenes at 64 px, {args.steps} steps of 64 "
           f"({args.steps * 64 / args.images:.1f} epochs), {os.cpu_count()} CPUs, "
           f"{torch.get_num_threads()} torch threads, median of {args.rounds} alternating rounds")
