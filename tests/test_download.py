@@ -28,6 +28,7 @@ from codis.data.download import (
     DownloadConfig,
     DownloadError,
     LoopbackImageServer,
+    _QuietHandler,
     download,
     download_demo,
     is_transient,
@@ -385,56 +386,67 @@ def _group_alive(pgid: int) -> list[int]:
     return alive
 
 
-_SLOW_CHILD = """
-import sys, time
+_CHILD = """
+import sys
 import codis
 from codis.data import download
-
-serve = download._QuietHandler.do_GET
-def slowly(self):
-    time.sleep(0.5)
-    serve(self)
-download._QuietHandler.do_GET = slowly
 config = download.DownloadConfig(image_size=32, samples_per_shard=8, thread_count=1, timeout=5)
-download.download_demo(sys.argv[1], sys.argv[2], config, progress=False)
+download.download(sys.argv[1], sys.argv[2], config, base_url=sys.argv[3], progress=False)
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux")
-def test_kill_9_during_download_then_rerun_gives_the_full_data(world: World, tmp_path: Path) -> None:
+def test_kill_9_during_download_then_rerun_gives_the_full_data(world: World, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """kill -9 of the downloading process takes img2dataset's whole process group with it (before,
-    the orphan wrote every remaining shard as "Connection refused" and the re-run took them as
-    done); the re-run then downloads the rest."""
+    the orphan went on and wrote the remaining shards, which the re-run took as done); the re-run
+    then downloads the rest.
+
+    The slow server lives here, not in the killed process: it outlives the kill, so an orphan
+    could only go on at 0.5 s a url. With the server dying too, the few hundred ms a busy machine
+    takes to deliver the parent-death signal let img2dataset race through the remaining urls as
+    "Connection refused" (shards the re-run redoes, as transient failures), and how many shards
+    that finished said nothing about the group."""
+    serve = _QuietHandler.do_GET
+
+    def slowly(handler: _QuietHandler) -> None:
+        time.sleep(0.5)
+        serve(handler)
+
+    monkeypatch.setattr(_QuietHandler, "do_GET", slowly)
     out, script = tmp_path / "shards", tmp_path / "child.py"
-    script.write_text(_SLOW_CHILD)
+    script.write_text(_CHILD)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]),
                                                         os.environ.get("PYTHONPATH", "")]))
-    child = subprocess.Popen([sys.executable, str(script), str(world.root), str(out)], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 300
-        while not list(out.glob("*_stats.json")):  # one shard (8 urls, 0.5 s each) finished
-            assert child.poll() is None, child.stderr.read().decode()
-            assert time.monotonic() < deadline, "img2dataset finished no shard in 300 s"
-            time.sleep(0.05)
-        group = json.loads((out / "_work" / "img2dataset.json").read_text())
-        assert _group_alive(group["pgid"])
-        child.kill()
-    finally:
-        child.kill()
-        child.wait()
-        child.stderr.close()
-    deadline = time.monotonic() + 60
-    while _group_alive(group["pgid"]):
-        assert time.monotonic() < deadline, "img2dataset survived its parent's kill -9"
-        time.sleep(0.1)
-    finished = sorted(p.name for p in out.glob("*_stats.json"))
-    assert len(finished) < 3  # it was killed mid-way...
-    time.sleep(1.0)
-    assert sorted(p.name for p in out.glob("*_stats.json")) == finished  # ...and nothing writes on
-    assert not (out / "manifest.json").exists()
+    with LoopbackImageServer(world.root) as server:
+        child = subprocess.Popen([sys.executable, str(script), str(world.url_list), str(out),
+                                  server.base_url], env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 300
+            while not list(out.glob("*_stats.json")):  # one shard (8 urls, 0.5 s each) finished
+                assert child.poll() is None, child.stderr.read().decode()
+                assert time.monotonic() < deadline, "img2dataset finished no shard in 300 s"
+                time.sleep(0.05)
+            group = json.loads((out / "_work" / "img2dataset.json").read_text())
+            assert _group_alive(group["pgid"])
+            child.kill()
+        finally:
+            child.kill()
+            child.wait()
+            child.stderr.close()
+        deadline = time.monotonic() + 60
+        while _group_alive(group["pgid"]):
+            assert time.monotonic() < deadline, "img2dataset survived its parent's kill -9"
+            time.sleep(0.1)
+        finished = sorted(p.name for p in out.glob("*_stats.json"))
+        assert len(finished) < 3  # it was killed mid-way (the other two shards need 7.5 s)...
+        time.sleep(1.0)
+        assert sorted(p.name for p in out.glob("*_stats.json")) == finished  # ...and nothing writes on
+        assert not (out / "manifest.json").exists()
 
-    manifest = download_demo(world.root, out, _config(), progress=False)
+        monkeypatch.undo()
+        manifest = download(world.url_list, out, _config(), base_url=server.base_url, progress=False)
     assert manifest["totals"]["successes"] == N_GOOD
     assert not any(is_transient(reason) for reason in manifest["status_dict"])
     assert not any("refused" in reason for reason in manifest["status_dict"])
