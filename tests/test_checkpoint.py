@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import re
+from typing import Callable
 
 import pytest
 import torch
@@ -107,11 +108,17 @@ def test_load_model_names_every_mismatched_field(tmp_path):
         load_model(path, kinds=("vqa",))
 
 
-def test_momentum_update_moves_each_teacher_towards_its_student():
-    student, teacher = nn.Linear(2, 2), nn.Linear(2, 2)
+def _student_and_teacher(make: Callable[[], nn.Module]) -> tuple[nn.Module, nn.Module]:
+    """Two modules from ``make``: the student's parameters all 1, the teacher's all 0."""
+    student, teacher = make(), make()
     for module, value in ((student, 1.0), (teacher, 0.0)):
         for parameter in module.parameters():
             nn.init.constant_(parameter, value)
+    return student, teacher
+
+
+def test_momentum_update_moves_each_teacher_towards_its_student():
+    student, teacher = _student_and_teacher(lambda: nn.Linear(2, 2))
     momentum_update(*paired_parameters([teacher], [student]), momentum=0.75)
     assert all(torch.allclose(p, torch.full_like(p, 0.25)) for p in teacher.parameters())
     assert all(torch.equal(p, torch.ones_like(p)) for p in student.parameters())
@@ -120,10 +127,7 @@ def test_momentum_update_moves_each_teacher_towards_its_student():
 
 
 def test_momentum_teachers_list_the_parameters_once(monkeypatch):
-    student, teacher = (nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1)) for _ in range(2))
-    for module, value in ((student, 1.0), (teacher, 0.0)):
-        for parameter in module.parameters():
-            nn.init.constant_(parameter, value)
+    student, teacher = _student_and_teacher(lambda: nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1)))
     teachers = MomentumTeachers([teacher], [student])
     walks = []
     real = nn.Module.parameters
